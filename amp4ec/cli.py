@@ -1,0 +1,192 @@
+"""The `amp4ec` command: calibrate, simulate, replay and clean up."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from amp4ec import __version__
+from amp4ec.errors import Amp4ecError, UsageError
+
+console = Console(stderr=True)
+stdout = Console()
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, *, quiet: bool) -> Iterator[Callable[[int, int], None]]:
+    """Yield a callback ``update(done, total)`` that drives a progress bar with an ETA."""
+    if quiet:
+        yield lambda done, total: None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _format_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def summary_table(summary: dict[str, Any], title: str) -> Table:
+    table = Table(title=title, show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    latency = summary["latency_ms"]
+    for key in ("mean", "p50", "p95", "p99"):
+        table.add_row(f"latency {key} (ms)", _format_ms(latency[key]))
+    throughput = summary["throughput_rps"]
+    table.add_row("throughput (requests/s)", "-" if throughput is None else f"{throughput:.2f}")
+    table.add_row("completed / failed", f"{summary['requests']['completed']} / {summary['requests']['failed']}")
+    for name, node in summary["nodes"].items():
+        utilisation = node["utilisation"]
+        table.add_row(
+            f"node {name} utilisation ({node['cpus']:g} CPU)",
+            "-" if utilisation is None else f"{utilisation:.1%}",
+        )
+    table.caption = f"latency: {summary['definitions']['latency']}; throughput: {summary['definitions']['throughput']}"
+    return table
+
+
+class Amp4ecGroup(click.Group):
+    """Turns amp4ec errors into one-line messages with the error's exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Amp4ecError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            sys.exit(exc.exit_status)
+        except KeyboardInterrupt:
+            console.print("interrupted; partial output removed")
+            sys.exit(130)
+
+
+@click.group(cls=Amp4ecGroup)
+@click.version_option(__version__, prog_name="amp4ec")
+def main() -> None:
+    """Calibrate, simulate and replay partitioned DNN inference on CPU- and memory-limited edge containers."""
+
+
+@main.command()
+@click.argument("scenario", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="directory for records.parquet, summary.json and run.json")
+@click.option("--force", is_flag=True, help="replace --out if it already holds files")
+@click.option("--quiet", is_flag=True, help="no progress bar and no summary table")
+@click.option("--calibration", type=click.Path(path_type=Path), help="calibration file; overrides the scenario's")
+def simulate(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Path | None) -> None:
+    """Simulate SCENARIO (a TOML file) and write the run to --out."""
+    from amp4ec.sim.run import run_simulation
+
+    summary = run_simulation(scenario, out, force=force, calibration=calibration, progress=progress_bar("simulating", quiet=quiet))
+    if not quiet:
+        stdout.print(summary_table(summary, f"simulated: {scenario}"))
+        for warning in summary.get("warnings", []):
+            console.print(f"[yellow]warning:[/] {warning}")
+
+
+@main.command()
+@click.argument("scenario", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="directory for records.parquet, summary.json and run.json")
+@click.option("--force", is_flag=True, help="replace --out if it already holds files")
+@click.option("--quiet", is_flag=True, help="no progress bar and no summary table")
+@click.option("--calibration", type=click.Path(path_type=Path), help="calibration file; overrides the scenario's")
+@click.option("--base-image", default=None, help="base image for the worker image, e.g. python:3.11-slim; default: a debootstrap rootfs")
+def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Path | None, base_image: str | None) -> None:
+    """Replay SCENARIO on real Docker containers and write the run to --out."""
+    from amp4ec.real.replay import run_replay
+
+    summary = run_replay(
+        scenario,
+        out,
+        force=force,
+        calibration=calibration,
+        base_image=base_image,
+        progress=progress_bar("replaying", quiet=quiet),
+        log=(lambda message: None) if quiet else (lambda message: console.print(message, highlight=False)),
+    )
+    if not quiet:
+        stdout.print(summary_table(summary, f"replayed on containers: {scenario}"))
+        for warning in summary.get("warnings", []):
+            console.print(f"[yellow]warning:[/] {warning}")
+
+
+@main.command()
+@click.option("--model", default="mobilenet_v2", show_default=True, help="torchvision model name or package.module:factory")
+@click.option("--granularity", type=click.Choice(["block", "leaf"]), default="block", show_default=True)
+@click.option(
+    "--profile",
+    "profiles",
+    multiple=True,
+    metavar="NAME:CPUS:MEMORY_MB",
+    help="container profile to measure, repeatable; default high:1.0:1024 medium:0.6:512 low:0.4:512",
+)
+@click.option("--repeats", default=20, show_default=True, help="timed runs per unit and profile")
+@click.option("--warmup", default=3, show_default=True, help="untimed runs per unit before timing")
+@click.option("--gap-ms", default=100.0, show_default=True, help="pause between runs so the CFS quota refills (ms)")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="calibration file to write (JSON)")
+@click.option("--base-image", default=None, help="base image for the worker image, e.g. python:3.11-slim; default: a debootstrap rootfs")
+@click.option("--quiet", is_flag=True, help="no progress output")
+def calibrate(
+    model: str,
+    granularity: str,
+    profiles: tuple[str, ...],
+    repeats: int,
+    warmup: int,
+    gap_ms: float,
+    out: Path,
+    base_image: str | None,
+    quiet: bool,
+) -> None:
+    """Measure each unit of a model inside CPU- and memory-limited containers and write a calibration file."""
+    from amp4ec.calibrate.run import parse_profiles, run_calibration
+
+    if repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {repeats}")
+    if warmup < 0:
+        raise UsageError(f"--warmup must not be negative, got {warmup}")
+    if gap_ms < 0:
+        raise UsageError(f"--gap-ms must not be negative, got {gap_ms}")
+    run_calibration(
+        model=model,
+        granularity=granularity,
+        profiles=parse_profiles(profiles),
+        repeats=repeats,
+        warmup=warmup,
+        gap_ms=gap_ms,
+        out=out,
+        base_image=base_image,
+        log=(lambda message: None) if quiet else (lambda message: console.print(message, highlight=False)),
+    )
+
+
+@main.command()
+@click.option("--run", "run_id", default=None, help="remove only the containers and networks of this run id")
+def clean(run_id: str | None) -> None:
+    """Remove containers and networks that amp4ec left behind, found by their label."""
+    from amp4ec.real.containers import docker_client, remove_labelled
+
+    counts = remove_labelled(docker_client(), run_id=run_id)
+    stdout.print(f"removed {counts}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The calibration file and the cost model the simulator reads from it.
+
+A calibration file holds the model graph and, per container profile (CPU quota, memory limit,
+torch threads), what each unit cost when run inside such a container: CPU time and the
+wall-time distribution with requests spaced apart, so the quota was not exhausted. The cost
+model keeps the CPU time (the work) and the parallelism (CPU time over unthrottled wall time)
+and leaves throttling to the simulator's CFS model, which is what lets one calibration predict
+containers with quotas it was not measured at.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError
+
+from amp4ec.errors import FileFormatError, UsageError
+from amp4ec.graph import ModelGraph, read_json, write_text_atomic
+
+CALIBRATION_SCHEMA = "amp4ec.calibration/1"
+DEFAULT_CALIBRATION = "calibration-mobilenet_v2.json"
+DEFAULT_HOP_LATENCY_MS = 0.2
+
+
+class TimingStats(BaseModel):
+    mean_ms: float = Field(ge=0)
+    p50_ms: float = Field(ge=0)
+    p95_ms: float = Field(ge=0)
+    samples: int = Field(ge=1)
+
+
+class UnitTiming(BaseModel):
+    """One unit (or the whole model) measured in one profile."""
+
+    name: str
+    cpu_ms: float = Field(ge=0, description="mean CPU time of one forward, all threads")
+    wall: TimingStats
+
+
+class ProfileCalibration(BaseModel):
+    name: str
+    cpus: float = Field(gt=0)
+    memory_bytes: int = Field(gt=0)
+    threads: int = Field(ge=1)
+    cfs_period_us: int = Field(default=100_000, gt=0)
+    gap_ms: float = Field(ge=0, description="pause between repetitions; long enough that the quota refills")
+    runtime_rss_bytes: int = Field(ge=0, description="resident memory of an idle worker with torch imported")
+    units: list[UnitTiming]
+    model: UnitTiming | None = Field(default=None, description="the unsplit model, for comparison")
+
+
+class LinkCalibration(BaseModel):
+    """Time per hop between containers, fitted as fixed_ms + bytes * 8 / bandwidth_bps."""
+
+    fixed_ms: float = Field(ge=0)
+    bandwidth_bps: float = Field(gt=0)
+    samples: int = Field(ge=1)
+    transport: str
+
+
+class Provenance(BaseModel):
+    date: str
+    amp4ec_version: str
+    host_cpu: str
+    host_cores: int
+    host_torch: str
+    worker_torch: str
+    image: str
+    command: str
+    warmup: int
+    repeats: int
+
+
+class Calibration(BaseModel):
+    schema_: str = Field(alias="schema")
+    graph: ModelGraph
+    profiles: list[ProfileCalibration] = Field(min_length=1)
+    link: LinkCalibration | None = None
+    provenance: Provenance
+
+    model_config = {"populate_by_name": True}
+
+    def profile(self, name: str) -> ProfileCalibration:
+        for profile in self.profiles:
+            if profile.name == name:
+                return profile
+        raise KeyError(name)
+
+    def save(self, path: str | Path) -> None:
+        write_text_atomic(Path(path), self.model_dump_json(by_alias=True, indent=1))
+
+
+def default_calibration_path() -> Path:
+    return Path(str(resources.files("amp4ec") / "data" / DEFAULT_CALIBRATION))
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Load a calibration file; ``"default"`` names the file shipped with the package."""
+    path = default_calibration_path() if str(path) == "default" else Path(path)
+    data = read_json(path)
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if schema != CALIBRATION_SCHEMA:
+        raise FileFormatError(
+            f"schema is {schema!r}, expected {CALIBRATION_SCHEMA!r}; "
+            "recalibrate with `amp4ec calibrate` from this version of amp4ec",
+            source=str(path),
+        )
+    try:
+        calibration = Calibration.model_validate(data)
+    except ValidationError as exc:
+        raise FileFormatError(f"invalid calibration file: {exc}", source=str(path)) from exc
+    n_units = calibration.graph.n_units
+    for profile in calibration.profiles:
+        if len(profile.units) != n_units:
+            raise FileFormatError(
+                f"profile {profile.name!r} times {len(profile.units)} units but the graph has {n_units}",
+                source=str(path),
+            )
+    return calibration
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentCost:
+    """The work of one segment on one node."""
+
+    cpu_ms: float
+    """CPU time of one batch-1 forward, summed over threads"""
+    parallelism: float
+    """CPU time over unthrottled wall time: how many cores the forward keeps busy"""
+
+
+class CostModel:
+    """Per-unit CPU work and transfer time, read from a calibration."""
+
+    def __init__(self, calibration: Calibration):
+        self.calibration = calibration
+        self.graph = calibration.graph
+        self._by_threads: dict[int, list[ProfileCalibration]] = {}
+        for profile in calibration.profiles:
+            self._by_threads.setdefault(profile.threads, []).append(profile)
+
+    def profiles_for_threads(self, threads: int) -> tuple[int, list[ProfileCalibration]]:
+        """Return the calibrated thread count nearest to ``threads`` and its profiles.
+
+        NOTE: a thread count that was not calibrated borrows the nearest one's costs, so
+        multi-threaded speed-up is not predicted; calibrate a profile with that many threads.
+        """
+        nearest = min(self._by_threads, key=lambda t: (abs(t - threads), t))
+        return nearest, self._by_threads[nearest]
+
+    def unit_cost(self, index: int, threads: int) -> SegmentCost:
+        _, profiles = self.profiles_for_threads(threads)
+        cpu_ms = statistics.median(p.units[index].cpu_ms for p in profiles)
+        # The profile with the largest quota is the least likely to have been throttled,
+        # so its wall time is the best estimate of the unthrottled duration.
+        fastest = max(profiles, key=lambda p: p.cpus)
+        wall_ms = fastest.units[index].wall.p50_ms
+        parallelism = cpu_ms / wall_ms if wall_ms > 0 else 1.0
+        return SegmentCost(cpu_ms=cpu_ms, parallelism=min(max(parallelism, 1.0), float(fastest.threads)))
+
+    def segment_cost(self, start: int, stop: int, threads: int) -> SegmentCost:
+        if not 0 <= start < stop <= self.graph.n_units:
+            raise ValueError(f"segment [{start}, {stop}) is outside the graph's {self.graph.n_units} units")
+        costs = [self.unit_cost(i, threads) for i in range(start, stop)]
+        cpu_ms = sum(c.cpu_ms for c in costs)
+        wall_ms = sum(c.cpu_ms / c.parallelism for c in costs)
+        return SegmentCost(cpu_ms=cpu_ms, parallelism=cpu_ms / wall_ms if wall_ms > 0 else 1.0)
+
+    @property
+    def runtime_bytes(self) -> int:
+        return max(p.runtime_rss_bytes for p in self.calibration.profiles)
+
+    def segment_memory_bytes(self, start: int, stop: int) -> int:
+        """Memory a segment adds to a worker: its weights and peak activations (batch 1)."""
+        return self.graph.segment_param_bytes(start, stop) + self.graph.segment_peak_activation_bytes(start, stop)
+
+    def hop_latency_ms(self, configured_ms: float | None) -> float:
+        if configured_ms is not None:
+            return configured_ms
+        if self.calibration.link is not None:
+            return self.calibration.link.fixed_ms
+        return DEFAULT_HOP_LATENCY_MS
+
+    @staticmethod
+    def transfer_ms(n_bytes: int, bandwidth_bps: float, latency_ms: float) -> float:
+        return latency_ms + n_bytes * 8.0 / bandwidth_bps * 1e3
+
+
+def check_model_matches(calibration: Calibration, model_name: str, granularity: str, *, source: str) -> None:
+    graph = calibration.graph
+    if graph.model != model_name or graph.granularity != granularity:
+        raise UsageError(
+            f"the scenario asks for {model_name} at {granularity} granularity but the calibration "
+            f"is of {graph.model} at {graph.granularity} granularity; calibrate that model with "
+            f"`amp4ec calibrate --model {model_name} --granularity {granularity}`",
+            field="model",
+            source=source,
+        )

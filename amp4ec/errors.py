@@ -1,0 +1,41 @@
+"""The one exception root of amp4ec and the errors the command line maps to exit statuses."""
+
+from __future__ import annotations
+
+
+class Amp4ecError(Exception):
+    """Root of every error amp4ec raises on purpose; the CLI prints it without a traceback."""
+
+    exit_status = 1
+
+
+class UsageError(Amp4ecError):
+    """Invalid input from the user: a scenario field, a file, an option. Exit status 2."""
+
+    exit_status = 2
+
+    def __init__(self, message: str, *, field: str | None = None, source: str | None = None):
+        self.field = field
+        self.source = source
+        prefix = ""
+        if source:
+            prefix += f"{source}: "
+        if field:
+            prefix += f"{field}: "
+        super().__init__(prefix + message)
+
+
+class FileFormatError(UsageError):
+    """A data file (graph, calibration, records) that is corrupt or of another schema version."""
+
+
+class DockerError(Amp4ecError):
+    """The Docker engine is unreachable or a container operation failed."""
+
+
+class WorkerError(Amp4ecError):
+    """A worker container returned an error or stopped answering."""
+
+    def __init__(self, message: str, *, node: str | None = None):
+        self.node = node
+        super().__init__(f"worker {node}: {message}" if node else message)

@@ -1,0 +1,174 @@
+"""The scenario schema: a TOML file describing nodes, network, workload and policy.
+
+A scenario is validated completely before anything runs, and the resolved form (defaults
+included) is written next to every run's results so the run describes itself.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from amp4ec.errors import UsageError
+
+MIB = 1024 * 1024
+
+
+class _Strict(BaseModel):
+    # Unknown keys are rejected so a typo in a scenario never passes silently.
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeSpec(_Strict):
+    """One edge node: a container limited to ``cpus`` CPUs and ``memory_mb`` MiB."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    cpus: float = Field(gt=0, description="CFS quota in CPUs (docker run --cpus)")
+    memory_mb: float = Field(gt=0, description="memory limit in MiB (docker run --memory); no swap")
+    threads: int | None = Field(default=None, ge=1, description="torch threads; default max(1, floor(cpus))")
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads if self.threads is not None else max(1, math.floor(self.cpus))
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_mb * MIB)
+
+
+class ModelSpec(_Strict):
+    name: str = "mobilenet_v2"
+    granularity: Literal["block", "leaf"] = "block"
+
+
+class PolicySpec(_Strict):
+    partitioner: str = "ralos"
+    scheduler: str = "amp4ec"
+    partitions: int | None = Field(default=None, ge=1, description="number of segments; default one per node")
+    cache: bool = Field(default=True, description="keep deployed segments resident on their nodes")
+    scheduler_params: dict[str, Any] = Field(default_factory=dict)
+    partitioner_params: dict[str, Any] = Field(default_factory=dict)
+
+
+class WorkloadSpec(_Strict):
+    """Request arrivals: the paper's closed loop (one client, back to back) or open-loop Poisson."""
+
+    kind: Literal["closed", "poisson"] = "closed"
+    requests: int = Field(default=100, ge=1)
+    batch: int = Field(default=1, ge=1)
+    clients: int = Field(default=1, ge=1, description="closed loop: requests in flight")
+    think_time_ms: float = Field(default=0.0, ge=0, description="closed loop: pause between a reply and the next request")
+    rate_rps: float | None = Field(default=None, gt=0, description="poisson: mean arrival rate in requests per second")
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> "WorkloadSpec":
+        if self.kind == "poisson" and self.rate_rps is None:
+            raise ValueError("a poisson workload needs rate_rps (requests per second)")
+        return self
+
+
+class NetworkSpec(_Strict):
+    """Links between the coordinator and each node; every stage's input and output cross one."""
+
+    bandwidth_mbps: float = Field(default=1000.0, gt=0, description="link bandwidth in megabits per second")
+    latency_ms: float | None = Field(
+        default=None, ge=0, description="fixed cost per hop in ms; default: the calibrated value, else 0.2"
+    )
+
+
+class MonitorSpec(_Strict):
+    period_s: float = Field(default=1.0, gt=0, description="how often node state is sampled")
+    delay_s: float = Field(default=0.0, ge=0, description="how long a sample takes to reach the scheduler")
+
+
+class Scenario(_Strict):
+    name: str
+    description: str = ""
+    seed: int = 0
+    calibration: str = Field(default="default", description="'default' for the shipped file, or a path")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    policy: PolicySpec = Field(default_factory=PolicySpec)
+    workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
+    network: NetworkSpec = Field(default_factory=NetworkSpec)
+    monitor: MonitorSpec = Field(default_factory=MonitorSpec)
+    nodes: list[NodeSpec] = Field(min_length=1)
+
+    @field_validator("nodes")
+    @classmethod
+    def _unique_names(cls, nodes: list[NodeSpec]) -> list[NodeSpec]:
+        seen: set[str] = set()
+        for node in nodes:
+            if node.name in seen:
+                raise ValueError(f"node name {node.name!r} appears twice")
+            seen.add(node.name)
+        return nodes
+
+    def node(self, name: str) -> NodeSpec:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def resolved(self) -> dict[str, Any]:
+        """Return the scenario with every default filled in, as written to a run's directory."""
+        return self.model_dump(mode="json")
+
+
+def _format_location(loc: tuple) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def parse_scenario(data: dict[str, Any], *, source: str = "scenario") -> Scenario:
+    """Validate raw scenario data, turning pydantic's report into a UsageError naming the field."""
+    try:
+        scenario = Scenario.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            location = _format_location(error["loc"]) or "(top level)"
+            message = error["msg"]
+            if error["type"] == "extra_forbidden":
+                message = "unknown field; check its spelling against the scenario reference"
+            elif error["type"] == "missing":
+                message = "required field is missing"
+            lines.append(f"{location}: {message} (got {error.get('input')!r})" if error["type"] != "missing" else f"{location}: {message}")
+        raise UsageError(
+            "invalid scenario:\n  " + "\n  ".join(lines),
+            source=source,
+        ) from exc
+    from amp4ec import policies  # late import: the registry imports the policy modules
+
+    policies.check_policy_names(scenario, source=source)
+    return scenario
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario TOML file; relative calibration paths resolve against it."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise UsageError("scenario file not found; give the path of a .toml file", source=str(path)) from exc
+    except IsADirectoryError as exc:
+        raise UsageError("is a directory; give the path of a .toml file", source=str(path)) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"not valid TOML: {exc}", source=str(path)) from exc
+    scenario = parse_scenario(data, source=str(path))
+    if scenario.calibration != "default":
+        calibration_path = Path(scenario.calibration)
+        if not calibration_path.is_absolute():
+            calibration_path = (path.parent / calibration_path).resolve()
+        scenario = scenario.model_copy(update={"calibration": str(calibration_path)})
+    return scenario

@@ -1,0 +1,1 @@
+"""Measuring what each unit of a model costs inside limited containers."""

@@ -1,0 +1,1 @@
+"""The SimPy discrete-event simulator of amp4ec."""

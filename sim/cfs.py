@@ -1,0 +1,72 @@
+"""CPU time as the kernel's CFS bandwidth control hands it out.
+
+``docker run --cpus=c`` grants a quota of ``c * period`` CPU time per period (100 ms by
+default), not a slower processor: a job on an idle container runs at full core speed until
+the period's quota is spent, then waits for the next period. A job that keeps ``p`` threads
+busy drains the quota ``p`` times as fast. This module computes, without stepping through
+time, when a job finishes given the quota already spent in the current period.
+"""
+
+from __future__ import annotations
+
+import math
+
+_EPSILON_MS = 1e-9
+
+
+class CfsCpu:
+    """One container's CPU under a CFS quota; it serves one job at a time.
+
+    Periods start at ``phase_ms + k * period_ms``. Quota that a period leaves unused is lost
+    (cgroup v1 without burst).
+    """
+
+    def __init__(self, cpus: float, *, period_ms: float = 100.0, cores: int = 1, phase_ms: float = 0.0):
+        if cpus <= 0:
+            raise ValueError(f"cpus must be positive, got {cpus}")
+        if cores < 1:
+            raise ValueError(f"cores must be at least 1, got {cores}")
+        self.cpus = cpus
+        self.period_ms = period_ms
+        self.quota_ms = cpus * period_ms
+        self.cores = cores
+        self.phase_ms = phase_ms % period_ms
+        self._period_index = -math.inf
+        self._used_ms = 0.0
+        self.throttled_jobs = 0
+        """jobs that had to wait for a new period at least once"""
+
+    def _period_of(self, time_ms: float) -> int:
+        return math.floor((time_ms - self.phase_ms) / self.period_ms + _EPSILON_MS)
+
+    def run(self, start_ms: float, work_ms: float, parallelism: float = 1.0) -> float:
+        """Run ``work_ms`` of CPU time from ``start_ms`` on ``parallelism`` threads; return the end time.
+
+        Parallelism above the core count or the quota cannot be used: a job never runs faster
+        than ``min(parallelism, cores)`` CPU-ms per ms.
+        """
+        rate = max(1e-9, min(parallelism, float(self.cores)))
+        time_ms = start_ms
+        remaining_ms = work_ms
+        throttled = False
+        while remaining_ms > _EPSILON_MS:
+            period = self._period_of(time_ms)
+            if period != self._period_index:
+                self._period_index = period
+                self._used_ms = 0.0
+            period_end_ms = self.phase_ms + (period + 1) * self.period_ms
+            available_ms = self.quota_ms - self._used_ms
+            if available_ms <= _EPSILON_MS:
+                throttled = True
+                time_ms = period_end_ms
+                continue
+            step_ms = min(remaining_ms / rate, available_ms / rate, period_end_ms - time_ms)
+            if step_ms <= _EPSILON_MS:
+                time_ms = period_end_ms
+                continue
+            time_ms += step_ms
+            self._used_ms += step_ms * rate
+            remaining_ms -= step_ms * rate
+        if throttled:
+            self.throttled_jobs += 1
+        return time_ms
