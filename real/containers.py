@@ -1,0 +1,485 @@
+"""Worker containers of one run: a labelled bridge network and one limited container per node.
+
+Every container and network carries the labels amp4ec.project=amp4ec and amp4ec.run=<run
+id> (containers also amp4ec.node=<name>), so `remove_labelled` finds what a crashed run left.
+Workers publish no ports. The host reaches them at their IP address on the run's bridge
+network, which the Docker API reports, so traffic stays on networks the project created.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import secrets
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from amp4ec.errors import DockerError, UsageError, WorkerError
+from amp4ec.real.client import WorkerClient
+
+log = logging.getLogger(__name__)
+
+PROJECT_LABEL = "amp4ec.project"
+PROJECT_LABEL_VALUE = "amp4ec"
+RUN_LABEL = "amp4ec.run"
+NODE_LABEL = "amp4ec.node"
+
+WORKER_PORT = 5555
+WORKER_USER = "10001:10001"
+# CPU-only torch 2.13 needs about 220 MB resident after import (measured in the worker
+# image); a lower memory limit gets the worker OOM-killed at startup.
+TORCH_RUNTIME_BYTES = 220 * 2**20
+# Docker rejects memory limits below 6 MiB.
+DOCKER_MIN_MEMORY_BYTES = 6 * 2**20
+# /tmp is the only writable path in the read-only root filesystem. Its pages count against
+# the container's memory limit only when something writes there.
+TMPFS_OPTIONS = "rw,nosuid,nodev,size=64m"
+# Summed CPU limits above this share of the engine's cores oversubscribe the machine, and
+# measured latencies then include waiting for a core.
+OVERSUBSCRIPTION_SHARE = 0.9
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+class OversubscriptionWarning(UserWarning):
+    """The containers of a run ask for more CPU than the machine has to spare."""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One worker container: name, CPU limit (cores), memory limit (bytes), torch threads."""
+
+    name: str
+    cpus: float
+    memory_bytes: int
+    threads: int = 1
+
+
+def docker_client(*, timeout_s: float = 120.0):
+    """Return a docker SDK client for the engine in the environment (DOCKER_HOST or the socket).
+
+    Raises DockerError with the fix when the engine is unreachable or the SDK is missing.
+    """
+    try:
+        import docker
+    except ImportError as error:
+        raise DockerError(
+            "the docker SDK is not installed; install amp4ec with the docker extra: "
+            "pip install 'amp4ec[docker]'"
+        ) from error
+    import requests.exceptions
+
+    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    try:
+        client = docker.from_env(timeout=int(timeout_s))
+        client.ping()
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as error:
+        raise DockerError(
+            f"Docker engine not reachable at {where} ({error}). Start dockerd (for example "
+            "`dockerd &`, then wait for /var/run/docker.sock) or set DOCKER_HOST to a running engine."
+        ) from error
+    return client
+
+
+def oom_killed(container) -> bool:
+    """Return whether the kernel OOM-killed the container's process (from the container state)."""
+    import docker.errors
+
+    try:
+        container.reload()
+    except docker.errors.NotFound:
+        return False
+    return bool(container.attrs.get("State", {}).get("OOMKilled"))
+
+
+def new_run_id(prefix: str = "run") -> str:
+    """Return a run id such as run-20250101-120000-3f2a, unique enough for one machine."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def host_cpu_count(client) -> int:
+    try:
+        return int(client.info()["NCPU"])
+    except Exception:  # the engine's count is only a better guess than the local one
+        return os.cpu_count() or 1
+
+
+def check_node_specs(nodes: Sequence) -> None:
+    if not nodes:
+        raise UsageError("a worker cluster needs at least one node", field="nodes")
+    seen = set()
+    for node in nodes:
+        name = getattr(node, "name", None)
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise UsageError(
+                f"node name {name!r} is invalid; use 1 to 63 letters, digits, '_', '.' or '-', "
+                "starting with a letter or digit",
+                field="nodes.name",
+            )
+        if name in seen:
+            raise UsageError(f"node name {name!r} appears twice; node names must be unique", field="nodes.name")
+        seen.add(name)
+        if not node.cpus > 0:
+            raise UsageError(f"node {name}: cpus={node.cpus} must be positive", field="nodes.cpus")
+        if not isinstance(node.memory_bytes, int) or node.memory_bytes < DOCKER_MIN_MEMORY_BYTES:
+            raise UsageError(
+                f"node {name}: memory_bytes={node.memory_bytes!r} must be an integer of at least "
+                f"{DOCKER_MIN_MEMORY_BYTES} (Docker's minimum)",
+                field="nodes.memory_bytes",
+            )
+        if not isinstance(node.threads, int) or node.threads < 1:
+            raise UsageError(f"node {name}: threads={node.threads!r} must be an integer >= 1", field="nodes.threads")
+
+
+class WorkerCluster:
+    """The worker containers of one run, started on `start()` or on entering a `with` block.
+
+    While the cluster is open it installs SIGINT and SIGTERM handlers (when created in the
+    main thread) that remove the containers and the network, then raise KeyboardInterrupt or
+    SystemExit(143). It also removes them on any exception inside the `with` block and at
+    interpreter exit. `close()` is idempotent.
+    """
+
+    def __init__(
+        self,
+        client,
+        nodes: Sequence,
+        *,
+        image: str,
+        run_id: str | None = None,
+        startup_timeout_s: float = 120.0,
+        request_timeout_s: float = 30.0,
+        labels: dict[str, str] | None = None,
+        handle_signals: bool = True,
+    ):
+        check_node_specs(nodes)
+        self.client = client
+        self.nodes = list(nodes)
+        self.image = image
+        self.run_id = run_id or new_run_id()
+        if not NAME_PATTERN.fullmatch(self.run_id):
+            raise UsageError(
+                f"run id {self.run_id!r} is invalid; use letters, digits, '_', '.' or '-'", field="run_id"
+            )
+        self.startup_timeout_s = startup_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.labels = {**(labels or {}), PROJECT_LABEL: PROJECT_LABEL_VALUE, RUN_LABEL: self.run_id}
+        self.handle_signals = handle_signals
+        self.network_name = f"amp4ec-{self.run_id}"
+        self.network = None
+        self.containers: dict[str, object] = {}
+        self.addresses: dict[str, str] = {}
+        self.clients: dict[str, WorkerClient] = {}
+        self._previous_handlers: dict[int, object] = {}
+        self._closing = False
+        self._closed = False
+        self._started = False
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> WorkerCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __getitem__(self, node_name: str) -> WorkerClient:
+        return self.client_for(node_name)
+
+    def client_for(self, node_name: str) -> WorkerClient:
+        try:
+            return self.clients[node_name]
+        except KeyError:
+            raise UsageError(
+                f"no node named {node_name!r} in run {self.run_id}; nodes: {', '.join(self.clients)}"
+            ) from None
+
+    # Startup
+
+    def start(self) -> WorkerCluster:
+        """Create the network and the containers, and wait until every worker answers ping.
+
+        On any failure it removes what it created and raises DockerError.
+        """
+        if self._started:
+            raise UsageError(f"worker cluster {self.run_id} was already started; create a new one")
+        self._started = True
+        self._warn_oversubscription()
+        self._install_signal_handlers()
+        atexit.register(self.close)
+        try:
+            self._create_network()
+            for node in self.nodes:
+                self._start_container(node)
+            deadline = time.monotonic() + self.startup_timeout_s
+            for node in self.nodes:
+                self._wait_ready(node, deadline)
+        except BaseException:
+            self.close()
+            raise
+        log.info("run %s: %d workers ready on network %s", self.run_id, len(self.nodes), self.network_name)
+        return self
+
+    def _warn_oversubscription(self) -> None:
+        total_cpus = sum(node.cpus for node in self.nodes)
+        cores = host_cpu_count(self.client)
+        if total_cpus > OVERSUBSCRIPTION_SHARE * cores:
+            message = (
+                f"run {self.run_id}: the containers ask for {total_cpus:g} CPUs in total, more than "
+                f"{OVERSUBSCRIPTION_SHARE:g} x the {cores} cores of the Docker host, so workers will "
+                "wait for cores and measured latencies will include that wait. Use fewer or smaller "
+                "nodes, or the simulator for larger clusters."
+            )
+            warnings.warn(message, OversubscriptionWarning, stacklevel=3)
+            log.warning(message)
+
+    def _create_network(self) -> None:
+        import docker.errors
+
+        try:
+            self.network = self.client.networks.create(
+                self.network_name, driver="bridge", labels=dict(self.labels), check_duplicate=True
+            )
+        except docker.errors.APIError as error:
+            raise DockerError(
+                f"cannot create network {self.network_name} for run {self.run_id}: {error}. "
+                f"A run with this id may still exist; remove it with `amp4ec clean`."
+            ) from error
+
+    def container_name(self, node) -> str:
+        return f"amp4ec-{self.run_id}-{node.name}"
+
+    def _start_container(self, node) -> None:
+        import docker.errors
+
+        try:
+            container = self.client.containers.run(
+                self.image,
+                detach=True,
+                name=self.container_name(node),
+                hostname=node.name,
+                network=self.network_name,
+                # Docker's units: nano_cpus in 1e-9 CPUs (CFS quota = cpus x period), memory in bytes.
+                nano_cpus=int(round(node.cpus * 1e9)),
+                mem_limit=node.memory_bytes,
+                memswap_limit=node.memory_bytes,
+                environment={
+                    "AMP4EC_THREADS": str(node.threads),
+                    "AMP4EC_PORT": str(WORKER_PORT),
+                    "AMP4EC_NODE": node.name,
+                },
+                labels={**self.labels, NODE_LABEL: node.name},
+                read_only=True,
+                tmpfs={"/tmp": TMPFS_OPTIONS},
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges"],
+                user=WORKER_USER,
+            )
+        except docker.errors.ImageNotFound as error:
+            raise DockerError(
+                f"worker image {self.image} not found; build it with ensure_worker_image "
+                f"(`amp4ec calibrate` builds it too): {error}"
+            ) from error
+        except docker.errors.APIError as error:
+            raise DockerError(f"cannot start the container of node {node.name} (run {self.run_id}): {error}") from error
+        self.containers[node.name] = container
+
+    def _wait_ready(self, node, deadline: float) -> None:
+        import docker.errors
+
+        container = self.containers[node.name]
+        address = None
+        last_error = None
+        while True:
+            try:
+                container.reload()
+            except docker.errors.NotFound as error:
+                raise DockerError(f"the container of node {node.name} disappeared during startup") from error
+            state = container.attrs.get("State", {})
+            if state.get("Status") in ("exited", "dead"):
+                raise DockerError(self._startup_failure_message(node, container, state))
+            if address is None:
+                address = container_address(container, self.network_name)
+                if address is not None:
+                    self.addresses[node.name] = f"tcp://{address}:{WORKER_PORT}"
+                    self.clients[node.name] = WorkerClient(
+                        self.addresses[node.name], timeout_s=self.request_timeout_s, node=node.name
+                    )
+            if address is not None:
+                try:
+                    reply = self.clients[node.name].ping(timeout_s=1.0)
+                except WorkerError as error:
+                    last_error = error
+                else:
+                    log.info(
+                        "run %s: node %s ready at %s (torch %s, %s threads, runtime rss %s bytes)",
+                        self.run_id, node.name, self.addresses[node.name], reply.get("torch"),
+                        reply.get("threads"), reply.get("runtime_rss_bytes"),
+                    )  # fmt: skip
+                    return
+            if time.monotonic() > deadline:
+                raise DockerError(
+                    f"node {node.name} did not answer ping within {self.startup_timeout_s:g} s "
+                    f"(last error: {last_error}). Container log tail:\n{logs_tail(container)}"
+                )
+            time.sleep(0.2)
+
+    def _startup_failure_message(self, node, container, state: dict) -> str:
+        exit_code = state.get("ExitCode")
+        limit_mib = node.memory_bytes / 2**20
+        message = (
+            f"the worker of node {node.name} exited during startup with status {exit_code} "
+            f"(memory limit {node.memory_bytes} bytes = {limit_mib:.0f} MiB, cpus {node.cpus:g})."
+        )
+        if state.get("OOMKilled") or exit_code == 137:
+            message += (
+                f" The kernel OOM-killed it: the memory limit of {limit_mib:.0f} MiB is below what "
+                f"the torch runtime needs (about {TORCH_RUNTIME_BYTES / 2**20:.0f} MiB for CPU-only "
+                "torch, plus the segments). Raise memory_bytes for this node."
+            )
+        return message + f"\nContainer log tail:\n{logs_tail(container)}"
+
+    # Signals
+
+    def _install_signal_handlers(self) -> None:
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous_handlers.clear()
+
+    def _on_signal(self, signum, frame) -> None:
+        log.warning("run %s: received signal %d, removing worker containers", self.run_id, signum)
+        self.close()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    # Shutdown
+
+    def close(self) -> None:
+        """Remove the containers and the network; safe to call more than once."""
+        with self._lock:
+            if self._closed or self._closing:
+                return
+            self._closing = True
+        try:
+            for worker_client in self.clients.values():
+                worker_client.close()
+            for name, container in list(self.containers.items()):
+                remove_container(container, name)
+            if self.network is not None:
+                remove_network(self.network)
+        finally:
+            self._closed = True
+            self._restore_signal_handlers()
+            atexit.unregister(self.close)
+            log.info("run %s: removed %d containers and network %s", self.run_id, len(self.containers), self.network_name)
+
+    # Inspection
+
+    def container_for(self, node_name: str):
+        return self.containers[node_name]
+
+    def oom_killed(self, node_name: str) -> bool:
+        return oom_killed(self.containers[node_name])
+
+
+def container_address(container, network_name: str) -> str | None:
+    networks = container.attrs.get("NetworkSettings", {}).get("Networks", {}) or {}
+    address = networks.get(network_name, {}).get("IPAddress")
+    return address or None
+
+
+def logs_tail(container, lines: int = 30) -> str:
+    import docker.errors
+
+    try:
+        text = container.logs(tail=lines).decode("utf-8", errors="replace").rstrip()
+    except docker.errors.DockerException as error:
+        return f"(cannot read the container log: {error})"
+    return text or "(empty)"
+
+
+def remove_container(container, name: str = "") -> bool:
+    import docker.errors
+
+    try:
+        container.remove(force=True)
+    except docker.errors.NotFound:
+        return False
+    except docker.errors.APIError as error:
+        # A removal already in progress (from a signal handler, say) is not an error here.
+        if "already in progress" in str(error):
+            return False
+        log.error("cannot remove container %s: %s", name or container.id, error)
+        return False
+    return True
+
+
+def remove_network(network) -> bool:
+    import docker.errors
+
+    try:
+        network.remove()
+    except docker.errors.NotFound:
+        return False
+    except docker.errors.APIError as error:
+        log.error("cannot remove network %s: %s", network.name, error)
+        return False
+    return True
+
+
+def remove_labelled(client, run_id: str | None = None, *, run_id_prefix: str | None = None) -> dict[str, int]:
+    """Remove the containers, then the networks, labelled amp4ec.project=amp4ec.
+
+    run_id limits the removal to one run, run_id_prefix to runs whose id starts with it.
+    Returns {"containers": n, "networks": m}, the numbers removed.
+    """
+    filters = [f"{PROJECT_LABEL}={PROJECT_LABEL_VALUE}"]
+    if run_id is not None:
+        filters.append(f"{RUN_LABEL}={run_id}")
+
+    def selected(labels: dict) -> bool:
+        if run_id_prefix is None:
+            return True
+        return (labels or {}).get(RUN_LABEL, "").startswith(run_id_prefix)
+
+    containers = [
+        container
+        for container in client.containers.list(all=True, filters={"label": filters})
+        if selected(container.labels)
+    ]
+    removed_containers = sum(remove_container(container) for container in containers)
+    networks = [network for network in client.networks.list(filters={"label": filters}) if selected(network.attrs.get("Labels"))]
+    removed_networks = sum(remove_network(network) for network in networks)
+    return {"containers": removed_containers, "networks": removed_networks}
+
+
+def labelled_resources(client, run_id_prefix: str | None = None) -> dict[str, list[str]]:
+    """Return the names of the labelled containers and networks that exist (for checks)."""
+    filters = {"label": [f"{PROJECT_LABEL}={PROJECT_LABEL_VALUE}"]}
+    containers = [
+        c.name
+        for c in client.containers.list(all=True, filters=filters)
+        if run_id_prefix is None or c.labels.get(RUN_LABEL, "").startswith(run_id_prefix)
+    ]
+    networks = [
+        n.name
+        for n in client.networks.list(filters=filters)
+        if run_id_prefix is None or (n.attrs.get("Labels") or {}).get(RUN_LABEL, "").startswith(run_id_prefix)
+    ]
+    return {"containers": containers, "networks": networks}

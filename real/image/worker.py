@@ -1,0 +1,567 @@
+"""amp4ec worker: runs exported model segments inside a resource-limited container.
+
+This file is copied into the worker image and runs there on its own. It imports only the
+standard library, torch, numpy and pyzmq, never amp4ec, so the image does not depend on the
+host's package version.
+
+Protocol (version 1). The worker binds a pyzmq REP socket on tcp://*:AMP4EC_PORT. Every
+message is multipart: frame 0 is a UTF-8 JSON object (the header), frames 1.. are raw
+payloads. A tensor travels as its raw C-contiguous bytes in native (little-endian) byte order,
+described in the header by a spec {"dtype": "float32", "shape": [1, 32, 112, 112]}. Specs
+and tensor frames are in the same order. Nothing is pickled.
+
+Supported dtypes: float16, float32, float64, int8, int16, int32, int64, uint8, bool.
+
+Requests (header field "op") and their replies:
+
+- ping -> {"ok": true, "protocol": 1, "torch": "2.13.0+cpu", "threads": 1, "pid": 7,
+  "runtime_rss_bytes": N, "node": "n0" or null, "segments": ["s0", ...]}.
+  runtime_rss_bytes is the resident set size right after torch was imported.
+- load {"segment": "s0"} + one frame holding the bytes torch.export.save wrote ->
+  {"ok": true, "load_ms": x, "rss_bytes": N}. The segment stays resident until unloaded.
+  Loading an id that is already loaded replaces it.
+- unload {"segment": "s0"} -> {"ok": true, "unloaded": true}. "unloaded" is false when the
+  id was not loaded. Omitting "segment" unloads every segment.
+- run {"segment": "s0", "inputs": [spec, ...]} + one frame per input ->
+  {"ok": true, "outputs": [spec, ...], "wall_ms": x, "cpu_ms": y} + one frame per output.
+  wall_ms is the time.perf_counter delta and cpu_ms the time.process_time delta (CPU time
+  of every thread of the worker), both around the forward call only. A segment returning a
+  tuple, list or dict of tensors sends them flattened in order (dict values in key order).
+- profile {"segment": "s0", "inputs": [spec, ...], "warmup": 3, "repeats": 20,
+  "gap_ms": 100} + input frames -> {"ok": true, "wall_ms": [...], "cpu_ms": [...],
+  "peak_rss_bytes": N, "cpu_stat_before": {...}, "cpu_stat_after": {...},
+  "cpu_usage_ns_before": N, "cpu_usage_ns_after": N}.
+  The segment runs warmup + repeats times on the same inputs and the reply holds the timings
+  of the repeats only. The worker sleeps gap_ms before every run after the first, so each run
+  can start with a refilled CFS quota (gap_ms=0 runs back to back). peak_rss_bytes is the
+  worker process's peak resident set size since it started (getrusage ru_maxrss), not
+  since the profile began. cpu_stat_* are the container's cgroup cpu.stat counters and
+  cpu_usage_ns_* its cpuacct.usage, read just before the first repeat and after the last.
+- stats -> {"ok": true, "time_s": time.time(), "cpu_usage_ns", "cpu_stat": {"nr_periods",
+  "nr_throttled", "throttled_time"}, "cfs_quota_us", "cfs_period_us",
+  "memory_usage_bytes", "memory_limit_bytes", "memory_max_usage_bytes", "net_rx_bytes",
+  "net_tx_bytes", "rss_bytes", "peak_rss_bytes", "segments": [...]}.
+  Values come from the container's own cgroup v1 files (cpu, cpuacct and memory
+  controllers), with cgroup v2 files as fallback. cfs_quota_us is -1 when no CPU limit is
+  set. throttled_time is in nanoseconds (v1 unit; v2 throttled_usec is converted). Network
+  bytes are the sums over every interface in /proc/net/dev except lo. A value the worker
+  cannot read is null.
+- shutdown -> {"ok": true}, then the worker closes its socket and exits with status 0.
+
+Errors: {"ok": false, "error": "message"}. A malformed request, an unknown op or segment,
+or an exception in a segment returns an error reply, and the worker keeps serving.
+
+Environment: AMP4EC_THREADS (torch.set_num_threads, default 1), AMP4EC_PORT (default 5555),
+AMP4EC_NODE (node name echoed by ping and used in log lines, optional).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+
+PROTOCOL_VERSION = 1
+
+log = logging.getLogger("amp4ec.worker")
+
+DTYPE_NAMES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+
+# Candidate locations of each cgroup value: v1 files first (the engine on the development
+# machines runs cgroup v1), then v2. In a container both are mounted at the container's own
+# cgroup, so no path needs the container id.
+CGROUP_V1_CPU_DIRS = ("/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu")
+CGROUP_V1_CPUACCT_DIRS = ("/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpuacct")
+CGROUP_V1_MEMORY_DIR = "/sys/fs/cgroup/memory"
+CGROUP_V2_DIR = "/sys/fs/cgroup"
+
+# cgroup v1 reports "no memory limit" as a huge page-aligned number near 2**63.
+UNLIMITED_MEMORY_BYTES = 2**62
+
+
+class RequestError(Exception):
+    """A request the worker rejects; its message goes back in the error reply."""
+
+
+def read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as file:
+            return file.read().strip()
+    except OSError:
+        return None
+
+
+def read_int(path: str) -> int | None:
+    text = read_text(path)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def read_first_int(paths) -> int | None:
+    for path in paths:
+        value = read_int(path)
+        if value is not None:
+            return value
+    return None
+
+
+def read_key_values(path: str) -> dict[str, int] | None:
+    text = read_text(path)
+    if text is None:
+        return None
+    values = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            try:
+                values[parts[0]] = int(parts[1])
+            except ValueError:
+                continue
+    return values
+
+
+def read_cpu_stat() -> dict[str, int | None]:
+    """Return nr_periods, nr_throttled and throttled_time (ns) of the container's cgroup."""
+    for directory in CGROUP_V1_CPU_DIRS:
+        values = read_key_values(f"{directory}/cpu.stat")
+        if values is not None:
+            return {
+                "nr_periods": values.get("nr_periods"),
+                "nr_throttled": values.get("nr_throttled"),
+                "throttled_time": values.get("throttled_time"),
+            }
+    values = read_key_values(f"{CGROUP_V2_DIR}/cpu.stat")
+    if values is not None:
+        throttled_usec = values.get("throttled_usec")
+        return {
+            "nr_periods": values.get("nr_periods"),
+            "nr_throttled": values.get("nr_throttled"),
+            "throttled_time": None if throttled_usec is None else throttled_usec * 1000,
+        }
+    return {"nr_periods": None, "nr_throttled": None, "throttled_time": None}
+
+
+def read_cpu_usage_ns() -> int | None:
+    value = read_first_int(f"{d}/cpuacct.usage" for d in CGROUP_V1_CPUACCT_DIRS)
+    if value is not None:
+        return value
+    values = read_key_values(f"{CGROUP_V2_DIR}/cpu.stat")
+    if values is not None and "usage_usec" in values:
+        return values["usage_usec"] * 1000
+    return None
+
+
+def read_cfs_quota() -> tuple[int | None, int | None]:
+    """Return (cfs_quota_us, cfs_period_us); the quota is -1 when the CPU is unlimited."""
+    quota = read_first_int(f"{d}/cpu.cfs_quota_us" for d in CGROUP_V1_CPU_DIRS)
+    period = read_first_int(f"{d}/cpu.cfs_period_us" for d in CGROUP_V1_CPU_DIRS)
+    if quota is not None or period is not None:
+        return quota, period
+    text = read_text(f"{CGROUP_V2_DIR}/cpu.max")
+    if text is None:
+        return None, None
+    parts = text.split()
+    if len(parts) != 2:
+        return None, None
+    try:
+        period = int(parts[1])
+    except ValueError:
+        return None, None
+    quota = -1 if parts[0] == "max" else int(parts[0])
+    return quota, period
+
+
+def read_memory() -> dict[str, int | None]:
+    usage = read_int(f"{CGROUP_V1_MEMORY_DIR}/memory.usage_in_bytes")
+    limit = read_int(f"{CGROUP_V1_MEMORY_DIR}/memory.limit_in_bytes")
+    max_usage = read_int(f"{CGROUP_V1_MEMORY_DIR}/memory.max_usage_in_bytes")
+    if usage is None and limit is None:
+        usage = read_int(f"{CGROUP_V2_DIR}/memory.current")
+        limit_text = read_text(f"{CGROUP_V2_DIR}/memory.max")
+        if limit_text is not None and limit_text != "max":
+            try:
+                limit = int(limit_text)
+            except ValueError:
+                limit = None
+        max_usage = read_int(f"{CGROUP_V2_DIR}/memory.peak")
+    if limit is not None and limit >= UNLIMITED_MEMORY_BYTES:
+        limit = None
+    return {
+        "memory_usage_bytes": usage,
+        "memory_limit_bytes": limit,
+        "memory_max_usage_bytes": max_usage,
+    }
+
+
+def read_net_bytes() -> tuple[int | None, int | None]:
+    """Return (received, transmitted) bytes summed over every interface except lo."""
+    text = read_text("/proc/net/dev")
+    if text is None:
+        return None, None
+    rx_bytes = 0
+    tx_bytes = 0
+    # Two header lines, then "iface: rx_bytes packets ... (8 rx fields) tx_bytes ...".
+    for line in text.splitlines()[2:]:
+        name, _, fields = line.partition(":")
+        if name.strip() == "lo":
+            continue
+        values = fields.split()
+        if len(values) < 9:
+            continue
+        rx_bytes += int(values[0])
+        tx_bytes += int(values[8])
+    return rx_bytes, tx_bytes
+
+
+def read_rss_bytes() -> int | None:
+    text = read_text("/proc/self/statm")
+    if text is None:
+        return None
+    return int(text.split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def read_peak_rss_bytes() -> int:
+    # On Linux ru_maxrss is in kilobytes.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Worker:
+    """The state of one worker process: the loaded segments and the torch runtime."""
+
+    def __init__(self, torch_module, numpy_module, threads: int, node: str | None):
+        self.torch = torch_module
+        self.np = numpy_module
+        self.threads = threads
+        self.node = node
+        self.segments: dict[str, object] = {}
+        self.runtime_rss_bytes = read_rss_bytes()
+
+    # Tensor encoding
+
+    def decode_inputs(self, header: dict, frames: list[bytes]) -> list:
+        specs = header.get("inputs")
+        if not isinstance(specs, list):
+            raise RequestError("field 'inputs' must be a list of {dtype, shape} specs")
+        if len(specs) != len(frames):
+            raise RequestError(
+                f"'inputs' lists {len(specs)} tensors but the message carries {len(frames)} frames"
+            )
+        tensors = []
+        for index, (spec, frame) in enumerate(zip(specs, frames)):
+            if not isinstance(spec, dict):
+                raise RequestError(f"inputs[{index}] must be an object with dtype and shape")
+            dtype = spec.get("dtype")
+            shape = spec.get("shape")
+            if dtype not in DTYPE_NAMES:
+                raise RequestError(
+                    f"inputs[{index}]: unsupported dtype {dtype!r}; expected one of {', '.join(DTYPE_NAMES)}"
+                )
+            if not isinstance(shape, list) or not all(
+                isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape
+            ):
+                raise RequestError(f"inputs[{index}]: shape {shape!r} must be a list of non-negative integers")
+            np_dtype = self.np.dtype(dtype)
+            expected_bytes = int(self.np.prod(shape, dtype=self.np.int64)) * np_dtype.itemsize
+            if len(frame) != expected_bytes:
+                raise RequestError(
+                    f"inputs[{index}]: frame holds {len(frame)} bytes but dtype {dtype} "
+                    f"and shape {shape} need {expected_bytes}"
+                )
+            # Copy into a writable buffer, since torch warns on read-only memory and a
+            # segment may write into its input.
+            array = self.np.frombuffer(frame, dtype=np_dtype).reshape(shape).copy()
+            tensors.append(self.torch.from_numpy(array))
+        return tensors
+
+    def encode_outputs(self, result) -> tuple[list[dict], list]:
+        tensors = flatten_outputs(result, self.torch)
+        specs = []
+        frames = []
+        for index, tensor in enumerate(tensors):
+            array = tensor.detach().cpu().contiguous().numpy()
+            dtype = str(array.dtype)
+            if dtype not in DTYPE_NAMES:
+                raise RequestError(f"output {index} has dtype {dtype}, which the protocol cannot carry")
+            specs.append({"dtype": dtype, "shape": list(array.shape)})
+            frames.append(memoryview(array).cast("B"))
+        return specs, frames
+
+    # Requests
+
+    def segment(self, header: dict):
+        segment_id = header.get("segment")
+        if not isinstance(segment_id, str) or not segment_id:
+            raise RequestError("field 'segment' must be a non-empty string")
+        module = self.segments.get(segment_id)
+        if module is None:
+            loaded = ", ".join(sorted(self.segments)) or "none"
+            raise RequestError(f"segment {segment_id!r} is not loaded (loaded: {loaded}); send load first")
+        return module
+
+    def forward(self, module, inputs):
+        with self.torch.inference_mode():
+            return module(*inputs)
+
+    def handle_ping(self, header, frames):
+        return {
+            "ok": True,
+            "protocol": PROTOCOL_VERSION,
+            "torch": self.torch.__version__,
+            "threads": self.torch.get_num_threads(),
+            "pid": os.getpid(),
+            "runtime_rss_bytes": self.runtime_rss_bytes,
+            "node": self.node,
+            "segments": sorted(self.segments),
+        }, []
+
+    def handle_load(self, header, frames):
+        segment_id = header.get("segment")
+        if not isinstance(segment_id, str) or not segment_id:
+            raise RequestError("field 'segment' must be a non-empty string")
+        if len(frames) != 1:
+            raise RequestError(f"load needs exactly one frame with the exported program, got {len(frames)}")
+        started = time.perf_counter()
+        try:
+            program = self.torch.export.load(io.BytesIO(frames[0]))
+            module = program.module()
+        except Exception as error:
+            raise RequestError(
+                f"cannot load segment {segment_id!r} with torch.export.load: {type(error).__name__}: {error}"
+            ) from error
+        # Drop a previous version first, so its memory is released before it counts twice.
+        self.segments.pop(segment_id, None)
+        self.segments[segment_id] = module
+        load_ms = (time.perf_counter() - started) * 1e3
+        rss_bytes = read_rss_bytes()
+        log.info("loaded segment %s in %.1f ms (rss %s bytes)", segment_id, load_ms, rss_bytes)
+        return {"ok": True, "load_ms": load_ms, "rss_bytes": rss_bytes}, []
+
+    def handle_unload(self, header, frames):
+        segment_id = header.get("segment")
+        if segment_id is None:
+            unloaded = bool(self.segments)
+            self.segments.clear()
+        elif isinstance(segment_id, str):
+            unloaded = self.segments.pop(segment_id, None) is not None
+        else:
+            raise RequestError("field 'segment' must be a string or absent")
+        return {"ok": True, "unloaded": unloaded}, []
+
+    def handle_run(self, header, frames):
+        module = self.segment(header)
+        inputs = self.decode_inputs(header, frames)
+        cpu_start = time.process_time()
+        wall_start = time.perf_counter()
+        result = self.forward(module, inputs)
+        wall_ms = (time.perf_counter() - wall_start) * 1e3
+        cpu_ms = (time.process_time() - cpu_start) * 1e3
+        specs, output_frames = self.encode_outputs(result)
+        return {"ok": True, "outputs": specs, "wall_ms": wall_ms, "cpu_ms": cpu_ms}, output_frames
+
+    def handle_profile(self, header, frames):
+        module = self.segment(header)
+        inputs = self.decode_inputs(header, frames)
+        warmup = header.get("warmup", 3)
+        repeats = header.get("repeats", 20)
+        gap_ms = header.get("gap_ms", 100)
+        for name, value in (("warmup", warmup), ("repeats", repeats)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise RequestError(f"field '{name}' must be a non-negative integer, got {value!r}")
+        if repeats < 1:
+            raise RequestError("field 'repeats' must be at least 1")
+        if not isinstance(gap_ms, (int, float)) or isinstance(gap_ms, bool) or gap_ms < 0:
+            raise RequestError(f"field 'gap_ms' must be a non-negative number, got {gap_ms!r}")
+
+        gap_s = gap_ms / 1e3
+        for run_index in range(warmup):
+            if run_index > 0 and gap_s:
+                time.sleep(gap_s)
+            self.forward(module, inputs)
+
+        wall_ms = []
+        cpu_ms = []
+        cpu_stat_before = None
+        cpu_usage_ns_before = None
+        for run_index in range(repeats):
+            if (warmup > 0 or run_index > 0) and gap_s:
+                time.sleep(gap_s)
+            if run_index == 0:
+                cpu_stat_before = read_cpu_stat()
+                cpu_usage_ns_before = read_cpu_usage_ns()
+            cpu_start = time.process_time()
+            wall_start = time.perf_counter()
+            self.forward(module, inputs)
+            wall_ms.append((time.perf_counter() - wall_start) * 1e3)
+            cpu_ms.append((time.process_time() - cpu_start) * 1e3)
+        return {
+            "ok": True,
+            "wall_ms": wall_ms,
+            "cpu_ms": cpu_ms,
+            "peak_rss_bytes": read_peak_rss_bytes(),
+            "cpu_stat_before": cpu_stat_before,
+            "cpu_stat_after": read_cpu_stat(),
+            "cpu_usage_ns_before": cpu_usage_ns_before,
+            "cpu_usage_ns_after": read_cpu_usage_ns(),
+        }, []
+
+    def handle_stats(self, header, frames):
+        quota_us, period_us = read_cfs_quota()
+        rx_bytes, tx_bytes = read_net_bytes()
+        reply = {
+            "ok": True,
+            "time_s": time.time(),
+            "cpu_usage_ns": read_cpu_usage_ns(),
+            "cpu_stat": read_cpu_stat(),
+            "cfs_quota_us": quota_us,
+            "cfs_period_us": period_us,
+            "net_rx_bytes": rx_bytes,
+            "net_tx_bytes": tx_bytes,
+            "rss_bytes": read_rss_bytes(),
+            "peak_rss_bytes": read_peak_rss_bytes(),
+            "segments": sorted(self.segments),
+        }
+        reply.update(read_memory())
+        return reply, []
+
+
+def flatten_outputs(result, torch_module) -> list:
+    if isinstance(result, torch_module.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)):
+        tensors = []
+        for item in result:
+            tensors.extend(flatten_outputs(item, torch_module))
+        return tensors
+    if isinstance(result, dict):
+        tensors = []
+        for key in sorted(result):
+            tensors.extend(flatten_outputs(result[key], torch_module))
+        return tensors
+    raise RequestError(f"segment returned {type(result).__name__}, expected tensors")
+
+
+def parse_header(frame: bytes) -> dict:
+    try:
+        header = json.loads(bytes(frame).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestError(f"frame 0 is not a UTF-8 JSON header: {error}") from error
+    if not isinstance(header, dict):
+        raise RequestError(f"header must be a JSON object, got {type(header).__name__}")
+    return header
+
+
+def read_env_int(name: str, default: int, minimum: int) -> int:
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise SystemExit(f"amp4ec worker: {name}={text!r} is not an integer") from None
+    if value < minimum:
+        raise SystemExit(f"amp4ec worker: {name}={value} must be at least {minimum}")
+    return value
+
+
+def serve(worker: Worker, zmq_module, port: int) -> None:
+    handlers = {
+        "ping": worker.handle_ping,
+        "load": worker.handle_load,
+        "unload": worker.handle_unload,
+        "run": worker.handle_run,
+        "profile": worker.handle_profile,
+        "stats": worker.handle_stats,
+    }
+    context = zmq_module.Context()
+    socket = context.socket(zmq_module.REP)
+    socket.setsockopt(zmq_module.LINGER, 1000)
+    socket.bind(f"tcp://*:{port}")
+    log.info("listening on tcp://*:%d", port)
+    error_count = 0
+    try:
+        while True:
+            message = socket.recv_multipart(copy=True)
+            op = None
+            try:
+                header = parse_header(message[0])
+                op = header.get("op")
+                if op == "shutdown":
+                    socket.send_multipart([json.dumps({"ok": True}).encode("utf-8")])
+                    log.info("shutdown requested")
+                    return
+                handler = handlers.get(op)
+                if handler is None:
+                    raise RequestError(
+                        f"unknown op {op!r}; expected one of {', '.join(sorted(handlers))}, shutdown"
+                    )
+                reply, frames = handler(header, message[1:])
+            except RequestError as error:
+                reply, frames = {"ok": False, "error": str(error)}, []
+            except Exception as error:  # a failing segment must not stop the worker
+                reply, frames = {"ok": False, "error": f"{type(error).__name__}: {error}"}, []
+            if not reply["ok"]:
+                error_count += 1
+                # Log the first errors in full, then one line in every 100, so a client that
+                # keeps sending bad requests cannot flood the container log.
+                if error_count <= 20 or error_count % 100 == 0:
+                    log.warning("request op=%r failed (error %d): %s", op, error_count, reply["error"])
+            socket.send_multipart([json.dumps(reply).encode("utf-8"), *frames], copy=False)
+    finally:
+        socket.close()
+        context.term()
+
+
+def main() -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s amp4ec-worker[%(process)d]: %(message)s",
+    )
+    threads = read_env_int("AMP4EC_THREADS", 1, 1)
+    port = read_env_int("AMP4EC_PORT", 5555, 1)
+    node = os.environ.get("AMP4EC_NODE") or None
+
+    # As PID 1 in a container, Python ignores SIGTERM unless a handler is installed; `docker
+    # stop` then waits for its timeout and kills.
+    def stop(signum, frame):
+        log.info("received signal %d, exiting", signum)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+
+    started = time.perf_counter()
+    log.info("starting (node %s, threads %d, port %d)", node, threads, port)
+    import numpy
+    import torch
+    import zmq
+
+    torch.set_num_threads(threads)
+    # Interop threads run independent ops in parallel; one keeps the thread count what
+    # AMP4EC_THREADS says.
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError as error:
+        log.warning("cannot set interop threads: %s", error)
+    worker = Worker(torch, numpy, threads, node)
+    log.info(
+        "torch %s imported in %.0f ms, rss %s bytes",
+        torch.__version__,
+        (time.perf_counter() - started) * 1e3,
+        worker.runtime_rss_bytes,
+    )
+    serve(worker, zmq, port)
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""The worker image, its containers and the client, against a real Docker engine.
+
+The tests at the top need neither Docker nor torch: they check the tensor encoding and the
+client's timeout handling against a silent socket on loopback.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import warnings
+
+import numpy as np
+import pytest
+import zmq
+
+from amp4ec.errors import DockerError, WorkerError
+from amp4ec.real.client import WorkerClient, decode_arrays, encode_arrays
+from amp4ec.real.containers import (
+    NODE_LABEL,
+    PROJECT_LABEL,
+    RUN_LABEL,
+    NodeSpec,
+    OversubscriptionWarning,
+    WorkerCluster,
+    host_cpu_count,
+    labelled_resources,
+    oom_killed,
+)
+from conftest import new_test_run_id, require_torch
+
+MiB = 2**20
+CFS_PERIOD_US = 100_000
+
+# Two nodes with different limits, 1.5 CPUs in total, under the oversubscription warning on a
+# 2-core machine.
+CLUSTER_NODES = (
+    NodeSpec("big", cpus=1.0, memory_bytes=768 * MiB, threads=1),
+    NodeSpec("small", cpus=0.5, memory_bytes=400 * MiB, threads=2),
+)
+
+
+# Encoding and client, no Docker
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "int64", "int32", "uint8", "bool"])
+def test_encode_decode_round_trip(dtype):
+    array = (np.arange(24).reshape(2, 3, 4) % 2).astype(dtype)
+
+    specs, frames = encode_arrays([array])
+    decoded = decode_arrays(specs, [bytes(frame) for frame in frames])
+
+    assert specs == [{"dtype": dtype, "shape": [2, 3, 4]}]
+    assert decoded[0].dtype == array.dtype
+    np.testing.assert_array_equal(decoded[0], array)
+
+
+def test_encode_non_contiguous_array():
+    array = np.arange(12, dtype=np.float32).reshape(3, 4).T
+
+    specs, frames = encode_arrays([array])
+    decoded = decode_arrays(specs, [bytes(frame) for frame in frames])
+
+    np.testing.assert_array_equal(decoded[0], array)
+
+
+def test_decode_rejects_short_frame():
+    with pytest.raises(WorkerError, match="needs 16"):
+        decode_arrays([{"dtype": "float32", "shape": [4]}], [b"\0" * 12])
+
+
+def test_encode_rejects_unsupported_dtype():
+    with pytest.raises(WorkerError, match="complex64"):
+        encode_arrays([np.zeros(2, dtype=np.complex64)])
+
+
+@pytest.fixture
+def silent_server():
+    """A REP socket on loopback that receives requests and never replies."""
+    context = zmq.Context()
+    socket = context.socket(zmq.REP)
+    port = socket.bind_to_random_port("tcp://127.0.0.1")
+    yield f"tcp://127.0.0.1:{port}"
+    socket.close(linger=0)
+    context.term()
+
+
+def test_client_timeout_names_node(silent_server):
+    client = WorkerClient(silent_server, timeout_s=0.3, node="n7")
+
+    started = time.monotonic()
+    with pytest.raises(WorkerError, match="no reply to 'ping' within 0.3 s") as raised:
+        client.ping()
+    elapsed_s = time.monotonic() - started
+    client.close()
+
+    assert raised.value.node == "n7"
+    assert silent_server in str(raised.value)
+    assert elapsed_s < 2.0
+
+
+def test_client_usable_after_timeout(silent_server):
+    client = WorkerClient(silent_server, timeout_s=0.2, node="n7")
+
+    with pytest.raises(WorkerError):
+        client.ping()
+    # A REQ socket that sent without receiving would raise "Operation cannot be
+    # accomplished in current state"; a recreated socket times out again instead.
+    with pytest.raises(WorkerError, match="no reply to 'stats'"):
+        client.stats()
+    client.close()
+
+
+# Docker
+
+
+@pytest.fixture(scope="module")
+def cluster(docker_client, worker_image):
+    with WorkerCluster(docker_client, CLUSTER_NODES, image=worker_image, run_id=new_test_run_id()) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def exported_segment():
+    """A small torch.export segment, its input and the host's output for that input."""
+    torch = require_torch()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, kernel_size=3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 4, kernel_size=3, stride=2),
+        torch.nn.ReLU(),
+    ).eval()
+    example = torch.randn(1, 3, 32, 32)
+    program = torch.export.export(model, (example,))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    with torch.no_grad():
+        expected = model(example).numpy()
+    return buffer.getvalue(), example.numpy(), expected
+
+
+@pytest.mark.docker
+def test_worker_image_labelled(docker_client, worker_image):
+    from amp4ec.real.image import image_info
+
+    info = image_info(docker_client, worker_image)
+
+    assert info["labels"].get(PROJECT_LABEL) == "amp4ec"
+    assert info["torch"] == "2.13.0+cpu"
+    assert info["cuda"] is None
+    assert info["python"].startswith("3.11.")
+
+
+@pytest.mark.docker
+def test_worker_image_tag_stable(docker_client, worker_image):
+    from amp4ec.real.image import ensure_worker_image
+
+    messages = []
+    tag = ensure_worker_image(docker_client, log=messages.append)
+
+    assert tag == worker_image
+    assert messages == [f"worker image {tag} is up to date"]
+
+
+@pytest.mark.docker
+def test_ping_reports_threads(cluster):
+    for node in CLUSTER_NODES:
+        reply = cluster[node.name].ping()
+
+        assert reply["torch"] == "2.13.0+cpu"
+        assert reply["threads"] == node.threads
+        assert reply["node"] == node.name
+        assert reply["protocol"] == 1
+
+
+@pytest.mark.docker
+def test_stats_show_container_limits(cluster):
+    for node in CLUSTER_NODES:
+        stats = cluster[node.name].stats()
+
+        assert stats["cfs_period_us"] == CFS_PERIOD_US
+        assert stats["cfs_quota_us"] == int(node.cpus * CFS_PERIOD_US)
+        assert stats["memory_limit_bytes"] == node.memory_bytes
+        assert 0 < stats["memory_usage_bytes"] <= node.memory_bytes
+        assert stats["cpu_usage_ns"] > 0
+        assert set(stats["cpu_stat"]) == {"nr_periods", "nr_throttled", "throttled_time"}
+        assert stats["net_rx_bytes"] > 0
+        assert stats["net_tx_bytes"] > 0
+
+
+@pytest.mark.docker
+def test_containers_hardened_and_labelled(cluster):
+    for node in CLUSTER_NODES:
+        container = cluster.container_for(node.name)
+        container.reload()
+        host_config = container.attrs["HostConfig"]
+
+        assert container.labels[RUN_LABEL] == cluster.run_id
+        assert container.labels[NODE_LABEL] == node.name
+        assert host_config["NanoCpus"] == int(node.cpus * 1e9)
+        assert host_config["Memory"] == node.memory_bytes
+        assert host_config["MemorySwap"] == node.memory_bytes
+        assert host_config["ReadonlyRootfs"] is True
+        assert host_config["CapDrop"] == ["ALL"]
+        assert not host_config.get("PortBindings")
+        assert container.attrs["Config"]["User"] == "10001:10001"
+
+
+@pytest.mark.docker
+def test_bad_requests_get_error_replies(cluster):
+    client = cluster["big"]
+    bad_requests = [
+        ({"op": "fly"}, [], "unknown op 'fly'"),
+        ({"op": "run", "segment": "missing", "inputs": []}, [], "segment 'missing' is not loaded"),
+        ({"op": "load", "segment": "s"}, [b"not a zip file"], "cannot load segment 's'"),
+        ({"op": "load"}, [b""], "'segment' must be a non-empty string"),
+    ]
+    for header, frames, expected in bad_requests:
+        with pytest.raises(WorkerError, match=expected):
+            client.request(header, frames)
+
+    # A frame 0 that is not JSON at all.
+    socket = zmq.Context.instance().socket(zmq.REQ)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(client.address)
+    socket.send_multipart([b"\xff not json"])
+    assert socket.poll(5000)
+    reply = json.loads(socket.recv_multipart()[0])
+    socket.close()
+
+    assert reply["ok"] is False
+    assert "not a UTF-8 JSON header" in reply["error"]
+    assert client.ping()["ok"] is True
+
+
+@pytest.mark.docker
+@pytest.mark.torch
+def test_run_matches_host_output(cluster, exported_segment):
+    blob, example, expected = exported_segment
+    for node in CLUSTER_NODES:
+        client = cluster[node.name]
+        loaded = client.load("s0", blob)
+
+        outputs, timing = client.run("s0", [example])
+
+        assert loaded["load_ms"] > 0
+        assert len(outputs) == 1
+        assert outputs[0].shape == expected.shape
+        np.testing.assert_allclose(outputs[0], expected, rtol=0, atol=1e-5)
+        assert timing["wall_ms"] > 0
+        assert timing["cpu_ms"] >= 0
+
+
+@pytest.mark.docker
+@pytest.mark.torch
+def test_run_rejects_wrong_input_size(cluster, exported_segment):
+    blob, example, _ = exported_segment
+    client = cluster["small"]
+    client.load("s0", blob)
+    header = {"op": "run", "segment": "s0", "inputs": [{"dtype": "float32", "shape": [1, 3, 32, 32]}]}
+
+    with pytest.raises(WorkerError, match="frame holds 8 bytes"):
+        client.request(header, [b"\0" * 8])
+    assert client.ping()["ok"] is True
+
+
+@pytest.mark.docker
+@pytest.mark.torch
+def test_profile_returns_repeats(cluster, exported_segment):
+    blob, example, _ = exported_segment
+    client = cluster["small"]
+    client.load("s1", blob)
+
+    profile = client.profile("s1", [example], warmup=2, repeats=7, gap_ms=10)
+
+    assert len(profile["wall_ms"]) == 7
+    assert len(profile["cpu_ms"]) == 7
+    assert all(value > 0 for value in profile["wall_ms"])
+    assert profile["peak_rss_bytes"] > 0
+    periods_before = profile["cpu_stat_before"]["nr_periods"]
+    periods_after = profile["cpu_stat_after"]["nr_periods"]
+    assert periods_after >= periods_before
+    assert profile["cpu_usage_ns_after"] > profile["cpu_usage_ns_before"]
+
+
+@pytest.mark.docker
+@pytest.mark.torch
+def test_unload_drops_segment(cluster, exported_segment):
+    blob, example, _ = exported_segment
+    client = cluster["big"]
+    client.load("gone", blob)
+
+    assert client.unload("gone") is True
+    assert client.unload("gone") is False
+    with pytest.raises(WorkerError, match="segment 'gone' is not loaded"):
+        client.run("gone", [example])
+
+
+@pytest.mark.docker
+def test_killed_worker_raises_worker_error(docker_client, worker_image):
+    nodes = [NodeSpec("victim", cpus=0.5, memory_bytes=400 * MiB)]
+    with WorkerCluster(
+        docker_client, nodes, image=worker_image, run_id=new_test_run_id(), request_timeout_s=2.0
+    ) as running:
+        client = running["victim"]
+        assert client.ping()["ok"] is True
+        running.container_for("victim").kill()
+
+        started = time.monotonic()
+        with pytest.raises(WorkerError, match="no reply to 'stats' within 2 s") as raised:
+            client.stats()
+        elapsed_s = time.monotonic() - started
+
+        assert raised.value.node == "victim"
+        assert elapsed_s < 5.0
+        assert oom_killed(running.container_for("victim")) is False
+
+
+@pytest.mark.docker
+def test_close_removes_everything(docker_client, worker_image):
+    run_id = new_test_run_id()
+    running = WorkerCluster(docker_client, CLUSTER_NODES[:1], image=worker_image, run_id=run_id)
+    running.start()
+    before = labelled_resources(docker_client, run_id_prefix=run_id)
+
+    running.close()
+    running.close()
+    after = labelled_resources(docker_client, run_id_prefix=run_id)
+
+    assert len(before["containers"]) == 1
+    assert before["networks"] == [f"amp4ec-{run_id}"]
+    assert after == {"containers": [], "networks": []}
+
+
+@pytest.mark.docker
+def test_exception_inside_with_cleans_up(docker_client, worker_image):
+    run_id = new_test_run_id()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with WorkerCluster(docker_client, CLUSTER_NODES[:1], image=worker_image, run_id=run_id):
+            raise RuntimeError("boom")
+
+    assert labelled_resources(docker_client, run_id_prefix=run_id) == {"containers": [], "networks": []}
+
+
+@pytest.mark.docker
+def test_low_memory_node_fails_clearly(docker_client, worker_image):
+    run_id = new_test_run_id()
+    nodes = [NodeSpec("tiny", cpus=0.5, memory_bytes=64 * MiB)]
+
+    with pytest.raises(DockerError) as raised:
+        with WorkerCluster(docker_client, nodes, image=worker_image, run_id=run_id, startup_timeout_s=60):
+            pass
+
+    message = str(raised.value)
+    assert "node tiny" in message
+    assert "memory limit 67108864 bytes = 64 MiB" in message
+    assert "OOM-killed" in message
+    assert labelled_resources(docker_client, run_id_prefix=run_id) == {"containers": [], "networks": []}
+
+
+@pytest.mark.docker
+def test_oversubscription_warns(docker_client, worker_image):
+    cores = host_cpu_count(docker_client)
+    nodes = [NodeSpec("greedy", cpus=float(cores), memory_bytes=400 * MiB)]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with WorkerCluster(docker_client, nodes, image=worker_image, run_id=new_test_run_id()) as running:
+            assert running["greedy"].ping()["ok"] is True
+
+    assert any(issubclass(warning.category, OversubscriptionWarning) for warning in caught)
