@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 30.0
 
-# The dtypes the worker accepts. Byte order is native (little-endian on every platform torch
-# wheels exist for).
+# The dtypes the worker accepts. Tensors travel little-endian: encode_arrays converts
+# big-endian arrays, and the worker image is built for x86_64.
 DTYPE_NAMES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
 
 
@@ -60,7 +60,7 @@ def decode_arrays(specs: Sequence[dict], frames: Sequence[bytes]) -> list[np.nda
         expected_bytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
         if len(frame) != expected_bytes:
             raise WorkerError(
-                f"tensor {index}: frame holds {len(frame)} bytes but {dtype} {shape} needs {expected_bytes}"
+                f"tensor {index}: frame has {len(frame)} bytes but {dtype} {shape} needs {expected_bytes}"
             )
         arrays.append(np.frombuffer(frame, dtype=np_dtype).reshape(shape))
     return arrays

@@ -125,8 +125,11 @@ def check_node_specs(nodes: Sequence) -> None:
         if name in seen:
             raise UsageError(f"node name {name!r} appears twice; node names must be unique", field="nodes.name")
         seen.add(name)
-        if not node.cpus > 0:
-            raise UsageError(f"node {name}: cpus={node.cpus} must be positive", field="nodes.cpus")
+        cpus = node.cpus
+        if not isinstance(cpus, (int, float)) or isinstance(cpus, bool) or not cpus > 0:
+            raise UsageError(f"node {name}: cpus={cpus!r} must be a positive number", field="nodes.cpus")
+        if isinstance(node.memory_bytes, bool):
+            raise UsageError(f"node {name}: memory_bytes={node.memory_bytes!r} must be an integer", field="nodes.memory_bytes")
         if not isinstance(node.memory_bytes, int) or node.memory_bytes < DOCKER_MIN_MEMORY_BYTES:
             raise UsageError(
                 f"node {name}: memory_bytes={node.memory_bytes!r} must be an integer of at least "
@@ -203,7 +206,7 @@ class WorkerCluster:
     # Startup
 
     def start(self) -> WorkerCluster:
-        """Create the network and the containers, and wait until every worker answers ping.
+        """Create the network and the containers, and wait until every worker replies to ping.
 
         On any failure it removes what it created and raises DockerError.
         """
@@ -325,7 +328,7 @@ class WorkerCluster:
                     return
             if time.monotonic() > deadline:
                 raise DockerError(
-                    f"node {node.name} did not answer ping within {self.startup_timeout_s:g} s "
+                    f"node {node.name} did not reply to ping within {self.startup_timeout_s:g} s "
                     f"(last error: {last_error}). Container log tail:\n{logs_tail(container)}"
                 )
             time.sleep(0.2)

@@ -86,6 +86,13 @@ def ensure_worker_image(
         log(f"worker image {tag} is up to date")
         return tag
     build_worker_image(client, tag, dockerfile, wheelhouse, log=log)
+    # Stale images stay: another process may be about to start containers from one.
+    stale_tags = stale_worker_images(client, keep=tag)
+    if stale_tags:
+        log(
+            f"worker image: {len(stale_tags)} older worker images remain ({', '.join(stale_tags)}); "
+            "remove_stale_worker_images removes them"
+        )
     return tag
 
 
@@ -329,6 +336,35 @@ def build_worker_image(client, tag: str, dockerfile: str, wheelhouse: Path, *, l
         raise DockerError(f"docker build of {tag} finished but the image does not exist")
     size_bytes = client.images.get(tag).attrs.get("Size", 0)
     log(f"worker image: built {tag} ({size_bytes / 1e6:.0f} MB) in {time.monotonic() - started:.1f} s")
+
+
+def stale_worker_images(client, *, keep: str) -> list[str]:
+    """Return the amp4ec-worker tags other than keep, left by earlier builds (about 1 GB each)."""
+    stale_tags = []
+    for image in client.images.list(name=WORKER_REPOSITORY, filters={"label": f"{PROJECT_LABEL}={PROJECT_LABEL_VALUE}"}):
+        if keep in image.tags:
+            continue
+        stale_tags.extend(tag for tag in image.tags if tag.startswith(f"{WORKER_REPOSITORY}:"))
+    return sorted(stale_tags)
+
+
+def remove_stale_worker_images(client, *, keep: str, log: Log = print) -> list[str]:
+    """Remove the amp4ec-worker tags other than keep; return the removed tags.
+
+    An image that a container still uses stays, because the engine rejects its removal.
+    """
+    import docker.errors
+
+    removed = []
+    for tag in stale_worker_images(client, keep=keep):
+        try:
+            client.images.remove(tag)
+        except docker.errors.APIError as error:
+            log(f"worker image: kept {tag}, which is still in use ({error.explanation or error})")
+        else:
+            removed.append(tag)
+            log(f"worker image: removed stale {tag}")
+    return removed
 
 
 def link_or_copy(source: Path, target: Path) -> None:

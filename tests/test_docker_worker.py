@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zmq
 
-from amp4ec.errors import DockerError, WorkerError
+from amp4ec.errors import DockerError, UsageError, WorkerError
 from amp4ec.real.client import WorkerClient, decode_arrays, encode_arrays
 from amp4ec.real.containers import (
     NODE_LABEL,
@@ -110,6 +110,74 @@ def test_client_usable_after_timeout(silent_server):
     with pytest.raises(WorkerError, match="no reply to 'stats'"):
         client.stats()
     client.close()
+
+
+class FakeImages:
+    def get(self, name):
+        import docker.errors
+
+        raise docker.errors.ImageNotFound(f"no such image: {name}")
+
+
+class FakeClient:
+    """A docker client stand-in whose engine has no images, or is unreachable."""
+
+    def __init__(self, reachable=True):
+        self.reachable = reachable
+        self.images = FakeImages()
+
+    def ping(self):
+        if not self.reachable:
+            import docker.errors
+
+            raise docker.errors.DockerException("Error while fetching server API version")
+        return True
+
+
+def test_unreachable_engine_names_fix():
+    from amp4ec.real.image import ensure_worker_image
+
+    with pytest.raises(DockerError, match="Start dockerd") as raised:
+        ensure_worker_image(FakeClient(reachable=False), log=lambda message: None)
+
+    assert "DOCKER_HOST" in str(raised.value)
+
+
+def test_base_image_needs_debootstrap(monkeypatch):
+    from amp4ec.real import image
+
+    monkeypatch.setattr(image.shutil, "which", lambda name: None)
+
+    with pytest.raises(DockerError, match="debootstrap not found") as raised:
+        image.ensure_base_image(FakeClient(), log=lambda message: None)
+
+    assert "python:3.11-slim" in str(raised.value)
+
+
+def test_base_image_needs_root(monkeypatch):
+    from amp4ec.real import image
+
+    monkeypatch.setattr(image.shutil, "which", lambda name: "/usr/sbin/debootstrap")
+    monkeypatch.setattr(image.os, "geteuid", lambda: 1000)
+
+    with pytest.raises(DockerError, match="needs root, and this process runs as uid 1000"):
+        image.ensure_base_image(FakeClient(), log=lambda message: None)
+
+
+def test_worker_tag_follows_inputs(tmp_path):
+    from amp4ec.real.image import render_dockerfile, worker_image_tag
+
+    (tmp_path / "torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl").write_bytes(b"")
+    tag = worker_image_tag(render_dockerfile("amp4ec-base:bookworm"), tmp_path)
+    same_inputs = worker_image_tag(render_dockerfile("amp4ec-base:bookworm"), tmp_path)
+    other_base = worker_image_tag(render_dockerfile("python:3.11-slim"), tmp_path)
+    (tmp_path / "numpy-2.4.6-cp311-cp311-linux_x86_64.whl").write_bytes(b"")
+    more_wheels = worker_image_tag(render_dockerfile("amp4ec-base:bookworm"), tmp_path)
+
+    assert tag.startswith("amp4ec-worker:")
+    assert same_inputs == tag
+    assert other_base != tag
+    assert more_wheels != tag
 
 
 # Docker
@@ -261,7 +329,7 @@ def test_run_rejects_wrong_input_size(cluster, exported_segment):
     client.load("s0", blob)
     header = {"op": "run", "segment": "s0", "inputs": [{"dtype": "float32", "shape": [1, 3, 32, 32]}]}
 
-    with pytest.raises(WorkerError, match="frame holds 8 bytes"):
+    with pytest.raises(WorkerError, match="frame has 8 bytes"):
         client.request(header, [b"\0" * 8])
     assert client.ping()["ok"] is True
 
@@ -372,3 +440,19 @@ def test_oversubscription_warns(docker_client, worker_image):
             assert running["greedy"].ping()["ok"] is True
 
     assert any(issubclass(warning.category, OversubscriptionWarning) for warning in caught)
+
+
+@pytest.mark.parametrize(
+    ("nodes", "expected"),
+    [
+        ([], "at least one node"),
+        ([NodeSpec("bad name", 0.5, 400 * MiB)], "node name 'bad name' is invalid"),
+        ([NodeSpec("a", 0.5, 400 * MiB), NodeSpec("a", 0.5, 400 * MiB)], "appears twice"),
+        ([NodeSpec("a", 0.0, 400 * MiB)], "cpus=0.0 must be a positive number"),
+        ([NodeSpec("a", 0.5, 1000)], "memory_bytes=1000 must be an integer of at least"),
+        ([NodeSpec("a", 0.5, 400 * MiB, threads=0)], "threads=0 must be an integer >= 1"),
+    ],
+)
+def test_cluster_rejects_invalid_nodes(nodes, expected):
+    with pytest.raises(UsageError, match=expected):
+        WorkerCluster(client=None, nodes=nodes, image="unused")

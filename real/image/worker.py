@@ -16,7 +16,7 @@ Requests (header field "op") and their replies:
 
 - ping -> {"ok": true, "protocol": 1, "torch": "2.13.0+cpu", "threads": 1, "pid": 7,
   "runtime_rss_bytes": N, "node": "n0" or null, "segments": ["s0", ...]}.
-  runtime_rss_bytes is the resident set size right after torch was imported.
+  runtime_rss_bytes is the resident set size after importing torch, numpy and pyzmq.
 - load {"segment": "s0"} + one frame holding the bytes torch.export.save wrote ->
   {"ok": true, "load_ms": x, "rss_bytes": N}. The segment stays resident until unloaded.
   Loading an id that is already loaded replaces it.
@@ -31,7 +31,7 @@ Requests (header field "op") and their replies:
   "gap_ms": 100} + input frames -> {"ok": true, "wall_ms": [...], "cpu_ms": [...],
   "peak_rss_bytes": N, "cpu_stat_before": {...}, "cpu_stat_after": {...},
   "cpu_usage_ns_before": N, "cpu_usage_ns_after": N}.
-  The segment runs warmup + repeats times on the same inputs and the reply holds the timings
+  The segment runs warmup + repeats times on the same inputs and the reply contains the timings
   of the repeats only. The worker sleeps gap_ms before every run after the first, so each run
   can start with a refilled CFS quota (gap_ms=0 runs back to back). peak_rss_bytes is the
   worker process's peak resident set size since it started (getrusage ru_maxrss), not
@@ -273,7 +273,7 @@ class Worker:
             expected_bytes = int(self.np.prod(shape, dtype=self.np.int64)) * np_dtype.itemsize
             if len(frame) != expected_bytes:
                 raise RequestError(
-                    f"inputs[{index}]: frame holds {len(frame)} bytes but dtype {dtype} "
+                    f"inputs[{index}]: frame has {len(frame)} bytes but dtype {dtype} "
                     f"and shape {shape} need {expected_bytes}"
                 )
             # Copy into a writable buffer, since torch warns on read-only memory and a
@@ -545,8 +545,8 @@ def main() -> int:
     import zmq
 
     torch.set_num_threads(threads)
-    # Interop threads run independent ops in parallel; one keeps the thread count what
-    # AMP4EC_THREADS says.
+    # Interop threads run independent ops in parallel. A single one keeps the number of busy
+    # threads at AMP4EC_THREADS.
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError as error:
