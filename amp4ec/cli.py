@@ -89,7 +89,7 @@ def main() -> None:
 @main.command()
 @click.argument("scenario", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="directory for records.parquet, summary.json and run.json")
-@click.option("--force", is_flag=True, help="replace --out if it already holds files")
+@click.option("--force", is_flag=True, help="replace --out if it already contains files")
 @click.option("--quiet", is_flag=True, help="no progress bar and no summary table")
 @click.option("--calibration", type=click.Path(path_type=Path), help="calibration file; overrides the scenario's")
 def simulate(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Path | None) -> None:
@@ -106,7 +106,7 @@ def simulate(scenario: Path, out: Path, force: bool, quiet: bool, calibration: P
 @main.command()
 @click.argument("scenario", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="directory for records.parquet, summary.json and run.json")
-@click.option("--force", is_flag=True, help="replace --out if it already holds files")
+@click.option("--force", is_flag=True, help="replace --out if it already contains files")
 @click.option("--quiet", is_flag=True, help="no progress bar and no summary table")
 @click.option("--calibration", type=click.Path(path_type=Path), help="calibration file; overrides the scenario's")
 @click.option("--base-image", default=None, help="base image for the worker image, e.g. python:3.11-slim; default: a debootstrap rootfs")

@@ -1,6 +1,6 @@
 """The calibration file and the cost model the simulator reads from it.
 
-A calibration file holds the model graph and, per container profile (CPU quota, memory limit,
+A calibration file contains the model graph and, per container profile (CPU quota, memory limit,
 torch threads), what each unit cost when run inside such a container: CPU time and the
 wall-time distribution with requests spaced apart, so the quota was not exhausted. The cost
 model keeps the CPU time (the work) and the parallelism (CPU time over unthrottled wall time)
@@ -33,11 +33,13 @@ class TimingStats(BaseModel):
 
 
 class UnitTiming(BaseModel):
-    """One unit (or the whole model) measured in one profile."""
+    """One unit (or the whole model) measured in one profile, spaced apart and back to back."""
 
     name: str
-    cpu_ms: float = Field(ge=0, description="mean CPU time of one forward, all threads")
+    cpu_ms: float = Field(ge=0, description="mean CPU time of one forward, all threads, runs spaced apart")
     wall: TimingStats
+    warm_cpu_ms: float = Field(ge=0, description="mean CPU time of one forward, runs back to back")
+    warm_wall: TimingStats
 
 
 class ProfileCalibration(BaseModel):
@@ -136,38 +138,80 @@ class CostModel:
     """Per-unit CPU work and transfer time, read from a calibration."""
 
     def __init__(self, calibration: Calibration):
+        # Costs are looked up once per stage of every simulated request, so they are memoised.
         self.calibration = calibration
         self.graph = calibration.graph
         self._by_threads: dict[int, list[ProfileCalibration]] = {}
+        self._segment_costs: dict[tuple[int, int, int], SegmentCost] = {}
         for profile in calibration.profiles:
             self._by_threads.setdefault(profile.threads, []).append(profile)
 
     def profiles_for_threads(self, threads: int) -> tuple[int, list[ProfileCalibration]]:
         """Return the calibrated thread count nearest to ``threads`` and its profiles.
 
-        NOTE: a thread count that was not calibrated borrows the nearest one's costs, so
-        multi-threaded speed-up is not predicted; calibrate a profile with that many threads.
+        NOTE: a thread count that was not calibrated borrows the nearest one's costs, so its
+        speed-up is not predicted. Calibrate a profile with that many threads to predict it.
         """
         nearest = min(self._by_threads, key=lambda t: (abs(t - threads), t))
         return nearest, self._by_threads[nearest]
 
-    def unit_cost(self, index: int, threads: int) -> SegmentCost:
+    def call_overhead(self, threads: int) -> SegmentCost:
+        """Return the work a program call adds on top of its units' own work.
+
+        Timed one by one and back to back, the units of a model add up to more than the whole
+        model timed the same way. That difference, spread over the extra calls, is what each
+        call costs beyond its units, and a segment pays it once.
+        """
         _, profiles = self.profiles_for_threads(threads)
-        cpu_ms = statistics.median(p.units[index].cpu_ms for p in profiles)
+        n_units = self.graph.n_units
+        per_call = []
+        for p in profiles:
+            if p.model is not None and n_units > 1:
+                per_call.append((sum(u.warm_cpu_ms for u in p.units) - p.model.warm_cpu_ms) / (n_units - 1))
+        cpu_ms = max(0.0, statistics.median(per_call)) if per_call else 0.0
+        return SegmentCost(cpu_ms=cpu_ms, parallelism=1.0)
+
+    def cold_start(self, threads: int) -> SegmentCost:
+        """Return the extra work of a call that starts with cold caches.
+
+        A unit run after an idle gap costs more than the same unit back to back, mostly
+        because it refetches what the idle time evicted. Inside a segment only the first unit pays it.
+        The estimate is the median over units of spaced minus back-to-back CPU time.
+        """
+        _, profiles = self.profiles_for_threads(threads)
+        penalties = [u.cpu_ms - u.warm_cpu_ms for p in profiles for u in p.units]
+        return SegmentCost(cpu_ms=max(0.0, statistics.median(penalties)), parallelism=1.0)
+
+    def unit_cost(self, index: int, threads: int) -> SegmentCost:
+        """Return the work of unit ``index`` inside a segment: warm caches, no call overhead."""
+        _, profiles = self.profiles_for_threads(threads)
+        cpu_ms = max(0.0, statistics.median(p.units[index].warm_cpu_ms for p in profiles) - self.call_overhead(threads).cpu_ms)
         # The profile with the largest quota is the least likely to have been throttled,
         # so its wall time is the best estimate of the unthrottled duration.
         fastest = max(profiles, key=lambda p: p.cpus)
-        wall_ms = fastest.units[index].wall.p50_ms
-        parallelism = cpu_ms / wall_ms if wall_ms > 0 else 1.0
-        return SegmentCost(cpu_ms=cpu_ms, parallelism=min(max(parallelism, 1.0), float(fastest.threads)))
+        wall_ms = fastest.units[index].warm_wall.p50_ms
+        parallelism = fastest.units[index].warm_cpu_ms / wall_ms if wall_ms > 0 else 1.0
+        parallelism = min(max(parallelism, 1.0), float(fastest.threads))
+        return SegmentCost(cpu_ms=cpu_ms, parallelism=parallelism)
 
     def segment_cost(self, start: int, stop: int, threads: int) -> SegmentCost:
+        """Return the work of one call of units ``start`` to ``stop - 1``.
+
+        That is one call overhead and one cold start, plus each unit's warm work.
+        """
         if not 0 <= start < stop <= self.graph.n_units:
             raise ValueError(f"segment [{start}, {stop}) is outside the graph's {self.graph.n_units} units")
-        costs = [self.unit_cost(i, threads) for i in range(start, stop)]
+        key = (start, stop, threads)
+        cached = self._segment_costs.get(key)
+        if cached is not None:
+            return cached
+        costs = [self.call_overhead(threads), self.cold_start(threads)]
+        costs += [self.unit_cost(i, threads) for i in range(start, stop)]
         cpu_ms = sum(c.cpu_ms for c in costs)
         wall_ms = sum(c.cpu_ms / c.parallelism for c in costs)
-        return SegmentCost(cpu_ms=cpu_ms, parallelism=cpu_ms / wall_ms if wall_ms > 0 else 1.0)
+        cost = SegmentCost(cpu_ms=cpu_ms, parallelism=cpu_ms / wall_ms if wall_ms > 0 else 1.0)
+        self._segment_costs[key] = cost
+        return cost
 
     @property
     def runtime_bytes(self) -> int:

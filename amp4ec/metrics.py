@@ -42,7 +42,12 @@ RECORD_SCHEMA = pa.schema(
 
 @dataclass
 class RequestRecord:
-    """One request's fate. Times are seconds from the start of the run."""
+    """One request's fate. Times are seconds from the start of the run.
+
+    A stage spans from the coordinator sending its input to receiving its output, transfers
+    included; ``stage_exec_ms`` is the part the node spent running the segment, throttling
+    included.
+    """
 
     request_id: int
     arrival_s: float

@@ -1,4 +1,4 @@
-"""What simulate and replay share before a run starts: the validated scenario and its costs."""
+"""Run preparation shared by simulate and replay: the validated scenario and its costs."""
 
 from __future__ import annotations
 

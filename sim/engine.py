@@ -24,7 +24,7 @@ from amp4ec.schedule import NoNodeAvailable, Scheduler, StageTask
 from amp4ec.workload import open_loop_arrivals_s, rng_for
 from amp4ec.sim.cfs import CfsCpu
 
-# CPUs a stage asks for in the AMP4EC node filter; the published rule does not say how much.
+# CPUs a stage requests in the AMP4EC node filter. The published rule gives no value.
 DEFAULT_CPU_NEEDED = 0.1
 
 
@@ -165,24 +165,25 @@ class Simulation:
             if not self.scenario.policy.cache:
                 in_bytes += self.graph.segment_param_bytes(segment.start, segment.stop)
             out_bytes = self.graph.cut_bytes(segment.stop) * batch
+            stage_start_s = self.env.now
+            if math.isnan(record.start_s):
+                record.start_s = stage_start_s
             yield from self._transfer(node, in_bytes)
             cost = self.costs.segment_cost(segment.start, segment.stop, node.spec.torch_threads)
             with node.worker.request() as slot:
                 yield slot
-                start_s = self.env.now
-                if math.isnan(record.start_s):
-                    record.start_s = start_s
+                exec_start_s = self.env.now
                 work_ms = cost.cpu_ms * batch
-                end_ms = node.cpu.run(start_s * 1e3, work_ms, cost.parallelism)
-                yield self.env.timeout(end_ms / 1e3 - start_s)
+                end_ms = node.cpu.run(exec_start_s * 1e3, work_ms, cost.parallelism)
+                yield self.env.timeout(end_ms / 1e3 - exec_start_s)
                 node.busy_cpu_ms += work_ms
-            exec_ms = (self.env.now - start_s) * 1e3
+            exec_ms = (self.env.now - exec_start_s) * 1e3
             self.scheduler.observe(name, exec_ms)
+            yield from self._transfer(node, out_bytes)
             record.stage_nodes.append(name)
-            record.stage_start_s.append(start_s)
+            record.stage_start_s.append(stage_start_s)
             record.stage_end_s.append(self.env.now)
             record.stage_exec_ms.append(exec_ms)
-            yield from self._transfer(node, out_bytes)
             record.bytes_moved += in_bytes + out_bytes
         record.complete(self.env.now)
         self._done += 1

@@ -37,7 +37,8 @@ def make_calibration(
     graph = make_graph([max(1, int(ms * 1000)) for ms in cpu_ms], model=model)
 
     def timing(name: str, ms: float) -> UnitTiming:
-        return UnitTiming(name=name, cpu_ms=ms, wall=TimingStats(mean_ms=ms, p50_ms=ms, p95_ms=ms, samples=10))
+        stats = TimingStats(mean_ms=ms, p50_ms=ms, p95_ms=ms, samples=10)
+        return UnitTiming(name=name, cpu_ms=ms, wall=stats, warm_cpu_ms=ms, warm_wall=stats)
 
     return Calibration(
         schema=CALIBRATION_SCHEMA,

@@ -56,3 +56,25 @@ def test_default_calibration_is_measured():
     assert calibration.provenance.worker_torch.startswith("2.13")
     for profile in calibration.profiles:
         assert all(u.wall.samples >= 5 for u in profile.units)
+
+
+def test_segment_cost_pays_call_overhead_and_cold_start_once():
+    calibration = make_calibration([3.0, 3.0, 3.0])
+    for profile in calibration.profiles:
+        profile.model.warm_cpu_ms = 7.0  # 9 ms one by one, so each extra call costs 1 ms
+        for unit in profile.units:
+            unit.cpu_ms = unit.warm_cpu_ms + 0.5  # spaced runs pay 0.5 ms for cold caches
+    costs = CostModel(calibration)
+    assert costs.call_overhead(1).cpu_ms == pytest.approx(1.0)
+    assert costs.cold_start(1).cpu_ms == pytest.approx(0.5)
+    assert costs.segment_cost(0, 3, 1).cpu_ms == pytest.approx(7.5)
+    assert costs.segment_cost(0, 1, 1).cpu_ms == pytest.approx(3.5)
+    # Splitting a model costs one more call overhead and one more cold start per extra segment.
+    split = costs.segment_cost(0, 1, 1).cpu_ms + costs.segment_cost(1, 3, 1).cpu_ms
+    assert split == pytest.approx(7.5 + 1.5)
+
+
+def test_uncalibrated_thread_count_borrows_nearest():
+    costs = CostModel(make_calibration([2.0], profiles=(("one", 1.0, 1), ("two", 2.0, 2))))
+    assert costs.profiles_for_threads(3)[0] == 2
+    assert costs.profiles_for_threads(1)[0] == 1

@@ -1,0 +1,159 @@
+"""The `amp4ec` command as a user runs it: exit statuses, messages and output files."""
+
+import ast
+import json
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from amp4ec.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "scenarios" / "paper"
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def write_scenario(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "scenario.toml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+name = "bad"
+[policy]
+partitioner = "{partitioner}"
+[[nodes]]
+name = "a"
+cpus = {cpus}
+memory_mb = 1024
+"""
+
+
+def test_simulate_paper_scenario_writes_outputs(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("simulate", str(PAPER / "3-node.toml"), "--out", str(out), "--quiet")
+    assert result.exit_code == 0, result.output
+    records = pd.read_parquet(out / "records.parquet")
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(records) == 100
+    assert set(records["outcome"]) == {"completed"}
+    assert summary["requests"] == {"completed": 100, "failed": 0, "failure_reasons": {}}
+    assert summary["latency_ms"]["p50"] <= summary["latency_ms"]["p95"] <= summary["latency_ms"]["p99"]
+    assert set(summary["nodes"]) == {"high", "medium", "low"}
+    run = json.loads((out / "run.json").read_text())
+    assert run["scenario"]["policy"]["partitioner"] == "ralos"
+    assert run["seed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("partitioner", "cpus", "expected"),
+    [
+        ("nonsense", "1.0", "policy.partitioner: unknown partitioner 'nonsense'"),
+        ("ralos", "-1.0", "nodes[0].cpus"),
+    ],
+)
+def test_simulate_rejects_bad_scenario(tmp_path, partitioner, cpus, expected):
+    scenario = write_scenario(tmp_path, BASE.format(partitioner=partitioner, cpus=cpus))
+    out = tmp_path / "run"
+    result = run_cli("simulate", str(scenario), "--out", str(out))
+    assert result.exit_code == 2
+    assert expected in result.output
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["scenario.toml"]
+
+
+def test_simulate_names_missing_field(tmp_path):
+    scenario = write_scenario(tmp_path, 'name = "x"\n[[nodes]]\nname = "a"\ncpus = 1.0\n')
+    result = run_cli("simulate", str(scenario), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2
+    assert "nodes[0].memory_mb: required field is missing" in result.output
+
+
+def test_simulate_names_unknown_field(tmp_path):
+    scenario = write_scenario(tmp_path, 'name = "x"\nsed = 3\n[[nodes]]\nname = "a"\ncpus = 1.0\nmemory_mb = 512\n')
+    result = run_cli("simulate", str(scenario), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2
+    assert "sed: unknown field" in result.output
+
+
+def test_simulate_rejects_memory_below_runtime(tmp_path):
+    scenario = write_scenario(tmp_path, 'name = "x"\n[[nodes]]\nname = "a"\ncpus = 1.0\nmemory_mb = 64\n')
+    result = run_cli("simulate", str(scenario), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2
+    assert "nodes.a.memory_mb" in result.output
+    assert "raise the node's memory_mb" in result.output
+
+
+def test_simulate_missing_scenario_file(tmp_path):
+    result = run_cli("simulate", str(tmp_path / "nope.toml"), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2
+    assert "scenario file not found" in result.output
+
+
+def test_simulate_refuses_non_empty_out(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier results")
+    result = run_cli("simulate", str(PAPER / "2-node.toml"), "--out", str(out))
+    assert result.exit_code == 2
+    assert "--force" in result.output
+    assert (out / "keep.txt").read_text() == "earlier results"
+
+
+def test_simulate_rejects_corrupt_calibration(tmp_path):
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text('{"schema": "amp4ec.calibration/1", "graph": ')
+    result = run_cli("simulate", str(PAPER / "2-node.toml"), "--out", str(tmp_path / "run"), "--calibration", str(calibration))
+    assert result.exit_code == 2
+    assert "corrupt or truncated" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_shared_framework_imports_neither_simpy_nor_docker():
+    for path in (ROOT / "amp4ec").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top not in {"simpy", "docker", "zmq"}, f"{path.name} imports {name}"
+                assert not name.startswith(("amp4ec.sim", "amp4ec.real")) or path.name == "cli.py", f"{path.name} imports {name}"
+
+
+@pytest.mark.slow
+def test_core_install_simulates_without_torch(tmp_path):
+    """`pip install .` into a fresh venv, then simulate from the shipped calibration."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", str(ROOT)], capture_output=True, text=True, timeout=900
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    probe = subprocess.run([str(python), "-c", "import torch"], capture_output=True)
+    assert probe.returncode != 0, "the core install pulled in torch"
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [str(env_dir / "bin" / "amp4ec"), "simulate", str(PAPER / "3-node.toml"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (out / "records.parquet").is_file()
+    assert (out / "summary.json").is_file()
+    assert "latency mean (ms)" in result.stdout

@@ -1,0 +1,97 @@
+"""calibrate, simulate and replay on real containers, as the quick start chains them."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from amp4ec.costs import load_calibration
+from amp4ec.metrics import RECORD_SCHEMA
+
+from conftest import require_torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "scenarios" / "paper"
+
+pytestmark = [pytest.mark.docker, pytest.mark.torch]
+
+
+def labelled_containers(client) -> set[str]:
+    return {c.name for c in client.containers.list(all=True, filters={"label": "amp4ec.project=amp4ec"})}
+
+
+def short_scenario(tmp_path: Path, name: str, requests: int) -> Path:
+    text = (PAPER / name).read_text().replace("requests = 100", f"requests = {requests}")
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_calibrate_writes_measured_file(tmp_path, docker_client, worker_image):
+    require_torch()
+    from amp4ec.calibrate.run import parse_profiles, run_calibration
+
+    before = labelled_containers(docker_client)
+    out = tmp_path / "calibration.json"
+    run_calibration(
+        model="mobilenet_v2",
+        granularity="block",
+        profiles=parse_profiles(["low:0.4:512", "high:1.0:1024"]),
+        repeats=3,
+        warmup=1,
+        gap_ms=20.0,
+        out=out,
+        base_image=None,
+        log=print,
+    )
+    calibration = load_calibration(out)
+    assert [p.name for p in calibration.profiles] == ["low", "high"]
+    assert calibration.graph.n_units == 20
+    assert calibration.provenance.worker_torch.startswith("2.13")
+    for profile in calibration.profiles:
+        assert all(u.wall.samples == 3 and u.cpu_ms > 0 for u in profile.units)
+        assert 150 * 2**20 < profile.runtime_rss_bytes < 600 * 2**20
+    # The whole model costs more CPU than its cheapest unit and less than all units run one by one.
+    high = calibration.profile("high")
+    assert max(u.warm_cpu_ms for u in high.units) < high.model.warm_cpu_ms < sum(u.cpu_ms for u in high.units)
+    assert calibration.link is not None and calibration.link.bandwidth_bps > 1e8
+    assert labelled_containers(docker_client) == before
+
+
+def test_replay_and_simulate_share_schema(tmp_path, docker_client, worker_image):
+    require_torch()
+    from amp4ec.real.replay import run_replay
+    from amp4ec.sim.run import run_simulation
+
+    before = labelled_containers(docker_client)
+    scenario = short_scenario(tmp_path, "3-node.toml", 20)
+    sim_summary = run_simulation(scenario, tmp_path / "sim")
+    real_summary = run_replay(scenario, tmp_path / "real", log=print)
+
+    assert pq.read_schema(tmp_path / "real" / "records.parquet").equals(RECORD_SCHEMA)
+    assert pq.read_schema(tmp_path / "sim" / "records.parquet").equals(RECORD_SCHEMA)
+    real = pd.read_parquet(tmp_path / "real" / "records.parquet")
+    assert list(real["outcome"]) == ["completed"] * 20
+    assert all(len(nodes) == len(real_summary["plan"]["bounds"]) - 1 for nodes in real["stage_nodes"])
+    assert real_summary["plan"] == sim_summary["plan"]
+    assert set(real_summary["nodes"]) == set(sim_summary["nodes"]) == {"high", "medium", "low"}
+    # The partitioned pipeline on containers computes what the unsplit model computes on the host.
+    assert real_summary["output_check"]["passed"], real_summary["output_check"]
+    run = json.loads((tmp_path / "real" / "run.json").read_text())
+    assert run["mode"] == "real"
+    assert labelled_containers(docker_client) == before
+
+
+def test_replay_bad_scenario_starts_nothing(tmp_path, docker_client):
+    from amp4ec.errors import UsageError
+    from amp4ec.real.replay import run_replay
+
+    before = labelled_containers(docker_client)
+    scenario = tmp_path / "bad.toml"
+    scenario.write_text('name = "x"\n[policy]\nscheduler = "fastest"\n[[nodes]]\nname = "a"\ncpus = 1.0\nmemory_mb = 512\n')
+    with pytest.raises(UsageError, match="unknown scheduler 'fastest'"):
+        run_replay(scenario, tmp_path / "out", log=print)
+    assert not (tmp_path / "out").exists()
+    assert labelled_containers(docker_client) == before
