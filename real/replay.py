@@ -132,8 +132,12 @@ def run_replay(
     base_image: str | None = None,
     progress: ContextManager[Callable[[int, int], None]] | None = None,
     log: Callable[[str], None] = print,
+    run_id: str | None = None,
 ) -> dict:
-    """Replay a scenario file on containers and write records.parquet, summary.json and run.json."""
+    """Replay a scenario file on containers and write records.parquet, summary.json and run.json.
+
+    ``run_id`` labels the run's containers and network; a random one is made when it is None.
+    """
     check_output_dir(out, force=force)
     prepared = prepare_run(scenario_path, calibration)
     scenario = prepared.scenario
@@ -172,7 +176,7 @@ def run_replay(
     client = docker_client()
     image = ensure_worker_image(client, base_image=base_image, log=log)
     containers = [ContainerSpec(n.name, n.cpus, n.memory_bytes, n.torch_threads) for n in scenario.nodes]
-    run_id = f"replay-{uuid.uuid4().hex[:8]}"
+    run_id = run_id or f"replay-{uuid.uuid4().hex[:8]}"
     warnings: list[str] = []
     if scenario.network.bandwidth_mbps < 1000 or scenario.network.latency_ms:
         warnings.append("network.bandwidth_mbps and latency_ms are not shaped in real mode yet; the Docker bridge ran unshaped")
