@@ -152,8 +152,8 @@ def parse_scenario(data: dict[str, Any], *, source: str = "scenario") -> Scenari
     return scenario
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate a scenario TOML file; relative calibration paths resolve against it."""
+def read_scenario_data(path: str | Path) -> dict[str, Any]:
+    """Read a scenario TOML file as raw data, with a relative calibration path made absolute."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -165,10 +165,12 @@ def load_scenario(path: str | Path) -> Scenario:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"not valid TOML: {exc}", source=str(path)) from exc
-    scenario = parse_scenario(data, source=str(path))
-    if scenario.calibration != "default":
-        calibration_path = Path(scenario.calibration)
-        if not calibration_path.is_absolute():
-            calibration_path = (path.parent / calibration_path).resolve()
-        scenario = scenario.model_copy(update={"calibration": str(calibration_path)})
-    return scenario
+    calibration = data.get("calibration", "default")
+    if isinstance(calibration, str) and calibration != "default" and not Path(calibration).is_absolute():
+        data["calibration"] = str((path.parent / calibration).resolve())
+    return data
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario TOML file; relative calibration paths resolve against it."""
+    return parse_scenario(read_scenario_data(path), source=str(path))
