@@ -236,5 +236,20 @@ def sweep(scenario: Path, grid: tuple[str, ...], seeds: int, out: Path, workers:
         stdout.print(table)
 
 
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="directory for report.md and the PNG plots")
+@click.option("--force", is_flag=True, help="replace --out if it already contains files")
+def report(run_dirs: tuple[Path, ...], out: Path, force: bool) -> None:
+    """Plot latency CDFs, throughput, per-node utilisation and simulated against real for RUN_DIRS."""
+    from amp4ec.report import write_report
+    from amp4ec.rundir import staged_output
+
+    with staged_output(out, force=force) as staging:
+        written = write_report(list(run_dirs), staging)
+    for path in written:
+        stdout.print(str(out / path.name))
+
+
 if __name__ == "__main__":
     main()

@@ -183,9 +183,14 @@ def run_replay(
 
     with staged_output(out, force=force) as staging, WorkerCluster(client, containers, image=image, run_id=run_id) as cluster:
         log(f"run {run_id}: {len(containers)} workers ready; deploying {len(blobs)} segments on each")
+        # One untimed call per segment and worker takes lazy initialisation out of the
+        # measurement; without it the first request on each node looks many times slower, and
+        # a scheduler that remembers execution times (AMP4EC's load) may never pick that node again.
         for node in scenario.nodes:
-            for segment_id, blob in blobs.items():
-                cluster[node.name].load(segment_id, blob)
+            for segment in plan.segments:
+                cluster[node.name].load(segment.id, blobs[segment.id])
+                zeros = [np.zeros(t.shape, dtype=t.dtype) for t in graph.cuts[segment.start].tensors]
+                cluster[node.name].run(segment.id, zeros)
         monitor = StatsMonitor(prepared, dict(cluster.addresses), hop_latency_ms)
         monitor.start()
         records: list[RequestRecord] = []
