@@ -251,5 +251,33 @@ def report(run_dirs: tuple[Path, ...], out: Path, force: bool) -> None:
         stdout.print(str(out / path.name))
 
 
+@main.command()
+@click.option("--scenarios", "scenario_dir", default=Path("scenarios/paper"), show_default=True, type=click.Path(path_type=Path), help="folder of the paper's scenario files")
+@click.option("--runs", "runs_dir", default=Path("runs/paper"), show_default=True, type=click.Path(path_type=Path), help="folder for the run directories")
+@click.option("--doc", default=Path("docs/paper-reproduction.md"), show_default=True, type=click.Path(path_type=Path), help="Markdown page to write")
+@click.option("--requests", default=100, show_default=True, help="requests per run (the paper's benchmark sends 100)")
+@click.option("--real/--no-real", default=True, show_default=True, help="also replay on containers where this machine allows")
+@click.option("--quiet", is_flag=True, help="no progress messages")
+def paper(scenario_dir: Path, runs_dir: Path, doc: Path, requests: int, real: bool, quiet: bool) -> None:
+    """Reproduce the AMP4EC paper's 2-, 3- and 4-node experiments and write a Markdown page."""
+    from amp4ec.paper import CONFIGURATIONS, run_paper
+
+    if requests < 1:
+        raise UsageError(f"--requests must be at least 1, got {requests}", field="--requests")
+    for name in CONFIGURATIONS:
+        for suffix in ("", "-monolithic"):
+            if not (scenario_dir / f"{name}{suffix}.toml").is_file():
+                raise UsageError(f"{name}{suffix}.toml not found; give the folder of the paper scenarios", source=str(scenario_dir), field="--scenarios")
+    run_paper(
+        scenario_dir,
+        runs_dir,
+        doc,
+        requests=requests,
+        real=real,
+        log=(lambda message: None) if quiet else (lambda message: console.print(message, highlight=False)),
+    )
+    stdout.print(doc.read_text())
+
+
 if __name__ == "__main__":
     main()
