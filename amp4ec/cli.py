@@ -279,5 +279,19 @@ def paper(scenario_dir: Path, runs_dir: Path, doc: Path, requests: int, real: bo
     stdout.print(doc.read_text())
 
 
+@main.command("scenario-reference")
+@click.option("--out", "out", default=None, type=click.Path(path_type=Path), help="file to write; default: print to standard output")
+def scenario_reference_command(out: Path | None) -> None:
+    """Print the scenario file reference generated from the schema (docs/scenario-reference.md)."""
+    from amp4ec.graph import write_text_atomic
+    from amp4ec.reference import scenario_reference
+
+    text = scenario_reference()
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        write_text_atomic(out, text)
+
+
 if __name__ == "__main__":
     main()

@@ -159,3 +159,12 @@ def test_core_install_simulates_without_torch(tmp_path):
     assert (out / "records.parquet").is_file()
     assert (out / "summary.json").is_file()
     assert "latency mean (ms)" in result.stdout
+
+
+def test_scenario_reference_is_current():
+    """docs/scenario-reference.md is regenerated whenever the schema changes."""
+    result = run_cli("scenario-reference")
+    assert result.exit_code == 0
+    committed = (ROOT / "docs" / "scenario-reference.md").read_text()
+    assert result.output == committed, "run `amp4ec scenario-reference --out docs/scenario-reference.md`"
+    assert "| `cpus` | float | required | > 0 |" in committed
