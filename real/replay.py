@@ -161,9 +161,7 @@ def run_replay(
     traced = trace_model(model, scenario.model.name, input_shape=tuple(input_shape), granularity=scenario.model.granularity)
     _check_graph(prepared, traced.graph)
     graph = traced.graph
-    parts = scenario.policy.partitions or len(scenario.nodes)
-    plan = policies.make_partitioner(scenario).partition(graph, scenario.nodes, prepared.costs, parts)
-    plan.validate(graph.n_units)
+    plan = policies.build_plan(scenario, graph, prepared.costs, source=str(scenario_path))
     blobs = {segment.id: traced.export_segment(segment.start, segment.stop) for segment in plan.segments}
     scheduler = policies.make_scheduler(scenario, rng_for(scenario.seed, "scheduler"))
     hop_latency_ms = prepared.costs.hop_latency_ms(scenario.network.latency_ms)
@@ -178,10 +176,10 @@ def run_replay(
         warnings.append("network.bandwidth_mbps and latency_ms are not shaped in real mode yet; the Docker bridge ran unshaped")
 
     with staged_output(out, force=force) as staging, WorkerCluster(client, containers, image=image, run_id=run_id) as cluster:
-        log(f"run {run_id}: {len(containers)} workers ready; deploying {len(blobs)} segments on each")
+        log(f"run {run_id}: {len(containers)} workers ready; deploying {len(blobs)} segments where the plan puts them")
         for node in scenario.nodes:
-            for segment_id, blob in blobs.items():
-                cluster[node.name].load(segment_id, blob)
+            for segment in plan.segments_on(node.name):
+                cluster[node.name].load(segment.id, blobs[segment.id])
         monitor = StatsMonitor(prepared, dict(cluster.addresses), hop_latency_ms)
         monitor.start()
         records: list[RequestRecord] = []

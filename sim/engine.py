@@ -64,9 +64,7 @@ class Simulation:
         self.env = simpy.Environment()
         self.warnings: list[str] = []
         self.graph = costs.graph
-        parts = scenario.policy.partitions or len(scenario.nodes)
-        self.plan: Plan = policies.make_partitioner(scenario).partition(self.graph, scenario.nodes, costs, parts)
-        self.plan.validate(self.graph.n_units)
+        self.plan: Plan = policies.build_plan(scenario, self.graph, costs)
         self.scheduler: Scheduler = policies.make_scheduler(scenario, rng_for(scenario.seed, "scheduler"))
         self.hop_latency_ms = costs.hop_latency_ms(scenario.network.latency_ms)
         self.bandwidth_bps = scenario.network.bandwidth_mbps * 1e6
@@ -78,10 +76,11 @@ class Simulation:
     def _make_node(self, spec: NodeSpec) -> SimNode:
         phase_ms = rng_for(self.scenario.seed, f"cfs-phase:{spec.name}").uniform(0.0, 100.0)
         cpu = CfsCpu(spec.cpus, cores=spec.torch_threads, phase_ms=phase_ms)
-        # With the cache on, every segment is deployed on every node before the first request,
-        # so any node can serve any stage; the weights and the largest activation stay resident.
+        # Before the first request every segment is deployed on the nodes the plan assigns it
+        # to, or on every node when it assigns none, so any such node can serve the stage;
+        # the weights and the largest activation stay resident.
         memory_used = self.costs.runtime_bytes + sum(
-            self.costs.segment_memory_bytes(s.start, s.stop) for s in self.plan.segments
+            self.costs.segment_memory_bytes(s.start, s.stop) for s in self.plan.segments_on(spec.name)
         )
         node = SimNode(
             spec=spec,
@@ -224,6 +223,8 @@ class Simulation:
             {name: node.spec.cpus for name, node in self.nodes.items()},
         )
         summary["plan"] = {"partitioner": self.plan.partitioner, "bounds": self.plan.bounds}
+        if any(s.nodes for s in self.plan.segments):
+            summary["plan"]["nodes"] = [list(s.nodes) for s in self.plan.segments]
         summary["warnings"] = list(self.warnings)
         for name, node in self.nodes.items():
             summary["nodes"][name]["throttled_stages"] = node.cpu.throttled_jobs

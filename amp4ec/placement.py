@@ -1,0 +1,383 @@
+"""Partitioners that also place segments on nodes: optimal, replicate and hybrid.
+
+All of them predict a stage's time with :class:`StageModel`, the same model `amp4ec partition`
+prints. The model follows the simulator's request path: the coordinator sends a stage's input
+over the node's link, the node runs the segment, and the output comes back over the same link.
+
+- Execution: a segment with ``cpu_ms`` of CPU work and ``parallelism`` (CPU time over
+  unthrottled wall time) runs on a node with CFS quota ``c`` CPUs in ``cpu_ms / min(c,
+  parallelism)``. This is the back-to-back rate: a request that starts with a full quota can
+  finish sooner (the CFS simulator shows it), so the prediction is an upper estimate for an
+  idle node and the long-run rate for a busy one.
+- Transfer: ``hop_latency_ms + bytes * 8 / bandwidth_bps`` for the input cut and again for the
+  output cut; with the cache off the segment's weights travel with its input.
+- Memory: a node holds the torch runtime plus, for each segment deployed on it, the weights and
+  the peak activations (:meth:`CostModel.segment_memory_bytes`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from amp4ec.costs import CostModel
+from amp4ec.errors import UsageError
+from amp4ec.graph import ModelGraph
+from amp4ec.partition import Plan, plan_from_bounds, refine_bounds, unit_costs_for, weighted_bounds
+from amp4ec.scenario import NodeSpec
+
+OBJECTIVES = ("latency", "bottleneck")
+# The dynamic programme visits every subset of nodes; beyond this the run time explodes.
+MAX_OPTIMAL_NODES = 12
+DEFAULT_BANDWIDTH_MBPS = 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class StageTime:
+    exec_ms: float
+    transfer_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.exec_ms + self.transfer_ms
+
+    @property
+    def bottleneck_ms(self) -> float:
+        # The worker and the link are separate resources, so a pipeline is limited by the busier one.
+        return max(self.exec_ms, self.transfer_ms)
+
+
+class StageModel:
+    """Predicted time and memory of segment ``[start, stop)`` on one node (see the module docstring)."""
+
+    def __init__(
+        self,
+        graph: ModelGraph,
+        costs: CostModel,
+        *,
+        bandwidth_mbps: float = DEFAULT_BANDWIDTH_MBPS,
+        hop_latency_ms: float | None = None,
+        cache: bool = True,
+    ):
+        self.graph = graph
+        self.costs = costs
+        self.bandwidth_bps = bandwidth_mbps * 1e6
+        self.hop_latency_ms = costs.hop_latency_ms(hop_latency_ms)
+        self.cache = cache
+        self._prefix: dict[int, tuple[float, float, list[float], list[float]]] = {}
+        self._memory: dict[tuple[int, int], int] = {}
+
+    def _sums(self, threads: int) -> tuple[float, float, list[float], list[float]]:
+        # Prefix sums of CPU and wall time make every segment's cost O(1); they add up the same
+        # terms as CostModel.segment_cost (one call overhead, one cold start, the units' warm work).
+        cached = self._prefix.get(threads)
+        if cached is None:
+            base = [self.costs.call_overhead(threads), self.costs.cold_start(threads)]
+            base_cpu = sum(c.cpu_ms for c in base)
+            base_wall = sum(c.cpu_ms / c.parallelism for c in base)
+            cpu, wall = [0.0], [0.0]
+            for i in range(self.graph.n_units):
+                unit = self.costs.unit_cost(i, threads)
+                cpu.append(cpu[-1] + unit.cpu_ms)
+                wall.append(wall[-1] + unit.cpu_ms / unit.parallelism)
+            cached = (base_cpu, base_wall, cpu, wall)
+            self._prefix[threads] = cached
+        return cached
+
+    def exec_ms(self, start: int, stop: int, node: NodeSpec) -> float:
+        base_cpu, base_wall, cpu, wall = self._sums(node.torch_threads)
+        cpu_ms = base_cpu + cpu[stop] - cpu[start]
+        wall_ms = base_wall + wall[stop] - wall[start]
+        parallelism = cpu_ms / wall_ms if wall_ms > 0 else 1.0
+        return cpu_ms / min(node.cpus, parallelism)
+
+    def transfer_ms(self, start: int, stop: int) -> float:
+        in_bytes = self.graph.cut_bytes(start)
+        if not self.cache:
+            in_bytes += self.graph.segment_param_bytes(start, stop)
+        out_bytes = self.graph.cut_bytes(stop)
+        return CostModel.transfer_ms(in_bytes, self.bandwidth_bps, self.hop_latency_ms) + CostModel.transfer_ms(
+            out_bytes, self.bandwidth_bps, self.hop_latency_ms
+        )
+
+    def stage(self, start: int, stop: int, node: NodeSpec) -> StageTime:
+        return StageTime(self.exec_ms(start, stop, node), self.transfer_ms(start, stop))
+
+    def segment_memory_bytes(self, start: int, stop: int) -> int:
+        key = (start, stop)
+        if key not in self._memory:
+            self._memory[key] = self.costs.segment_memory_bytes(start, stop)
+        return self._memory[key]
+
+    def fits(self, start: int, stop: int, node: NodeSpec) -> bool:
+        return self.costs.runtime_bytes + self.segment_memory_bytes(start, stop) <= node.memory_bytes
+
+
+def plan_objective(stages: Sequence[StageTime], objective: str) -> float:
+    """End-to-end latency (sum of stage times) or pipeline bottleneck (slowest stage resource)."""
+    if objective == "latency":
+        return sum(s.total_ms for s in stages)
+    if objective == "bottleneck":
+        return max(s.bottleneck_ms for s in stages)
+    raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+
+
+class _NetworkAware:
+    """Partitioners that predict transfer time take the scenario's network unless given one."""
+
+    uses_network = True
+
+    def _model(self, graph: ModelGraph, costs: CostModel) -> StageModel:
+        return StageModel(
+            graph, costs, bandwidth_mbps=self.bandwidth_mbps, hop_latency_ms=self.hop_latency_ms, cache=self.cache
+        )
+
+
+class Optimal(_NetworkAware):
+    """Cut points and one node per segment that minimise the predicted latency or bottleneck.
+
+    A dynamic programme in the style of PipeEdge (Hu et al., 2022) over (units covered, set of
+    nodes used): each node runs at most one segment, at most ``parts`` segments are used, and a
+    segment goes only to a node whose memory limit holds the runtime, its weights and its
+    activations. A stage's predicted time does not depend on the previous stage's node because
+    every stage is relayed through the coordinator, so the set of used nodes is enough state.
+    For ``objective = "bottleneck"`` a second pass minimises latency among the plans with the
+    optimal bottleneck, so ties are broken towards the faster plan.
+    """
+
+    name = "optimal"
+
+    def __init__(
+        self,
+        *,
+        objective: str = "latency",
+        bandwidth_mbps: float = DEFAULT_BANDWIDTH_MBPS,
+        hop_latency_ms: float | None = None,
+        cache: bool = True,
+    ):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        self.objective = objective
+        self.bandwidth_mbps = bandwidth_mbps
+        self.hop_latency_ms = hop_latency_ms
+        self.cache = cache
+
+    def partition(self, graph: ModelGraph, nodes: Sequence[NodeSpec], costs: CostModel, parts: int) -> Plan:
+        if len(nodes) > MAX_OPTIMAL_NODES:
+            raise ValueError(
+                f"optimal visits every subset of nodes and supports at most {MAX_OPTIMAL_NODES} nodes, "
+                f"got {len(nodes)}; use ralos or hybrid for larger clusters"
+            )
+        model = self._model(graph, costs)
+        if self.objective == "latency":
+            best = optimal_placement(graph.n_units, nodes, parts, model, lambda s: s.total_ms, sum_costs=True)
+        else:
+            first = optimal_placement(graph.n_units, nodes, parts, model, lambda s: s.bottleneck_ms, sum_costs=False)
+            limit = first[0] * (1 + 1e-9) if first else math.inf
+            best = optimal_placement(
+                graph.n_units, nodes, parts, model, lambda s: s.total_ms, sum_costs=True, max_stage_ms=limit
+            )
+        if best is None:
+            raise ValueError(_no_fit_message(graph, nodes, costs))
+        _, bounds, assigned = best
+        return plan_from_bounds(self.name, bounds, [(nodes[k].name,) for k in assigned])
+
+
+def optimal_placement(
+    n_units: int,
+    nodes: Sequence[NodeSpec],
+    parts: int,
+    model: StageModel,
+    stage_cost,
+    *,
+    sum_costs: bool,
+    max_stage_ms: float = math.inf,
+) -> tuple[float, list[int], list[int]] | None:
+    """Return (objective, bounds, node index per segment) of the best plan, or None if none fits.
+
+    ``stage_cost`` maps a :class:`StageTime` to the stage's term; the objective is the sum of
+    terms (``sum_costs``) or their maximum. Stages whose bottleneck exceeds ``max_stage_ms`` are
+    not allowed.
+    """
+    n_nodes = len(nodes)
+    # best[i][mask]: lowest objective covering units [0, i) with the nodes in mask.
+    best: list[dict[int, float]] = [dict() for _ in range(n_units + 1)]
+    parent: dict[tuple[int, int], tuple[int, int, int]] = {}
+    best[0][0] = 0.0
+    for i in range(n_units):
+        for mask, value in sorted(best[i].items()):
+            if bin(mask).count("1") >= parts:
+                continue
+            for k in range(n_nodes):
+                if mask & (1 << k):
+                    continue
+                node = nodes[k]
+                for j in range(i + 1, n_units + 1):
+                    if not model.fits(i, j, node):
+                        # Peak activation memory is not monotone in j, so longer segments are still tried.
+                        continue
+                    stage = model.stage(i, j, node)
+                    if stage.bottleneck_ms > max_stage_ms:
+                        continue
+                    term = stage_cost(stage)
+                    candidate = value + term if sum_costs else max(value, term)
+                    new_mask = mask | (1 << k)
+                    if candidate < best[j].get(new_mask, math.inf):
+                        best[j][new_mask] = candidate
+                        parent[(j, new_mask)] = (i, mask, k)
+    if not best[n_units]:
+        return None
+    mask = min(best[n_units], key=lambda m: (best[n_units][m], m))
+    value = best[n_units][mask]
+    bounds, assigned = [n_units], []
+    position = n_units
+    while position > 0:
+        start, previous_mask, k = parent[(position, mask)]
+        bounds.append(start)
+        assigned.append(k)
+        position, mask = start, previous_mask
+    return value, bounds[::-1], assigned[::-1]
+
+
+def brute_force_placement(
+    n_units: int, nodes: Sequence[NodeSpec], parts: int, model: StageModel, objective: str
+) -> float | None:
+    """Return the best objective over every plan, by enumeration (for tests on small instances)."""
+    best = None
+    for n_segments in range(1, min(parts, len(nodes), n_units) + 1):
+        for inner in itertools.combinations(range(1, n_units), n_segments - 1):
+            bounds = [0, *inner, n_units]
+            for order in itertools.permutations(range(len(nodes)), n_segments):
+                pairs = list(zip(bounds[:-1], bounds[1:]))
+                if not all(model.fits(a, b, nodes[k]) for (a, b), k in zip(pairs, order)):
+                    continue
+                value = plan_objective([model.stage(a, b, nodes[k]) for (a, b), k in zip(pairs, order)], objective)
+                best = value if best is None else min(best, value)
+    return best
+
+
+def _no_fit_message(graph: ModelGraph, nodes: Sequence[NodeSpec], costs: CostModel) -> str:
+    largest = max(nodes, key=lambda n: n.memory_bytes)
+    smallest_unit = min(costs.segment_memory_bytes(i, i + 1) for i in range(graph.n_units))
+    return (
+        f"no plan fits the nodes' memory: the runtime needs {costs.runtime_bytes / 2**20:.0f} MiB and the "
+        f"{graph.n_units} units need {costs.segment_memory_bytes(0, graph.n_units) / 2**20:.0f} MiB in total "
+        f"(the smallest unit {smallest_unit / 2**20:.1f} MiB), but the largest node {largest.name!r} has "
+        f"{largest.memory_mb:g} MiB; add memory or nodes"
+    )
+
+
+class Replicate(_NetworkAware):
+    """The whole model on every node whose memory holds it; the scheduler routes each request.
+
+    The plan has one segment with every fitting node as a replica. Schedulers keep to those
+    nodes; ``shortest_expected_completion`` routes by capacity (queued work over CPU quota).
+    """
+
+    name = "replicate"
+
+    def __init__(self, *, bandwidth_mbps: float = DEFAULT_BANDWIDTH_MBPS, hop_latency_ms: float | None = None, cache: bool = True):
+        self.bandwidth_mbps = bandwidth_mbps
+        self.hop_latency_ms = hop_latency_ms
+        self.cache = cache
+
+    def partition(self, graph: ModelGraph, nodes: Sequence[NodeSpec], costs: CostModel, parts: int) -> Plan:
+        model = self._model(graph, costs)
+        replicas = [n.name for n in nodes if model.fits(0, graph.n_units, n)]
+        if not replicas:
+            raise ValueError(_no_fit_message(graph, nodes, costs))
+        return plan_from_bounds(self.name, [0, graph.n_units], [replicas])
+
+
+class Hybrid(_NetworkAware):
+    """Pipeline stages, each served by a group of replica nodes.
+
+    Nodes are split into ``stages`` groups of about equal total CPU quota (largest node to the
+    group with the least quota so far). The model is cut with capability-weighted RALOS targets
+    on calibrated time, each stage's target proportional to its group's quota; every node of a
+    group whose memory holds the stage's segment serves it.
+    """
+
+    name = "hybrid"
+
+    def __init__(
+        self,
+        *,
+        stages: int = 2,
+        bandwidth_mbps: float = DEFAULT_BANDWIDTH_MBPS,
+        hop_latency_ms: float | None = None,
+        cache: bool = True,
+    ):
+        if stages < 1:
+            raise ValueError(f"stages must be at least 1, got {stages}")
+        self.stages = stages
+        self.bandwidth_mbps = bandwidth_mbps
+        self.hop_latency_ms = hop_latency_ms
+        self.cache = cache
+
+    def partition(self, graph: ModelGraph, nodes: Sequence[NodeSpec], costs: CostModel, parts: int) -> Plan:
+        n_stages = min(self.stages, len(nodes), graph.n_units)
+        groups: list[list[NodeSpec]] = [[] for _ in range(n_stages)]
+        for node in sorted(nodes, key=lambda n: -n.cpus):
+            min(groups, key=lambda g: sum(n.cpus for n in g)).append(node)
+        quotas = [sum(n.cpus for n in g) for g in groups]
+        shares = [q / sum(quotas) for q in quotas]
+        unit_costs = unit_costs_for(graph, costs, "time", nodes[0].torch_threads)
+        bounds = refine_bounds(unit_costs, weighted_bounds(unit_costs, shares), shares)
+        model = self._model(graph, costs)
+        assigned = []
+        for (start, stop), group in zip(zip(bounds[:-1], bounds[1:]), groups):
+            replicas = [n.name for n in group if model.fits(start, stop, n)]
+            if not replicas:
+                raise ValueError(
+                    f"no node of stage group {[n.name for n in group]} holds units [{start}, {stop}) "
+                    f"({model.segment_memory_bytes(start, stop) / 2**20:.0f} MiB plus the runtime); "
+                    "use fewer stages or add memory"
+                )
+            assigned.append(replicas)
+        return plan_from_bounds(self.name, bounds, assigned)
+
+
+def check_plan_fits(plan: Plan, nodes: Sequence[NodeSpec], costs: CostModel, *, source: str = "scenario") -> None:
+    """Raise UsageError when the plan cannot be deployed within the nodes' memory limits.
+
+    A segment assigned to nodes must fit on each of them together with every other segment
+    deployed there. Unassigned segments are deployed on every node; a node they do not fit is
+    OOM-killed at deployment (the simulator reports it), so the plan is rejected only when no
+    node at all can hold them.
+    """
+    runtime = costs.runtime_bytes
+    by_name = {n.name: n for n in nodes}
+    for segment in plan.segments:
+        for name in segment.nodes:
+            if name not in by_name:
+                raise UsageError(
+                    f"partitioner {plan.partitioner!r} assigned segment {segment.id} to unknown node {name!r}",
+                    field="policy.partitioner",
+                    source=source,
+                )
+    fitting = []
+    for node in nodes:
+        deployed = plan.segments_on(node.name)
+        need = runtime + sum(costs.segment_memory_bytes(s.start, s.stop) for s in deployed)
+        assigned_here = any(s.nodes for s in deployed)
+        if need > node.memory_bytes and assigned_here:
+            raise UsageError(
+                f"the plan of partitioner {plan.partitioner!r} does not fit node {node.name!r}: its segments "
+                f"{', '.join(s.id for s in deployed)} and the runtime need {need / 2**20:.0f} MiB but the limit "
+                f"is {node.memory_mb:g} MiB; choose a partitioner that respects memory (optimal) or raise memory_mb",
+                field="policy.partitioner",
+                source=source,
+            )
+        if need <= node.memory_bytes:
+            fitting.append(node.name)
+    if not fitting:
+        raise UsageError(
+            f"the plan of partitioner {plan.partitioner!r} fits no node: every node would be OOM-killed at "
+            "deployment; use more partitions, a partitioner that respects memory (optimal) or raise memory_mb",
+            field="policy.partitioner",
+            source=source,
+        )
+
