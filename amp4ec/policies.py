@@ -113,7 +113,14 @@ def make_partitioner(scenario: "Scenario", *, source: str = "scenario") -> Parti
         params.setdefault("bandwidth_mbps", scenario.network.bandwidth_mbps)
         params.setdefault("hop_latency_ms", scenario.network.latency_ms)
         params.setdefault("cache", policy.cache)
-    return _construct(factory, "policy.partitioner_params", source, **params)
+    try:
+        return factory(**params)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(
+            f"invalid parameters {policy.partitioner_params!r} for partitioner {policy.partitioner!r}: {exc}",
+            field="policy.partitioner_params",
+            source=source,
+        ) from exc
 
 
 def make_scheduler(scenario: "Scenario", rng: np.random.Generator, *, source: str = "scenario") -> Scheduler:
