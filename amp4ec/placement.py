@@ -11,7 +11,7 @@ over the node's link, the node runs the segment, and the output comes back over 
   idle node and the long-run rate for a busy one.
 - Transfer: ``hop_latency_ms + bytes * 8 / bandwidth_bps`` for the input cut and again for the
   output cut; with the cache off the segment's weights travel with its input.
-- Memory: a node holds the torch runtime plus, for each segment deployed on it, the weights and
+- Memory: a node needs the torch runtime plus, for each segment deployed on it, the weights and
   the peak activations (:meth:`CostModel.segment_memory_bytes`).
 """
 
@@ -70,8 +70,8 @@ class StageModel:
         self._memory: dict[tuple[int, int], int] = {}
 
     def _sums(self, threads: int) -> tuple[float, float, list[float], list[float]]:
-        # Prefix sums of CPU and wall time make every segment's cost O(1); they add up the same
-        # terms as CostModel.segment_cost (one call overhead, one cold start, the units' warm work).
+        # Prefix sums of CPU and wall time make every segment's cost O(1). They add up the same
+        # terms as CostModel.segment_cost: one call overhead, one cold start, the units' warm work.
         cached = self._prefix.get(threads)
         if cached is None:
             base = [self.costs.call_overhead(threads), self.costs.cold_start(threads)]
@@ -138,10 +138,9 @@ class _NetworkAware:
 class Optimal(_NetworkAware):
     """Cut points and one node per segment that minimise the predicted latency or bottleneck.
 
-    A dynamic programme in the style of PipeEdge (Hu et al., 2022) over (units covered, set of
-    nodes used): each node runs at most one segment, at most ``parts`` segments are used, and a
-    segment goes only to a node whose memory limit holds the runtime, its weights and its
-    activations. A stage's predicted time does not depend on the previous stage's node because
+    A dynamic programme in the style of PipeEdge over (units covered, set of nodes used). Each
+    node runs at most one segment, at most ``parts`` segments are used, and a segment goes only
+    to a node whose memory limit covers the runtime, its weights and its activations. A stage's predicted time does not depend on the previous stage's node because
     every stage is relayed through the coordinator, so the set of used nodes is enough state.
     For ``objective = "bottleneck"`` a second pass minimises latency among the plans with the
     optimal bottleneck, so ties are broken towards the faster plan.
@@ -270,7 +269,7 @@ def _no_fit_message(graph: ModelGraph, nodes: Sequence[NodeSpec], costs: CostMod
 
 
 class Replicate(_NetworkAware):
-    """The whole model on every node whose memory holds it; the scheduler routes each request.
+    """The whole model on every node whose memory limit fits it; the scheduler routes each request.
 
     The plan has one segment with every fitting node as a replica. Schedulers keep to those
     nodes; ``shortest_expected_completion`` routes by capacity (queued work over CPU quota).
@@ -296,8 +295,8 @@ class Hybrid(_NetworkAware):
 
     Nodes are split into ``stages`` groups of about equal total CPU quota (largest node to the
     group with the least quota so far). The model is cut with capability-weighted RALOS targets
-    on calibrated time, each stage's target proportional to its group's quota; every node of a
-    group whose memory holds the stage's segment serves it.
+    on calibrated time, each stage's target proportional to its group's quota. Every node of a
+    group whose memory limit fits the stage's segment serves it.
     """
 
     name = "hybrid"
@@ -332,7 +331,7 @@ class Hybrid(_NetworkAware):
             replicas = [n.name for n in group if model.fits(start, stop, n)]
             if not replicas:
                 raise ValueError(
-                    f"no node of stage group {[n.name for n in group]} holds units [{start}, {stop}) "
+                    f"no node of stage group {[n.name for n in group]} has memory for units [{start}, {stop}) "
                     f"({model.segment_memory_bytes(start, stop) / 2**20:.0f} MiB plus the runtime); "
                     "use fewer stages or add memory"
                 )
@@ -344,9 +343,9 @@ def check_plan_fits(plan: Plan, nodes: Sequence[NodeSpec], costs: CostModel, *, 
     """Raise UsageError when the plan cannot be deployed within the nodes' memory limits.
 
     A segment assigned to nodes must fit on each of them together with every other segment
-    deployed there. Unassigned segments are deployed on every node; a node they do not fit is
-    OOM-killed at deployment (the simulator reports it), so the plan is rejected only when no
-    node at all can hold them.
+    deployed there. Unassigned segments are deployed on every node. A node they do not fit is
+    OOM-killed at deployment and the simulator reports it, so the plan is rejected only when
+    no node at all can fit them.
     """
     runtime = costs.runtime_bytes
     by_name = {n.name: n for n in nodes}

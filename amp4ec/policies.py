@@ -74,12 +74,28 @@ def resolve_policy(name: str, kind: str, *, source: str = "scenario") -> Callabl
             field=field,
             source=source,
         )
+    factory = _import_plugin(name, kind, field, source)
+    missing = [m for m in REQUIRED_METHODS[kind] if not callable(getattr(factory, m, None))]
+    if not callable(factory) or missing:
+        raise UsageError(
+            f"{kind} plug-in {name!r} does not implement the {kind} interface: "
+            + (f"it lacks {', '.join(missing)}()" if missing else "it is not callable")
+            + "; see docs/policies.md",
+            field=field,
+            source=source,
+        )
+    return factory
+
+
+def _import_plugin(name: str, kind: str, field: str, source: str) -> Any:
     module_name, _, attribute = name.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except Exception as exc:
+        # A plug-in is user code, so any error while importing it is the user's to fix.
         raise UsageError(
-            f"{kind} plug-in {name!r} cannot be imported ({exc}); check that {module_name!r} is on PYTHONPATH",
+            f"{kind} plug-in {name!r} cannot be imported ({type(exc).__name__}: {exc}); "
+            f"check that {module_name!r} is on PYTHONPATH and imports cleanly",
             field=field,
             source=source,
         ) from exc
@@ -92,15 +108,6 @@ def resolve_policy(name: str, kind: str, *, source: str = "scenario") -> Callabl
                 field=field,
                 source=source,
             )
-    missing = [m for m in REQUIRED_METHODS[kind] if not callable(getattr(factory, m, None))]
-    if not callable(factory) or missing:
-        raise UsageError(
-            f"{kind} plug-in {name!r} does not implement the {kind} interface: "
-            + (f"it lacks {', '.join(missing)}()" if missing else "it is not callable")
-            + "; see docs/policies.md",
-            field=field,
-            source=source,
-        )
     return factory
 
 

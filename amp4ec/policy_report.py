@@ -1,4 +1,4 @@
-"""What `amp4ec partition` and `amp4ec compare-policies` compute: a plan's figures and a policy sweep."""
+"""The figures behind `amp4ec partition` (one plan) and `amp4ec compare-policies` (a policy sweep)."""
 
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 Like every scheduler, they see nodes only through the monitor's snapshots and learn from
 :meth:`select` (what they sent where) and :meth:`observe` (execution times). Each node runs one
 stage at a time in arrival order, in the simulator and on a worker, so a node's observations
-arrive in the order its stages were selected; the schedulers use that to tell which segment an
-observation belongs to and how many stages are still queued on a node.
+arrive in the order its stages were selected. The schedulers use that order to tell which
+segment an observation belongs to and how many stages are still queued on a node.
 When the plan assigns a segment to nodes, only those nodes are candidates.
 """
 
@@ -126,7 +126,7 @@ class CacheAware(_Tracking):
     """Each segment sticks to the node that ran it last, where its weights and buffers are warm.
 
     The segment moves only when its home node's expected completion exceeds the best
-    candidate's by more than the factor ``slack``; the new node becomes its home.
+    candidate's by more than the factor ``slack``, and the new node becomes its home.
     """
 
     name = "cache_aware"

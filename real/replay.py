@@ -1,8 +1,8 @@
 """`amp4ec replay`: a scenario and its policies on real worker containers.
 
 The coordinator runs on the host. It builds the same plan and scheduler the simulator builds,
-exports the plan's segments with torch.export, deploys every segment on every worker (the
-cache-on choice the simulator makes too), and drives the requests through the stages,
+exports the plan's segments with torch.export and deploys them where the plan puts them, as
+the simulator does: on the assigned nodes, or on every worker when the plan assigns none. It drives the requests through the stages,
 relaying each activation through itself. A monitor thread samples each worker's own cgroup
 counters every ``monitor.period_s``; the scheduler sees only those samples.
 """

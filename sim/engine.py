@@ -76,9 +76,8 @@ class Simulation:
     def _make_node(self, spec: NodeSpec) -> SimNode:
         phase_ms = rng_for(self.scenario.seed, f"cfs-phase:{spec.name}").uniform(0.0, 100.0)
         cpu = CfsCpu(spec.cpus, cores=spec.torch_threads, phase_ms=phase_ms)
-        # Before the first request every segment is deployed on the nodes the plan assigns it
-        # to, or on every node when it assigns none, so any such node can serve the stage;
-        # the weights and the largest activation stay resident.
+        # Before the first request each segment is deployed on the nodes the plan assigns it to,
+        # or on every node when it assigns none. Its weights and largest activation stay resident.
         memory_used = self.costs.runtime_bytes + sum(
             self.costs.segment_memory_bytes(s.start, s.stop) for s in self.plan.segments_on(spec.name)
         )

@@ -125,7 +125,7 @@ def test_optimal_bottleneck_spreads_work():
 
 
 def test_optimal_respects_memory_limit():
-    # Runtime 200 MiB; each unit 250 MiB of weights, so no node holds two units.
+    # Runtime 200 MiB and 250 MiB of weights per unit, so no 480 MiB node fits two units.
     costs = CostModel(make_calibration([1.0, 1.0, 1.0], runtime_rss_bytes=200 * MIB))
     graph = costs.graph.model_copy(deep=True)
     for unit in graph.units:

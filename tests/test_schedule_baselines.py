@@ -87,8 +87,8 @@ def test_shortest_expected_completion_routes_by_speed():
     scheduler.observe("fast", 10.0)
     assert scheduler.expected_exec_ms("s0", states["slow"]) == pytest.approx(40.0)
     chosen = [scheduler.select(task(i), states) for i in range(1, 6)]
-    # Fast finishes after 10, 20, 30, 40 ms as its queue grows (a tie at 40 keeps the first
-    # node); with four stages queued there, 50 ms on fast loses to 40 ms on slow.
+    # Fast finishes after 10, 20, 30, 40 ms as its queue grows, and a tie at 40 keeps the first
+    # node. With four stages queued there, 50 ms on fast loses to 40 ms on slow.
     assert chosen == ["fast", "fast", "fast", "fast", "slow"]
 
 
