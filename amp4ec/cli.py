@@ -240,7 +240,7 @@ def partition(scenario: Path, calibration: Path | None) -> None:
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def compare_policies_command(scenario: Path, requests: int | None, calibration: Path | None, quiet: bool) -> None:
     """Simulate every partitioner with every scheduler on SCENARIO and print them, lowest mean latency first."""
-    from amp4ec.policy_report import compare_policies
+    from amp4ec.sim.compare import compare_policies
     from amp4ec.runs import prepare_run
 
     prepared = prepare_run(scenario, calibration)
