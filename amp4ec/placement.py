@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+
 from amp4ec.costs import CostModel
 from amp4ec.errors import UsageError
 from amp4ec.graph import ModelGraph
@@ -69,7 +71,8 @@ class StageModel:
         self._prefix: dict[int, tuple[float, float, list[float], list[float]]] = {}
         self._memory: dict[tuple[int, int], int] = {}
 
-    def _sums(self, threads: int) -> tuple[float, float, list[float], list[float]]:
+    def prefix_sums(self, threads: int) -> tuple[float, float, list[float], list[float]]:
+        """Return the per-call CPU and wall ms and the prefix sums of the units' CPU and wall ms."""
         # Prefix sums of CPU and wall time make every segment's cost O(1). They add up the same
         # terms as CostModel.segment_cost: one call overhead, one cold start, the units' warm work.
         cached = self._prefix.get(threads)
@@ -87,7 +90,7 @@ class StageModel:
         return cached
 
     def exec_ms(self, start: int, stop: int, node: NodeSpec) -> float:
-        base_cpu, base_wall, cpu, wall = self._sums(node.torch_threads)
+        base_cpu, base_wall, cpu, wall = self.prefix_sums(node.torch_threads)
         cpu_ms = base_cpu + cpu[stop] - cpu[start]
         wall_ms = base_wall + wall[stop] - wall[start]
         parallelism = cpu_ms / wall_ms if wall_ms > 0 else 1.0
@@ -171,17 +174,56 @@ class Optimal(_NetworkAware):
             )
         model = self._model(graph, costs)
         if self.objective == "latency":
-            best = optimal_placement(graph.n_units, nodes, parts, model, lambda s: s.total_ms, sum_costs=True)
+            best = optimal_placement(graph.n_units, nodes, parts, model, "total", sum_costs=True)
         else:
-            first = optimal_placement(graph.n_units, nodes, parts, model, lambda s: s.bottleneck_ms, sum_costs=False)
+            first = optimal_placement(graph.n_units, nodes, parts, model, "bottleneck", sum_costs=False)
             limit = first[0] * (1 + 1e-9) if first else math.inf
-            best = optimal_placement(
-                graph.n_units, nodes, parts, model, lambda s: s.total_ms, sum_costs=True, max_stage_ms=limit
-            )
+            best = optimal_placement(graph.n_units, nodes, parts, model, "total", sum_costs=True, max_stage_ms=limit)
         if best is None:
             raise ValueError(_no_fit_message(graph, nodes, costs))
         _, bounds, assigned = best
         return plan_from_bounds(self.name, bounds, [(nodes[k].name,) for k in assigned])
+
+
+def stage_terms(
+    n_units: int, nodes: Sequence[NodeSpec], model: StageModel, stage_cost: str, max_stage_ms: float = math.inf
+) -> np.ndarray:
+    """Return term[k, i, j]: the objective term of segment [i, j) on node k, inf where not allowed.
+
+    ``stage_cost`` is ``"total"`` (execution plus transfers) or ``"bottleneck"`` (the busier of
+    worker and link). A segment is not allowed on a node whose memory limit it exceeds, nor
+    when its bottleneck exceeds ``max_stage_ms``.
+    """
+    # The same formulas as StageModel.stage, over every (i, j) at once; the brute-force tests
+    # compare the result with the scalar path.
+    graph = model.graph
+    cut_bytes = np.array([graph.cut_bytes(i) for i in range(n_units + 1)], dtype=float)
+    param_prefix = np.concatenate([[0.0], np.cumsum([u.param_bytes for u in graph.units[:n_units]], dtype=float)])
+    in_bytes = cut_bytes[:, None] + (0.0 if model.cache else param_prefix[None, :] - param_prefix[:, None])
+    transfer = (
+        2 * model.hop_latency_ms + (in_bytes + cut_bytes[None, :]) * 8.0 / model.bandwidth_bps * 1e3
+    )
+    memory = np.full((n_units + 1, n_units + 1), math.inf)
+    for i in range(n_units):
+        for j in range(i + 1, n_units + 1):
+            memory[i, j] = model.segment_memory_bytes(i, j)
+    memory += model.costs.runtime_bytes
+    valid = np.triu(np.ones((n_units + 1, n_units + 1), dtype=bool), k=1)
+    terms = np.full((len(nodes), n_units + 1, n_units + 1), math.inf)
+    for k, node in enumerate(nodes):
+        base_cpu, base_wall, cpu, wall = model.prefix_sums(node.torch_threads)
+        cpu = np.asarray(cpu[: n_units + 1])
+        wall = np.asarray(wall[: n_units + 1])
+        cpu_ms = base_cpu + cpu[None, :] - cpu[:, None]
+        wall_ms = base_wall + wall[None, :] - wall[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            parallelism = np.where(wall_ms > 0, cpu_ms / wall_ms, 1.0)
+        exec_ms = cpu_ms / np.minimum(node.cpus, parallelism)
+        bottleneck = np.maximum(exec_ms, transfer)
+        term = exec_ms + transfer if stage_cost == "total" else bottleneck
+        allowed = valid & (memory <= node.memory_bytes) & (bottleneck <= max_stage_ms)
+        terms[k] = np.where(allowed, term, math.inf)
+    return terms
 
 
 def optimal_placement(
@@ -189,51 +231,59 @@ def optimal_placement(
     nodes: Sequence[NodeSpec],
     parts: int,
     model: StageModel,
-    stage_cost,
+    stage_cost: str,
     *,
     sum_costs: bool,
     max_stage_ms: float = math.inf,
 ) -> tuple[float, list[int], list[int]] | None:
     """Return (objective, bounds, node index per segment) of the best plan, or None if none fits.
 
-    ``stage_cost`` maps a :class:`StageTime` to the stage's term; the objective is the sum of
-    terms (``sum_costs``) or their maximum. Stages whose bottleneck exceeds ``max_stage_ms`` are
-    not allowed.
+    The objective is the sum of the stages' terms (``sum_costs``) or their maximum; see
+    :func:`stage_terms` for ``stage_cost`` and ``max_stage_ms``.
     """
     n_nodes = len(nodes)
-    # best[i][mask]: lowest objective covering units [0, i) with the nodes in mask.
-    best: list[dict[int, float]] = [dict() for _ in range(n_units + 1)]
-    parent: dict[tuple[int, int], tuple[int, int, int]] = {}
-    best[0][0] = 0.0
+    n_masks = 1 << n_nodes
+    terms = stage_terms(n_units, nodes, model, stage_cost, max_stage_ms)
+    # best[i, mask]: lowest objective covering units [0, i) with the nodes in mask.
+    best = np.full((n_units + 1, n_masks), math.inf)
+    best[0, 0] = 0.0
+    parent_start = np.full((n_units + 1, n_masks), -1, dtype=np.int64)
+    parent_mask = np.full((n_units + 1, n_masks), -1, dtype=np.int64)
+    parent_node = np.full((n_units + 1, n_masks), -1, dtype=np.int64)
+    used = [bin(mask).count("1") for mask in range(n_masks)]
     for i in range(n_units):
-        for mask, value in sorted(best[i].items()):
-            if bin(mask).count("1") >= parts:
+        for mask in range(n_masks):
+            value = best[i, mask]
+            if math.isinf(value) or used[mask] >= parts:
                 continue
             for k in range(n_nodes):
                 if mask & (1 << k):
                     continue
-                node = nodes[k]
-                for j in range(i + 1, n_units + 1):
-                    if not model.fits(i, j, node):
-                        # Peak activation memory is not monotone in j, so longer segments are still tried.
-                        continue
-                    stage = model.stage(i, j, node)
-                    if stage.bottleneck_ms > max_stage_ms:
-                        continue
-                    term = stage_cost(stage)
-                    candidate = value + term if sum_costs else max(value, term)
-                    new_mask = mask | (1 << k)
-                    if candidate < best[j].get(new_mask, math.inf):
-                        best[j][new_mask] = candidate
-                        parent[(j, new_mask)] = (i, mask, k)
-    if not best[n_units]:
+                # All segment ends j > i at once.
+                row = terms[k, i, i + 1 :]
+                candidates = value + row if sum_costs else np.maximum(value, row)
+                new_mask = mask | (1 << k)
+                better = candidates < best[i + 1 :, new_mask]
+                if not better.any():
+                    continue
+                ends = np.nonzero(better)[0] + i + 1
+                best[ends, new_mask] = candidates[better]
+                parent_start[ends, new_mask] = i
+                parent_mask[ends, new_mask] = mask
+                parent_node[ends, new_mask] = k
+    final = best[n_units]
+    if math.isinf(final.min()):
         return None
-    mask = min(best[n_units], key=lambda m: (best[n_units][m], m))
-    value = best[n_units][mask]
+    mask = int(np.argmin(final))
+    value = float(final[mask])
     bounds, assigned = [n_units], []
     position = n_units
     while position > 0:
-        start, previous_mask, k = parent[(position, mask)]
+        start, previous_mask, k = (
+            int(parent_start[position, mask]),
+            int(parent_mask[position, mask]),
+            int(parent_node[position, mask]),
+        )
         bounds.append(start)
         assigned.append(k)
         position, mask = start, previous_mask

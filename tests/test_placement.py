@@ -187,7 +187,7 @@ def test_optimal_matches_brute_force(cpu_ms, specs, parts, objective, bandwidth_
 def test_optimal_placement_none_when_nothing_fits():
     costs = CostModel(make_calibration([1.0], runtime_rss_bytes=600 * MIB))
     model = StageModel(costs.graph, costs)
-    assert optimal_placement(1, NODES[1:], 2, model, lambda s: s.total_ms, sum_costs=True) is None
+    assert optimal_placement(1, NODES[1:], 2, model, "total", sum_costs=True) is None
 
 
 def test_stage_model_exec_under_quota():
