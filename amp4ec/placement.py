@@ -31,7 +31,8 @@ from amp4ec.partition import Plan, plan_from_bounds, refine_bounds, unit_costs_f
 from amp4ec.scenario import NodeSpec
 
 OBJECTIVES = ("latency", "bottleneck")
-# The dynamic programme visits every subset of nodes; beyond this the run time explodes.
+# The dynamic programme visits every subset of nodes, so its time doubles with each node.
+# NOTE: 12 nodes is an estimate of where a block-granularity model still takes seconds; not benchmarked.
 MAX_OPTIMAL_NODES = 12
 DEFAULT_BANDWIDTH_MBPS = 1000.0
 

@@ -207,6 +207,8 @@ def run_replay(
         }
         summary = summarise(records, busy_cpu_ms, {n.name: n.cpus for n in scenario.nodes})
         summary["plan"] = {"partitioner": plan.partitioner, "bounds": plan.bounds}
+        if any(s.nodes for s in plan.segments):
+            summary["plan"]["nodes"] = [list(s.nodes) for s in plan.segments]
         summary["output_check"] = {
             "max_abs_error": output_error,
             "atol": OUTPUT_ATOL,
