@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -11,6 +14,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from amp4ec import __version__
 from amp4ec.errors import Amp4ecError, UsageError
@@ -66,18 +70,39 @@ def summary_table(summary: dict[str, Any], title: str) -> Table:
     return table
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    # Unwinding through SystemExit runs every cleanup (partial output, containers) on SIGTERM too.
+    raise SystemExit(128 + signum)
+
+
+def require_extras(command: str) -> None:
+    """Raise a UsageError naming the install command when torch or the Docker extras are missing."""
+    missing = [name for name in ("torch", "torchvision", "docker", "zmq") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(
+            f"{command} needs {', '.join(missing)}, which this installation lacks; "
+            "install them with pip install 'amp4ec[torch,docker]'"
+        )
+
+
 class Amp4ecGroup(click.Group):
     """Turns amp4ec errors into one-line messages with the error's exit status."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
         except Amp4ecError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            console.print(Text("error: ", style="bold red") + Text(str(exc)), highlight=False, soft_wrap=True)
             sys.exit(exc.exit_status)
         except KeyboardInterrupt:
             console.print("interrupted; partial output removed")
             sys.exit(130)
+        except SystemExit as exc:
+            if exc.code == 128 + signal.SIGTERM:
+                console.print("terminated; partial output removed")
+            raise
 
 
 @click.group(cls=Amp4ecGroup)
@@ -100,7 +125,7 @@ def simulate(scenario: Path, out: Path, force: bool, quiet: bool, calibration: P
     if not quiet:
         stdout.print(summary_table(summary, f"simulated: {scenario}"))
         for warning in summary.get("warnings", []):
-            console.print(f"[yellow]warning:[/] {warning}")
+            console.print(Text("warning: ", style="yellow") + Text(warning))
 
 
 @main.command()
@@ -112,6 +137,7 @@ def simulate(scenario: Path, out: Path, force: bool, quiet: bool, calibration: P
 @click.option("--base-image", default=None, help="base image for the worker image, e.g. python:3.11-slim; default: a debootstrap rootfs")
 def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Path | None, base_image: str | None) -> None:
     """Replay SCENARIO on real Docker containers and write the run to --out."""
+    require_extras("replay")
     from amp4ec.real.replay import run_replay
 
     summary = run_replay(
@@ -126,17 +152,17 @@ def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Pat
     if not quiet:
         stdout.print(summary_table(summary, f"replayed on containers: {scenario}"))
         for warning in summary.get("warnings", []):
-            console.print(f"[yellow]warning:[/] {warning}")
+            console.print(Text("warning: ", style="yellow") + Text(warning))
 
 
 @main.command()
 @click.option("--model", default="mobilenet_v2", show_default=True, help="torchvision model name or package.module:factory")
-@click.option("--granularity", type=click.Choice(["block", "leaf"]), default="block", show_default=True)
+@click.option("--granularity", type=click.Choice(["block", "leaf"]), default="block", show_default=True, help="units: feature blocks and head, or single leaf modules")
 @click.option(
     "--profile",
     "profiles",
     multiple=True,
-    metavar="NAME:CPUS:MEMORY_MB",
+    metavar="NAME:CPUS:MEMORY_MB[:THREADS]",
     help="container profile to measure, repeatable; default high:1.0:1024 medium:0.6:512 low:0.4:512",
 )
 @click.option("--repeats", default=20, show_default=True, help="timed runs per unit and profile")
@@ -157,6 +183,7 @@ def calibrate(
     quiet: bool,
 ) -> None:
     """Measure each unit of a model inside CPU- and memory-limited containers and write a calibration file."""
+    require_extras("calibrate")
     from amp4ec.calibrate.run import parse_profiles, run_calibration
 
     if repeats < 1:
@@ -179,13 +206,22 @@ def calibrate(
 
 
 @main.command()
-@click.option("--run", "run_id", default=None, help="remove only the containers and networks of this run id")
-def clean(run_id: str | None) -> None:
-    """Remove containers and networks that amp4ec left behind, found by their label."""
-    from amp4ec.real.containers import docker_client, remove_labelled
+@click.option("--run", "run_id", default=None, help="remove the containers and networks of this run id, whatever its state")
+@click.option("--all", "remove_all", is_flag=True, help="remove every amp4ec container and network on the engine, live runs included")
+def clean(run_id: str | None, remove_all: bool) -> None:
+    """Remove containers and networks that amp4ec runs left behind, found by their label.
 
-    counts = remove_labelled(docker_client(), run_id=run_id)
-    stdout.print(f"removed {counts}")
+    Without options, only runs whose coordinator process no longer exists on this machine
+    are removed, so runs in progress are left alone.
+    """
+    try:
+        from amp4ec.real.containers import docker_client, remove_labelled
+    except ImportError as exc:
+        raise UsageError(f"clean needs the Docker SDK and pyzmq ({exc}); install them with pip install 'amp4ec[docker]'") from exc
+    if run_id is not None and remove_all:
+        raise UsageError("give --run or --all, not both")
+    counts = remove_labelled(docker_client(), run_id=run_id, only_orphans=run_id is None and not remove_all)
+    stdout.print(f"removed {counts['containers']} containers and {counts['networks']} networks")
 
 
 @main.command()
@@ -212,7 +248,7 @@ def sweep(scenario: Path, grid: tuple[str, ...], seeds: int, out: Path, workers:
         points.to_parquet(staging / "points.parquet", index=False)
     failed = runs["error"].notna().sum()
     if failed:
-        console.print(f"[yellow]warning:[/] {failed} of {len(runs)} runs failed; their errors are in runs.parquet")
+        console.print(Text("warning: ", style="yellow") + Text(f"{failed} of {len(runs)} runs failed; their errors are in runs.parquet"))
     if not quiet:
         table = Table(title=f"sweep of {scenario} ({seeds} seeds per point, mean ± 95 % CI)")
         # The table shows the headline metrics; points.parquet has all of them.

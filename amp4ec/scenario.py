@@ -19,8 +19,9 @@ MIB = 1024 * 1024
 
 
 class _Strict(BaseModel):
-    # Unknown keys are rejected so a typo in a scenario never passes silently.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys, strings where numbers belong, booleans where integers belong and
+    # infinite or NaN numbers are rejected, so a typo in a scenario never passes silently.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class NodeSpec(_Strict):
@@ -74,6 +75,10 @@ class WorkloadSpec(_Strict):
     def _check_kind(self) -> "WorkloadSpec":
         if self.kind == "poisson" and self.rate_rps is None:
             raise ValueError("a poisson workload needs rate_rps (requests per second)")
+        if self.kind == "closed" and self.rate_rps is not None:
+            raise ValueError("rate_rps applies to open-loop workloads; remove it or set kind = \"poisson\"")
+        if self.kind != "closed" and ("clients" in self.model_fields_set or "think_time_ms" in self.model_fields_set):
+            raise ValueError("clients and think_time_ms apply to closed loops; remove them or set kind = \"closed\"")
         return self
 
 
@@ -117,9 +122,9 @@ class AdaptationSpec(_Strict):
 class Scenario(_Strict):
     """A cluster, a workload and a policy: everything one run needs."""
 
-    name: str = Field(description="label of the run in summaries and reports")
+    name: str = Field(min_length=1, description="label of the run in summaries and reports")
     description: str = Field(default="", description="free text")
-    seed: int = Field(default=0, description="seed of every random stream (arrivals, scheduler noise, inputs)")
+    seed: int = Field(default=0, ge=0, description="seed of every random stream (arrivals, scheduler noise, inputs)")
     calibration: str = Field(default="default", description="'default' for the shipped file, or a path")
     model: ModelSpec = Field(default_factory=ModelSpec)
     policy: PolicySpec = Field(default_factory=PolicySpec)

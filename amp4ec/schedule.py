@@ -6,6 +6,7 @@ through :meth:`Scheduler.observe`, so it behaves the same in simulation and on c
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Mapping, Protocol
@@ -99,13 +100,29 @@ class Amp4ecScheduler:
         history: int = 5,
     ):
         self._rng = rng
-        self.w_resources = w_resources
-        self.w_load = w_load
-        self.w_performance = w_performance
-        self.w_balance = w_balance
-        self.max_load = max_load
-        self.max_latency_ms = max_latency_ms
-        self.noise = noise
+        numbers = {
+            "w_resources": w_resources,
+            "w_load": w_load,
+            "w_performance": w_performance,
+            "w_balance": w_balance,
+            "max_load": max_load,
+            "max_latency_ms": max_latency_ms,
+            "noise": noise,
+        }
+        for name, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(clamp, bool):
+            raise ValueError(f"clamp must be true or false, got {clamp!r}")
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ValueError(f"history must be an integer >= 1, got {history!r}")
+        self.w_resources = float(w_resources)
+        self.w_load = float(w_load)
+        self.w_performance = float(w_performance)
+        self.w_balance = float(w_balance)
+        self.max_load = float(max_load)
+        self.max_latency_ms = float(max_latency_ms)
+        self.noise = float(noise)
         self.clamp = clamp
         self._exec_ms: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=history))
         self._all_exec_ms: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])  # sum, count
