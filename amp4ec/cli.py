@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -110,7 +111,8 @@ def simulate(scenario: Path, out: Path, force: bool, quiet: bool, calibration: P
 @click.option("--quiet", is_flag=True, help="no progress bar and no summary table")
 @click.option("--calibration", type=click.Path(path_type=Path), help="calibration file; overrides the scenario's")
 @click.option("--base-image", default=None, help="base image for the worker image, e.g. python:3.11-slim; default: a debootstrap rootfs")
-def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Path | None, base_image: str | None) -> None:
+@click.option("--compare", "compare_sim", is_flag=True, help="also simulate the scenario into OUT/fidelity/sim and report the relative errors")
+def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Path | None, base_image: str | None, compare_sim: bool) -> None:
     """Replay SCENARIO on real Docker containers and write the run to --out."""
     from amp4ec.real.replay import run_replay
 
@@ -127,6 +129,17 @@ def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Pat
         stdout.print(summary_table(summary, f"replayed on containers: {scenario}"))
         for warning in summary.get("warnings", []):
             console.print(f"[yellow]warning:[/] {warning}")
+    if compare_sim:
+        from amp4ec.compare import compare_runs, plot_latency_distributions
+        from amp4ec.sim.run import run_simulation
+
+        fidelity = out / "fidelity"
+        run_simulation(scenario, fidelity / "sim", force=True, calibration=calibration)
+        comparison = compare_runs(fidelity / "sim", out)
+        plot = plot_latency_distributions(fidelity / "sim", out, fidelity / "latency.png")
+        (fidelity / "report.json").write_text(json.dumps(comparison.as_dict(), indent=1) + "\n")
+        stdout.print(comparison_table(comparison, f"simulation vs replay: {scenario}"))
+        stdout.print(f"latency distributions: {plot}")
 
 
 @main.command()
@@ -186,6 +199,77 @@ def clean(run_id: str | None) -> None:
 
     counts = remove_labelled(docker_client(), run_id=run_id)
     stdout.print(f"removed {counts}")
+
+
+def comparison_table(comparison, title: str) -> Table:
+    from amp4ec.compare import format_error, format_value
+
+    table = Table(title=title, show_header=True)
+    for column in ("metric", "sim", "real", "relative error", "threshold", "check"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for metric in comparison.metrics:
+        status = "" if metric.threshold is None else ("ok" if metric.passed else "[bold red]FAIL[/]")
+        table.add_row(
+            metric.name,
+            format_value(metric.sim),
+            format_value(metric.real),
+            format_error(metric.relative_error),
+            "-" if metric.threshold is None else f"{metric.threshold:.1%}",
+            status,
+        )
+    table.caption = "relative error = |sim - real| / |real|"
+    return table
+
+
+@main.command()
+@click.argument("sim_dir", type=click.Path(path_type=Path))
+@click.argument("real_dir", type=click.Path(path_type=Path))
+@click.option("--plot", "plot", type=click.Path(path_type=Path), default=None, help="PNG of both latency distributions; default REAL_DIR/fidelity-latency.png")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="also write the report as JSON to this file")
+@click.option("--max-error-mean", type=float, default=None, help="fail when mean latency's relative error exceeds this (0.2 = 20%)")
+@click.option("--max-error-p50", type=float, default=None, help="fail when p50 latency's relative error exceeds this")
+@click.option("--max-error-p95", type=float, default=None, help="fail when p95 latency's relative error exceeds this")
+@click.option("--max-error-p99", type=float, default=None, help="fail when p99 latency's relative error exceeds this")
+@click.option("--max-error-throughput", type=float, default=None, help="fail when throughput's relative error exceeds this")
+@click.option("--max-error-utilisation", type=float, default=None, help="fail when any node's utilisation error exceeds this")
+def compare(
+    sim_dir: Path,
+    real_dir: Path,
+    plot: Path | None,
+    json_out: Path | None,
+    max_error_mean: float | None,
+    max_error_p50: float | None,
+    max_error_p95: float | None,
+    max_error_p99: float | None,
+    max_error_throughput: float | None,
+    max_error_utilisation: float | None,
+) -> None:
+    """Report how well the simulated run SIM_DIR predicted the real run REAL_DIR.
+
+    Exits with status 1 when a relative error exceeds its --max-error-* threshold.
+    """
+    from amp4ec.compare import compare_runs, plot_latency_distributions
+
+    thresholds = {
+        "mean": max_error_mean,
+        "p50": max_error_p50,
+        "p95": max_error_p95,
+        "p99": max_error_p99,
+        "throughput": max_error_throughput,
+        "utilisation": max_error_utilisation,
+    }
+    comparison = compare_runs(sim_dir, real_dir, thresholds)
+    written = plot_latency_distributions(sim_dir, real_dir, plot or Path(real_dir) / "fidelity-latency.png")
+    if json_out is not None:
+        json_out.write_text(json.dumps(comparison.as_dict(), indent=1) + "\n")
+    stdout.print(comparison_table(comparison, f"{sim_dir} (sim) vs {real_dir} (real)"))
+    stdout.print(f"latency distributions: {written}")
+    for warning in comparison.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    if not comparison.passed:
+        names = ", ".join(metric.name for metric in comparison.failures)
+        console.print(f"[bold red]fidelity check failed:[/] {names} above threshold", highlight=False)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
