@@ -55,6 +55,7 @@ class NodeRuntime:
     generation: int = 0
     busy_cpu_ns: int = 0
     last_usage_ns: int | None = None
+    pause_method: str = ""
 
     @property
     def serving(self) -> bool:
@@ -74,9 +75,9 @@ class NodeTable:
     def names(self) -> list[str]:
         return list(self._nodes)
 
-    def cancelled(self, name: str, generation: int) -> Callable[[], bool]:
+    def cancelled(self, name: str, generation: int, aborted: threading.Event) -> Callable[[], bool]:
         node = self._nodes[name]
-        return lambda: node.generation != generation or not node.up
+        return lambda: node.generation != generation or not node.up or aborted.is_set()
 
 
 class StatsMonitor:
@@ -98,6 +99,7 @@ class StatsMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="amp4ec-monitor", daemon=True)
         self.samples = 0
+        self.missed = 0
 
     def start(self) -> None:
         self._publish(self._sample())
@@ -122,7 +124,9 @@ class StatsMonitor:
     def _sample(self) -> dict[str, NodeState]:
         self.samples += 1
         states = {}
-        timeout_s = min(2.0, max(0.5, self.scenario.monitor.period_s))
+        # stats waits behind the stages queued on the worker, so the timeout is generous.
+        timeout_s = max(2.0, self.scenario.monitor.period_s)
+        previous_sample = self.snapshot()
         for name in self.table.names():
             node = self.table[name]
             if not node.serving:
@@ -131,8 +135,11 @@ class StatsMonitor:
             try:
                 stats = self._connect(name).stats(timeout_s=timeout_s)
             except WorkerError as error:
+                # A node the coordinator believes up keeps its last published state (stale, as a
+                # real monitor's would be) rather than being reported dead.
+                self.missed += 1
                 log.warning("monitor: node %s did not return stats: %s", name, error)
-                states[name] = self._down_state(node)
+                states[name] = previous_sample.get(name) or self._down_state(node)
                 continue
             states[name] = self._state_from_stats(node, stats)
         return states
@@ -191,6 +198,11 @@ class Coordinator:
         self._all_clients: list = []
         self.monitor = StatsMonitor(scenario, table, hop_latency_ms, self.client)
         self.t0 = time.perf_counter()
+        self.aborted = threading.Event()
+
+    def abort(self) -> None:
+        """Cancel every stage in flight and fail the requests not yet finished (on a signal or an error)."""
+        self.aborted.set()
 
     def now_s(self) -> float:
         return time.perf_counter() - self.t0
@@ -229,6 +241,9 @@ class Coordinator:
         record = RequestRecord(request_id=request_id, arrival_s=arrival_s)
         tensors = [x]
         for segment in self.plan.segments:
+            if self.aborted.is_set():
+                record.fail(self.now_s(), "replay aborted")
+                return record, None
             task = StageTask(
                 request_id=request_id,
                 segment=segment,
@@ -263,7 +278,7 @@ class Coordinator:
                 if not node.up:
                     raise WorkerError(f"node is down ({node.down_reason})", node=name)
                 outputs, timing = self.client(name).run(
-                    task.segment.id, tensors, cancelled=self.table.cancelled(name, generation)
+                    task.segment.id, tensors, cancelled=self.table.cancelled(name, generation, self.aborted)
                 )
             except WorkerError as error:
                 errors.append(f"stage {task.segment.id} attempt {attempt + 1} on {name}: {error}")
@@ -291,6 +306,7 @@ class AppliedEvent:
     applied_s: float = math.nan
     done_s: float = math.nan
     cpus: float | None = None
+    method: str = ""
     error: str = ""
 
     def as_dict(self) -> dict:
@@ -324,6 +340,8 @@ class DynamicsRunner:
             applied = AppliedEvent(event.at_s, event.node, event.action, applied_s=self.coordinator.now_s(), cpus=event.cpus)
             try:
                 apply_action(self.coordinator, event.node, event.action, event.cpus)
+                if event.action in ("pause", "resume"):
+                    applied.method = self.coordinator.table[event.node].pause_method
             except (DockerError, WorkerError) as error:
                 applied.error = str(error)
                 log.error("dynamics: %s on node %s failed: %s", event.action, event.node, error)
@@ -389,6 +407,27 @@ def set_nano_cpus(container, cpus: float) -> None:
     api._result(response, True)
 
 
+def pause_container(container) -> str:
+    """Freeze a container; return the method used, "freezer" or "sigstop".
+
+    `docker pause` uses the cgroup freezer. Where the freezer fails (seen on a nested VM with
+    cgroup v1: "OCI runtime pause failed: unable to freeze"), the worker process gets SIGSTOP
+    from the host instead. The worker is the container's only process, so the effect on its
+    requests is the same: they wait until resume.
+    """
+    import docker.errors
+
+    try:
+        container.pause()
+        return "freezer"
+    except docker.errors.APIError as error:
+        if "freeze" not in str(error):
+            raise
+        log.warning("docker pause failed (%s); stopping the worker with SIGSTOP instead", error)
+    container.kill(signal="SIGSTOP")
+    return "sigstop"
+
+
 def apply_action(coordinator: Coordinator, name: str, action: str, cpus: float | None) -> None:
     import docker.errors
 
@@ -414,11 +453,14 @@ def apply_action(coordinator: Coordinator, name: str, action: str, cpus: float |
             container.restart(timeout=STOP_TIMEOUT_S)
             bring_up(coordinator, name)
         elif action == "pause":
-            container.pause()
+            node.pause_method = pause_container(container)
             with coordinator.table.lock:
                 node.paused = True
         elif action == "resume":
-            container.unpause()
+            if node.pause_method == "sigstop":
+                container.kill(signal="SIGCONT")
+            else:
+                container.unpause()
             with coordinator.table.lock:
                 node.paused = False
         elif action == "set_cpus":

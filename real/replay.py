@@ -1,7 +1,7 @@
 """`amp4ec replay`: a scenario and its policies on real worker containers.
 
 The coordinator runs on the host. It builds the same plan and scheduler the simulator builds,
-exports the plan's segments with torch.export, deploys every segment on every worker (the
+exports the plan's segments with torch.export, and deploys every segment on every worker (the
 cache-on choice the simulator makes too). The coordinator in coordinator.py then drives the
 requests through the stages, many at a time, relaying each activation through itself. A
 monitor thread samples each worker's own cgroup counters every ``monitor.period_s``, and the
@@ -150,7 +150,7 @@ def run_replay(
                     "detail": "every stage's input and output pass through the coordinator",
                     "max_in_flight": max_in_flight(scenario),
                 },
-                "monitor": {"method": "poll", "samples": coordinator.monitor.samples},
+                "monitor": {"method": "poll", "samples": coordinator.monitor.samples, "missed": coordinator.monitor.missed},
                 "dynamics": [event.as_dict() for event in dynamics.applied],
             },
         )
@@ -217,18 +217,32 @@ def drive_workload(coordinator, scenario, input_shape, update: Callable[[int, in
                 if think_s > 0:
                     time.sleep(think_s)
 
-        threads = [threading.Thread(target=client_loop, args=(c,), name=f"amp4ec-client-{c}") for c in range(min(workload.clients, total))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        threads = [
+            threading.Thread(target=client_loop, args=(c,), name=f"amp4ec-client-{c}", daemon=True)
+            for c in range(min(workload.clients, total))
+        ]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        except BaseException:
+            # A signal or Ctrl-C: cancel the stages in flight so the threads end promptly.
+            coordinator.abort()
+            raise
     else:
-        with ThreadPoolExecutor(max_workers=max_in_flight(scenario), thread_name_prefix="amp4ec-request") as pool:
+        pool = ThreadPoolExecutor(max_workers=max_in_flight(scenario), thread_name_prefix="amp4ec-request")
+        try:
             for request_id, arrival_s in enumerate(arrivals_s):
                 wait_s = arrival_s - coordinator.now_s()
                 if wait_s > 0:
                     time.sleep(wait_s)
                 pool.submit(run_one, request_id, float(arrival_s))
+        except BaseException:
+            coordinator.abort()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
     missing = [i for i in range(total) if i not in results]
     if duplicates:
         raise WorkerError(f"requests {duplicates[:10]} ended twice; this is a bug in the coordinator")
