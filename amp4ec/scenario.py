@@ -41,17 +41,23 @@ class NodeSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    name: str = "mobilenet_v2"
-    granularity: Literal["block", "leaf"] = "block"
+    """The model to split; it must match the calibration's model and granularity."""
+
+    name: str = Field(default="mobilenet_v2", description="torchvision model name or package.module:factory")
+    granularity: Literal["block", "leaf"] = Field(
+        default="block", description="units: feature blocks and head, or single leaf modules"
+    )
 
 
 class PolicySpec(_Strict):
-    partitioner: str = "ralos"
-    scheduler: str = "amp4ec"
+    """How the model is split and where each stage runs."""
+
+    partitioner: str = Field(default="ralos", description="name of a registered partitioner")
+    scheduler: str = Field(default="amp4ec", description="name of a registered scheduler")
     partitions: int | None = Field(default=None, ge=1, description="number of segments; default one per node")
     cache: bool = Field(default=True, description="keep deployed segments resident on their nodes")
-    scheduler_params: dict[str, Any] = Field(default_factory=dict)
-    partitioner_params: dict[str, Any] = Field(default_factory=dict)
+    scheduler_params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the scheduler")
+    partitioner_params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the partitioner")
     retries: int = Field(
         default=0, ge=0, description="times a stage whose node failed is retried on another node before the request fails"
     )
@@ -84,6 +90,8 @@ class NetworkSpec(_Strict):
 
 
 class MonitorSpec(_Strict):
+    """How schedulers see node state: sampled, and late."""
+
     period_s: float = Field(default=1.0, gt=0, description="how often node state is sampled")
     delay_s: float = Field(default=0.0, ge=0, description="how long a sample takes to reach the scheduler")
 
@@ -114,16 +122,18 @@ class DynamicsEvent(_Strict):
 
 
 class Scenario(_Strict):
-    name: str
-    description: str = ""
-    seed: int = 0
+    """A cluster, a workload and a policy: everything one run needs."""
+
+    name: str = Field(description="label of the run in summaries and reports")
+    description: str = Field(default="", description="free text")
+    seed: int = Field(default=0, description="seed of every random stream (arrivals, scheduler noise, inputs)")
     calibration: str = Field(default="default", description="'default' for the shipped file, or a path")
     model: ModelSpec = Field(default_factory=ModelSpec)
     policy: PolicySpec = Field(default_factory=PolicySpec)
     workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     monitor: MonitorSpec = Field(default_factory=MonitorSpec)
-    nodes: list[NodeSpec] = Field(min_length=1)
+    nodes: list[NodeSpec] = Field(min_length=1, description="the edge nodes, one container each")
     dynamics: list[DynamicsEvent] = Field(default_factory=list, description="node failures, recoveries and limit changes over time")
 
     @field_validator("nodes")
@@ -189,8 +199,8 @@ def parse_scenario(data: dict[str, Any], *, source: str = "scenario") -> Scenari
     return scenario
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate a scenario TOML file; relative calibration paths resolve against it."""
+def read_scenario_data(path: str | Path) -> dict[str, Any]:
+    """Read a scenario TOML file as raw data, with a relative calibration path made absolute."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -202,10 +212,12 @@ def load_scenario(path: str | Path) -> Scenario:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"not valid TOML: {exc}", source=str(path)) from exc
-    scenario = parse_scenario(data, source=str(path))
-    if scenario.calibration != "default":
-        calibration_path = Path(scenario.calibration)
-        if not calibration_path.is_absolute():
-            calibration_path = (path.parent / calibration_path).resolve()
-        scenario = scenario.model_copy(update={"calibration": str(calibration_path)})
-    return scenario
+    calibration = data.get("calibration", "default")
+    if isinstance(calibration, str) and calibration != "default" and not Path(calibration).is_absolute():
+        data["calibration"] = str((path.parent / calibration).resolve())
+    return data
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario TOML file; relative calibration paths resolve against it."""
+    return parse_scenario(read_scenario_data(path), source=str(path))

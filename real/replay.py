@@ -52,8 +52,12 @@ def run_replay(
     base_image: str | None = None,
     progress: ContextManager[Callable[[int, int], None]] | None = None,
     log: Callable[[str], None] = print,
+    run_id: str | None = None,
 ) -> dict:
-    """Replay a scenario file on containers and write records.parquet, summary.json and run.json."""
+    """Replay a scenario file on containers and write records.parquet, summary.json and run.json.
+
+    ``run_id`` labels the run's containers and network; a random one is made when it is None.
+    """
     check_output_dir(out, force=force)
     prepared = prepare_run(scenario_path, calibration)
     scenario = prepared.scenario
@@ -65,7 +69,7 @@ def run_replay(
         raise UsageError("replay needs torch and torchvision on the host: pip install 'amp4ec[torch,docker]'") from exc
     from amp4ec.real.containers import NodeSpec as ContainerSpec
     from amp4ec.real.containers import WorkerCluster, docker_client
-    from amp4ec.real.coordinator import Coordinator, DynamicsRunner, NodeRuntime, NodeTable, mark_down, STOP_TIMEOUT_S
+    from amp4ec.real.coordinator import STOP_TIMEOUT_S, Coordinator, DynamicsRunner, NodeRuntime, NodeTable, deploy_segments, mark_down
     from amp4ec.real.image import ensure_worker_image
 
     info = RunInfo("real", scenario.resolved(), prepared.calibration_path)
@@ -86,7 +90,7 @@ def run_replay(
     client = docker_client()
     image = ensure_worker_image(client, base_image=base_image, log=log)
     containers = [ContainerSpec(n.name, n.cpus, n.memory_bytes, n.torch_threads) for n in scenario.nodes]
-    run_id = f"replay-{uuid.uuid4().hex[:8]}"
+    run_id = run_id or f"replay-{uuid.uuid4().hex[:8]}"
     warnings: list[str] = []
     if scenario.network.bandwidth_mbps < 1000 or scenario.network.latency_ms:
         warnings.append("network.bandwidth_mbps and latency_ms are not shaped in real mode yet; the Docker bridge ran unshaped")
@@ -94,8 +98,7 @@ def run_replay(
     with staged_output(out, force=force) as staging, WorkerCluster(client, containers, image=image, run_id=run_id) as cluster:
         log(f"run {run_id}: {len(containers)} workers ready; deploying {len(blobs)} segments on each")
         for node in scenario.nodes:
-            for segment_id, blob in blobs.items():
-                cluster[node.name].load(segment_id, blob)
+            deploy_segments(cluster[node.name], plan, graph, blobs)
         table = NodeTable([NodeRuntime(n.name, n.cpus, n.memory_bytes, cluster.addresses[n.name]) for n in scenario.nodes])
         coordinator = Coordinator(scenario, plan, graph, scheduler, cluster, blobs, table, hop_latency_ms)
         # A node whose first event is join is absent until it joins.
