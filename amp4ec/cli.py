@@ -377,5 +377,52 @@ def compare(
         sys.exit(1)
 
 
+# Other modules may have registered the `bench` group already; real mode adds a subcommand.
+bench_group = main.commands.get("bench")
+if bench_group is None:
+
+    @main.group("bench")
+    def bench_group() -> None:
+        """Benchmarks that print their figures against a reference measured in the same run."""
+
+
+@bench_group.command("real")
+@click.option("--scenario", "scenario", default=Path("scenarios/paper/2-node.toml"), show_default=True, type=click.Path(path_type=Path), help="scenario whose pipelined throughput is measured")
+@click.option("--requests", default=60, show_default=True, help="requests of the pipelined replay")
+@click.option("--clients", default=None, type=int, help="closed-loop clients; default two per node")
+@click.option("--repeats", default=30, show_default=True, help="echo round trips per payload size")
+@click.option("--base-image", default=None, help="base image for the worker image; default: a debootstrap rootfs")
+def bench_real(scenario: Path, requests: int, clients: int | None, repeats: int, base_image: str | None) -> None:
+    """Per-hop overhead for 10 KB to 1.5 MB activations, and pipelined throughput over the capacity bound."""
+    from amp4ec.real.bench import bench_hops, bench_pipeline
+
+    if requests < 1 or repeats < 1:
+        raise UsageError(f"--requests and --repeats must be at least 1, got {requests} and {repeats}")
+    if clients is not None and clients < 1:
+        raise UsageError(f"--clients must be at least 1, got {clients}")
+    log = lambda message: console.print(message, highlight=False)  # noqa: E731
+    hops = bench_hops(repeats=repeats, base_image=base_image, log=log)
+    table = Table(title="per-hop time, host to worker container (median)")
+    for column in ("payload", "hop (ms)", "overhead beyond bytes/bandwidth (ms)", "loopback pyzmq hop (ms)", "hop / loopback"):
+        table.add_column(column, justify="right")
+    for row in hops["rows"]:
+        ratio = row["hop_over_loopback"]
+        table.add_row(f"{row['bytes'] / 1e3:g} KB", f"{row['hop_ms']:.3f}", f"{row['overhead_ms']:.3f}", f"{row['loopback_hop_ms']:.3f}", "-" if ratio is None else f"{ratio:.2f}")
+    table.caption = f"bandwidth fitted over the sizes: {hops['fitted_bandwidth_bps'] / 1e9:.2f} Gbit/s"
+    stdout.print(table)
+    verdict = "ok" if hops["passed"] else "ABOVE TARGET"
+    stdout.print(f"overhead at 100 KB: {hops['overhead_ms_at_100kb']:.3f} ms (target < {hops['target_ms']} ms): {verdict}")
+    pipeline = bench_pipeline(scenario, requests=requests, clients=clients, base_image=base_image, log=log)
+    if pipeline["ratio"] is None:
+        stdout.print(f"pipelined replay completed {pipeline['completed']} requests; no capacity ratio")
+    else:
+        stdout.print(
+            f"pipelined throughput {pipeline['throughput_rps']:.2f} requests/s; capacity bound "
+            f"{pipeline['total_cpus']:g} CPUs / {pipeline['cpu_ms_per_request']:.1f} CPU ms per request = "
+            f"{pipeline['capacity_bound_rps']:.2f} requests/s; ratio {pipeline['ratio']:.3f} "
+            f"(target >= {pipeline['target']}): {'ok' if pipeline['passed'] else 'BELOW TARGET'}"
+        )
+
+
 if __name__ == "__main__":
     main()

@@ -24,6 +24,7 @@ from amp4ec.errors import UsageError, WorkerError
 from amp4ec.metrics import RequestRecord, summarise, write_run
 from amp4ec.rundir import RunInfo, check_output_dir, staged_output
 from amp4ec.runs import PreparedRun, prepare_run
+from amp4ec.scenario import WorkloadSpec
 from amp4ec.workload import open_loop_arrivals_s, rng_for
 
 # Threads an open-loop replay uses at most; arrivals beyond this many in flight wait for one.
@@ -53,13 +54,18 @@ def run_replay(
     progress: ContextManager[Callable[[int, int], None]] | None = None,
     log: Callable[[str], None] = print,
     run_id: str | None = None,
+    workload_overrides: dict | None = None,
 ) -> dict:
     """Replay a scenario file on containers and write records.parquet, summary.json and run.json.
 
     ``run_id`` labels the run's containers and network; a random one is made when it is None.
+    ``workload_overrides`` replaces fields of the scenario's workload (benchmarks use it).
     """
     check_output_dir(out, force=force)
     prepared = prepare_run(scenario_path, calibration)
+    if workload_overrides:
+        workload = WorkloadSpec.model_validate({**prepared.scenario.workload.model_dump(), **workload_overrides})
+        prepared.scenario = prepared.scenario.model_copy(update={"workload": workload})
     scenario = prepared.scenario
     try:
         import torch
