@@ -9,7 +9,8 @@ Two figures, each against a reference measured in the same run:
   over loopback, which is the transport without Docker, JSON headers or torch.
 - Pipelined throughput over the capacity bound. A scenario is replayed closed-loop with
   several clients so its stages overlap. The capacity bound is total CPU quota / CPU time per
-  request (cgroup CPU time of all workers over completed requests); no schedule can beat it.
+  request, where CPU time is the cgroup CPU time of all workers over completed requests. No
+  schedule can beat the bound.
 """
 
 from __future__ import annotations
