@@ -387,7 +387,7 @@ if bench_group is None:
 
 
 @bench_group.command("real")
-@click.option("--scenario", "scenario", default=Path("scenarios/paper/2-node.toml"), show_default=True, type=click.Path(path_type=Path), help="scenario whose pipelined throughput is measured")
+@click.option("--scenario", "scenario", default=Path("scenarios/bench/pipeline-2-node.toml"), show_default=True, type=click.Path(path_type=Path), help="scenario whose pipelined throughput is measured")
 @click.option("--requests", default=60, show_default=True, help="requests of the pipelined replay")
 @click.option("--clients", default=None, type=int, help="closed-loop clients; default two per node")
 @click.option("--repeats", default=30, show_default=True, help="echo round trips per payload size")
