@@ -313,7 +313,12 @@ def comparison_table(comparison, title: str) -> Table:
     for column in ("metric", "sim", "real", "relative error", "threshold", "check"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for metric in comparison.metrics:
-        status = "" if metric.threshold is None else ("ok" if metric.passed else "[bold red]FAIL[/]")
+        if metric.threshold is None:
+            status = ""
+        elif metric.passed:
+            status = "ok"
+        else:
+            status = "[bold red]FAIL[/]"
         table.add_row(
             metric.name,
             format_value(metric.sim),
