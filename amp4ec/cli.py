@@ -306,6 +306,88 @@ def scenario_reference_command(out: Path | None) -> None:
         write_text_atomic(out, text)
 
 
+def wide_stdout() -> Console:
+    """Return a console for wide tables: the terminal's width, or 200 columns when output is piped."""
+    return stdout if stdout.is_terminal else Console(width=200)
+
+
+@main.command()
+@click.argument("scenario", type=click.Path(path_type=Path))
+@click.option("--calibration", type=click.Path(path_type=Path), help="calibration file; overrides the scenario's")
+def partition(scenario: Path, calibration: Path | None) -> None:
+    """Print the plan the scenario's partitioner makes: segments, units, FLOPs, weights, cuts, predicted times."""
+    from amp4ec import policies
+    from amp4ec.policy_report import plan_rows
+    from amp4ec.runs import prepare_run
+
+    prepared = prepare_run(scenario, calibration)
+    plan = policies.build_plan(prepared.scenario, prepared.costs.graph, prepared.costs, source=str(scenario))
+    network = prepared.scenario.network
+    rows = plan_rows(plan, prepared.scenario, prepared.costs)
+    table = Table(title=f"plan of {plan.partitioner!r} for {scenario}", show_header=True)
+    for column in ("segment", "units", "first unit", "last unit", "MFLOPs", "params (MB)", "memory (MB)", "in cut (bytes)", "out cut (bytes)", "node", "predicted (ms)"):
+        table.add_column(column, justify="right" if column in ("units", "MFLOPs", "params (MB)", "memory (MB)", "in cut (bytes)", "out cut (bytes)", "predicted (ms)") else "left")
+    for row in rows:
+        # One line per node that may run the segment; the segment's figures only on the first.
+        for i, (name, ms) in enumerate(row.predicted_ms.items()):
+            figures = (
+                [row.segment, f"{row.start}-{row.stop - 1}", row.first_unit, row.last_unit, f"{row.flops / 1e6:.1f}",
+                 f"{row.param_mb:.2f}", f"{row.memory_mb:.2f}", str(row.in_cut_bytes), str(row.out_cut_bytes)]
+                if i == 0
+                else [""] * 9
+            )
+            table.add_row(*figures, name, f"{ms:.2f}")
+    if plan.assigned:
+        # With one node per segment the stages' predicted times add up to the request's.
+        first_choice = [next(iter(row.predicted_ms.values())) for row in rows]
+        assigned = f"nodes chosen by the partitioner; predicted latency of one request {sum(first_choice):.2f} ms"
+    else:
+        assigned = "no node assignment: any node may run a segment"
+    table.caption = (
+        f"{assigned}. Predicted ms = CPU time / min(CPU quota, parallelism) plus input and output transfer "
+        f"at {network.bandwidth_mbps:g} Mbit/s and {prepared.costs.hop_latency_ms(network.latency_ms):.3g} ms per hop; "
+        "MB = 10^6 bytes; memory = weights + peak activations, without the runtime"
+    )
+    wide_stdout().print(table)
+
+
+@main.command("compare-policies")
+@click.argument("scenario", type=click.Path(path_type=Path))
+@click.option("--requests", type=click.IntRange(min=1), default=None, help="requests per run; default: the scenario's")
+@click.option("--calibration", type=click.Path(path_type=Path), help="calibration file; overrides the scenario's")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def compare_policies_command(scenario: Path, requests: int | None, calibration: Path | None, quiet: bool) -> None:
+    """Simulate every partitioner with every scheduler on SCENARIO and print them, lowest mean latency first."""
+    from amp4ec.sim.compare import compare_policies
+    from amp4ec.runs import prepare_run
+
+    prepared = prepare_run(scenario, calibration)
+    with progress_bar("simulating policy pairs", quiet=quiet) as update:
+        results = compare_policies(prepared.scenario, prepared.costs, requests=requests, progress=update)
+    table = Table(title=f"policies compared in simulation: {scenario}", show_header=True)
+    for column in ("rank", "partitioner", "scheduler", "bounds", "latency mean (ms)", "latency p95 (ms)", "throughput (requests/s)", "failed"):
+        table.add_column(column, justify="right" if column not in ("partitioner", "scheduler", "bounds") else "left")
+    for rank, pair in enumerate(results, start=1):
+        if pair.error is not None:
+            table.add_row(str(rank), pair.partitioner, pair.scheduler, "-", "-", "-", "-", f"not run: {pair.error}")
+            continue
+        table.add_row(
+            str(rank),
+            pair.partitioner,
+            pair.scheduler,
+            " ".join(map(str, pair.bounds or [])),
+            _format_ms(pair.latency_mean_ms),
+            _format_ms(pair.latency_p95_ms),
+            "-" if pair.throughput_rps is None else f"{pair.throughput_rps:.2f}",
+            str(pair.failed),
+        )
+    table.caption = (
+        "latency: arrival to completion of each completed request; throughput: completed requests over the "
+        "time from the first arrival to the last completion; both from the simulator with the scenario's workload"
+    )
+    wide_stdout().print(table)
+
+
 def comparison_table(comparison, title: str) -> Table:
     from amp4ec.compare import format_error, format_value
 

@@ -121,6 +121,27 @@ class DynamicsEvent(_Strict):
         return self
 
 
+class CapacityChange(_Strict):
+    """A node's CPU quota changing during a simulated run, as the monitor then reports it."""
+
+    time_s: float = Field(ge=0, description="simulated time of the change")
+    node: str
+    cpus: float = Field(gt=0, description="new CFS quota in CPUs")
+
+
+class AdaptationSpec(_Strict):
+    """Repartitioning when the monitor shows a node's capacity changing (simulation only so far)."""
+
+    enabled: bool = False
+    threshold: float = Field(
+        default=0.2, gt=0, description="relative change of a node's CPU quota since the last partitioning that triggers a new one"
+    )
+    load_ms_per_mb: float = Field(
+        default=0.0, ge=0, description="time to load 10^6 bytes of weights into a worker after they arrive, in ms"
+    )
+    capacity_changes: list[CapacityChange] = Field(default_factory=list)
+
+
 class Scenario(_Strict):
     """A cluster, a workload and a policy: everything one run needs."""
 
@@ -135,6 +156,7 @@ class Scenario(_Strict):
     monitor: MonitorSpec = Field(default_factory=MonitorSpec)
     nodes: list[NodeSpec] = Field(min_length=1, description="the edge nodes, one container each")
     dynamics: list[DynamicsEvent] = Field(default_factory=list, description="node failures, recoveries and limit changes over time")
+    adaptation: AdaptationSpec = Field(default_factory=AdaptationSpec)
 
     @field_validator("nodes")
     @classmethod
@@ -152,6 +174,14 @@ class Scenario(_Strict):
         for index, event in enumerate(self.dynamics):
             if event.node not in names:
                 raise ValueError(f"dynamics[{index}].node {event.node!r} is not a node of this scenario; nodes: {', '.join(sorted(names))}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_capacity_changes(self) -> "Scenario":
+        names = {node.name for node in self.nodes}
+        for change in self.adaptation.capacity_changes:
+            if change.node not in names:
+                raise ValueError(f"adaptation.capacity_changes names unknown node {change.node!r}; nodes are {sorted(names)}")
         return self
 
     def node(self, name: str) -> NodeSpec:

@@ -27,6 +27,14 @@ class StageTask:
     memory_needed_bytes: int
 
 
+def plan_candidates(task: StageTask, states: Mapping[str, NodeState]) -> list[NodeState]:
+    """Return the live nodes that may run the stage: the segment's assigned nodes, if it has any."""
+    live = [state for state in states.values() if state.alive]
+    if task.segment.nodes:
+        live = [state for state in live if state.name in task.segment.nodes]
+    return live
+
+
 class Scheduler(Protocol):
     name: str
 
@@ -36,7 +44,7 @@ class Scheduler(Protocol):
 
 
 class RoundRobin:
-    """Stages go to the live nodes in turn, in the scenario's node order."""
+    """Stages go to the live nodes in turn, in the scenario's node order (only the assigned ones, if any)."""
 
     name = "round_robin"
 
@@ -44,7 +52,7 @@ class RoundRobin:
         self._next = 0
 
     def select(self, task: StageTask, states: Mapping[str, NodeState]) -> str:
-        names = [name for name, state in states.items() if state.alive]
+        names = [state.name for state in plan_candidates(task, states)]
         if not names:
             raise NoNodeAvailable(task)
         name = names[self._next % len(names)]
@@ -57,7 +65,8 @@ class RoundRobin:
 
 class NoNodeAvailable(RuntimeError):
     def __init__(self, task: StageTask):
-        super().__init__(f"no live node for stage {task.segment.id} of request {task.request_id}")
+        where = f" among its assigned nodes {', '.join(task.segment.nodes)}" if task.segment.nodes else ""
+        super().__init__(f"no live node{where} for stage {task.segment.id} of request {task.request_id}")
         self.task = task
 
 
@@ -70,6 +79,7 @@ class Amp4ecScheduler:
     after up to ``noise`` relative random noise, wins. Load is the mean of the node's last five
     execution times in ms divided by 100, capped at 1. When every node is filtered out, the
     least loaded live node is chosen (the published rule does not say; this is a choice).
+    When the plan assigns the segment to nodes, only those nodes are candidates.
     """
 
     name = "amp4ec"
@@ -139,7 +149,7 @@ class Amp4ecScheduler:
         )
 
     def select(self, task: StageTask, states: Mapping[str, NodeState]) -> str:
-        live = [state for state in states.values() if state.alive]
+        live = plan_candidates(task, states)
         if not live:
             raise NoNodeAvailable(task)
         candidates = [state for state in live if self.eligible(task, state)]

@@ -386,7 +386,7 @@ def bring_up(coordinator: Coordinator, name: str, *, deadline_s: float = 120.0) 
             except WorkerError:
                 if time.monotonic() > deadline:
                     raise
-        deploy_segments(client, coordinator.plan, coordinator.graph, coordinator.blobs)
+        deploy_segments(client, name, coordinator.plan, coordinator.graph, coordinator.blobs)
     node = coordinator.table[name]
     with coordinator.table.lock:
         node.address = address
@@ -398,14 +398,14 @@ def bring_up(coordinator: Coordinator, name: str, *, deadline_s: float = 120.0) 
         node.last_usage_ns = 0
 
 
-def deploy_segments(client, plan, graph, blobs: dict[str, bytes]) -> None:
-    """Load every segment on one worker and run each once on zeros, untimed.
+def deploy_segments(client, node: str, plan, graph, blobs: dict[str, bytes]) -> None:
+    """Load the plan's segments for ``node`` on its worker and run each once on zeros, untimed.
 
     The untimed call takes lazy initialisation out of the measurement. Without it the first
     request on each node looks many times slower, and a scheduler that remembers execution
     times (AMP4EC's load) may never pick that node again.
     """
-    for segment in plan.segments:
+    for segment in plan.segments_on(node):
         client.load(segment.id, blobs[segment.id])
         zeros = [np.zeros(t.shape, dtype=t.dtype) for t in graph.cuts[segment.start].tensors]
         client.run(segment.id, zeros)

@@ -1,11 +1,11 @@
 """`amp4ec replay`: a scenario and its policies on real worker containers.
 
 The coordinator runs on the host. It builds the same plan and scheduler the simulator builds,
-exports the plan's segments with torch.export, and deploys every segment on every worker (the
-cache-on choice the simulator makes too). The coordinator in coordinator.py then drives the
-requests through the stages, many at a time, relaying each activation through itself. A
-monitor thread samples each worker's own cgroup counters every ``monitor.period_s``, and the
-scheduler sees only those samples.
+exports the plan's segments with torch.export, and deploys them where the plan puts them, as
+the simulator does: on the assigned nodes, or on every worker when the plan assigns none. The
+coordinator in coordinator.py then drives the requests through the stages, many at a time,
+relaying each activation through itself. A monitor thread samples each worker's own cgroup
+counters every ``monitor.period_s``, and the scheduler sees only those samples.
 """
 
 from __future__ import annotations
@@ -86,9 +86,7 @@ def run_replay(
     traced = trace_model(model, scenario.model.name, input_shape=tuple(input_shape), granularity=scenario.model.granularity)
     _check_graph(prepared, traced.graph)
     graph = traced.graph
-    parts = scenario.policy.partitions or len(scenario.nodes)
-    plan = policies.make_partitioner(scenario).partition(graph, scenario.nodes, prepared.costs, parts)
-    plan.validate(graph.n_units)
+    plan = policies.build_plan(scenario, graph, prepared.costs, source=str(scenario_path))
     blobs = {segment.id: traced.export_segment(segment.start, segment.stop) for segment in plan.segments}
     scheduler = policies.make_scheduler(scenario, rng_for(scenario.seed, "scheduler"))
     hop_latency_ms = prepared.costs.hop_latency_ms(scenario.network.latency_ms)
@@ -102,9 +100,9 @@ def run_replay(
         warnings.append("network.bandwidth_mbps and latency_ms are not shaped in real mode yet; the Docker bridge ran unshaped")
 
     with staged_output(out, force=force) as staging, WorkerCluster(client, containers, image=image, run_id=run_id) as cluster:
-        log(f"run {run_id}: {len(containers)} workers ready; deploying {len(blobs)} segments on each")
+        log(f"run {run_id}: {len(containers)} workers ready; deploying {len(blobs)} segments where the plan puts them")
         for node in scenario.nodes:
-            deploy_segments(cluster[node.name], plan, graph, blobs)
+            deploy_segments(cluster[node.name], node.name, plan, graph, blobs)
         table = NodeTable([NodeRuntime(n.name, n.cpus, n.memory_bytes, cluster.addresses[n.name]) for n in scenario.nodes])
         coordinator = Coordinator(scenario, plan, graph, scheduler, cluster, blobs, table, hop_latency_ms)
         # A node whose first event is join is absent until it joins.
@@ -133,6 +131,8 @@ def run_replay(
         busy_cpu_ms = {name: table[name].busy_cpu_ns / 1e6 for name in table.names()}
         summary = summarise(records, busy_cpu_ms, {n.name: n.cpus for n in scenario.nodes})
         summary["plan"] = {"partitioner": plan.partitioner, "bounds": plan.bounds}
+        if any(s.nodes for s in plan.segments):
+            summary["plan"]["nodes"] = [list(s.nodes) for s in plan.segments]
         summary["output_check"] = {
             "max_abs_error": output_error,
             "atol": OUTPUT_ATOL,

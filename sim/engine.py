@@ -15,6 +15,7 @@ from typing import Callable
 import simpy
 
 from amp4ec import policies
+from amp4ec.adapt import Adapter
 from amp4ec.costs import CostModel
 from amp4ec.metrics import RequestRecord, summarise
 from amp4ec.monitor import NodeState
@@ -64,13 +65,17 @@ class Simulation:
         self.env = simpy.Environment()
         self.warnings: list[str] = []
         self.graph = costs.graph
-        parts = scenario.policy.partitions or len(scenario.nodes)
-        self.plan: Plan = policies.make_partitioner(scenario).partition(self.graph, scenario.nodes, costs, parts)
-        self.plan.validate(self.graph.n_units)
+        self.plan: Plan = policies.build_plan(scenario, self.graph, costs)
         self.scheduler: Scheduler = policies.make_scheduler(scenario, rng_for(scenario.seed, "scheduler"))
         self.hop_latency_ms = costs.hop_latency_ms(scenario.network.latency_ms)
         self.bandwidth_bps = scenario.network.bandwidth_mbps * 1e6
         self.nodes = {spec.name: self._make_node(spec) for spec in scenario.nodes}
+        self.adapter = (
+            Adapter(scenario, costs, self.plan, bandwidth_bps=self.bandwidth_bps, hop_latency_ms=self.hop_latency_ms)
+            if scenario.adaptation.enabled
+            else None
+        )
+        self.adaptations: list[dict] = []
         self._published: dict[str, NodeState] = {}
         self.records: list[RequestRecord] = []
         self._done = 0
@@ -78,10 +83,10 @@ class Simulation:
     def _make_node(self, spec: NodeSpec) -> SimNode:
         phase_ms = rng_for(self.scenario.seed, f"cfs-phase:{spec.name}").uniform(0.0, 100.0)
         cpu = CfsCpu(spec.cpus, cores=spec.torch_threads, phase_ms=phase_ms)
-        # With the cache on, every segment is deployed on every node before the first request,
-        # so any node can serve any stage; the weights and the largest activation stay resident.
+        # Before the first request each segment is deployed on the nodes the plan assigns it to,
+        # or on every node when it assigns none. Its weights and largest activation stay resident.
         memory_used = self.costs.runtime_bytes + sum(
-            self.costs.segment_memory_bytes(s.start, s.stop) for s in self.plan.segments
+            self.costs.segment_memory_bytes(s.start, s.stop) for s in self.plan.segments_on(spec.name)
         )
         node = SimNode(
             spec=spec,
@@ -106,11 +111,12 @@ class Simulation:
         for name, node in self.nodes.items():
             busy_ms = node.busy_cpu_ms - node.busy_cpu_ms_at_sample
             node.busy_cpu_ms_at_sample = node.busy_cpu_ms
-            utilisation = min(1.0, busy_ms / (node.spec.cpus * period_s * 1e3)) if self.env.now > 0 else 0.0
+            # node.cpu.cpus is the current quota; it differs from the spec after a capacity change.
+            utilisation = min(1.0, busy_ms / (node.cpu.cpus * period_s * 1e3)) if self.env.now > 0 else 0.0
             states[name] = NodeState(
                 name=name,
                 time_s=self.env.now,
-                cpus=node.spec.cpus,
+                cpus=node.cpu.cpus,
                 memory_bytes=node.spec.memory_bytes,
                 cpu_utilisation=utilisation,
                 memory_used_bytes=min(node.memory_used_bytes, node.spec.memory_bytes),
@@ -130,10 +136,43 @@ class Simulation:
                 self.env.process(self._publish_later(sample, delay_s))
             else:
                 self._published = sample
+                self._adapt()
 
     def _publish_later(self, sample: dict[str, NodeState], delay_s: float):
         yield self.env.timeout(delay_s)
         self._published = sample
+        self._adapt()
+
+    def _adapt(self) -> None:
+        """Repartition when the published snapshot shows a quota change beyond the threshold."""
+        if self.adapter is None:
+            return
+        decision = self.adapter.check(self._published, self.env.now)
+        if decision is None:
+            return
+        self.adaptations.append(decision.to_dict())
+        if decision.error is not None:
+            self.warnings.append(f"adaptation at {self.env.now:.3f} s kept the old plan: {decision.error}")
+            return
+        # Requests already in flight finish on the old plan's segments; new requests use the new one.
+        self.plan = self.adapter.plan
+        for name, node in self.nodes.items():
+            node.memory_used_bytes = self.adapter.memory_bytes(name)
+            if name in decision.redeploy_ms:
+                self.env.process(self._redeploy(node, decision.redeploy_ms[name]))
+
+    def _redeploy(self, node: SimNode, duration_ms: float):
+        # Shipping and loading weights occupies the node's link and its worker.
+        with node.link.request() as link_slot, node.worker.request() as worker_slot:
+            yield link_slot & worker_slot
+            yield self.env.timeout(duration_ms / 1e3)
+
+    def _capacity_changes(self):
+        for change in sorted(self.scenario.adaptation.capacity_changes, key=lambda c: c.time_s):
+            yield self.env.timeout(max(0.0, change.time_s - self.env.now))
+            cpu = self.nodes[change.node].cpu
+            cpu.cpus = change.cpus
+            cpu.quota_ms = change.cpus * cpu.period_ms
 
     def _transfer(self, node: SimNode, n_bytes: int):
         with node.link.request() as slot:
@@ -205,6 +244,8 @@ class Simulation:
     def run(self) -> SimResult:
         workload = self.scenario.workload
         self.env.process(self._monitor())
+        if self.scenario.adaptation.capacity_changes:
+            self.env.process(self._capacity_changes())
         arrivals_s = open_loop_arrivals_s(workload, self.scenario.seed)
         if arrivals_s is None:
             clients = [
@@ -224,7 +265,11 @@ class Simulation:
             {name: node.spec.cpus for name, node in self.nodes.items()},
         )
         summary["plan"] = {"partitioner": self.plan.partitioner, "bounds": self.plan.bounds}
+        if any(s.nodes for s in self.plan.segments):
+            summary["plan"]["nodes"] = [list(s.nodes) for s in self.plan.segments]
         summary["warnings"] = list(self.warnings)
+        if self.adapter is not None:
+            summary["adaptations"] = self.adaptations
         for name, node in self.nodes.items():
             summary["nodes"][name]["throttled_stages"] = node.cpu.throttled_jobs
         return SimResult(self.records, summary, self.warnings)
