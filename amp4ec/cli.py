@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import signal
 import sys
 import threading
@@ -135,7 +136,8 @@ def simulate(scenario: Path, out: Path, force: bool, quiet: bool, calibration: P
 @click.option("--quiet", is_flag=True, help="no progress bar and no summary table")
 @click.option("--calibration", type=click.Path(path_type=Path), help="calibration file; overrides the scenario's")
 @click.option("--base-image", default=None, help="base image for the worker image, e.g. python:3.11-slim; default: a debootstrap rootfs")
-def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Path | None, base_image: str | None) -> None:
+@click.option("--compare", "compare_sim", is_flag=True, help="also simulate the scenario into OUT/fidelity/sim and report the relative errors")
+def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Path | None, base_image: str | None, compare_sim: bool) -> None:
     """Replay SCENARIO on real Docker containers and write the run to --out."""
     require_extras("replay")
     from amp4ec.real.replay import run_replay
@@ -153,6 +155,17 @@ def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Pat
         stdout.print(summary_table(summary, f"replayed on containers: {scenario}"))
         for warning in summary.get("warnings", []):
             console.print(Text("warning: ", style="yellow") + Text(warning))
+    if compare_sim:
+        from amp4ec.compare import compare_runs, plot_latency_distributions
+        from amp4ec.sim.run import run_simulation
+
+        fidelity = out / "fidelity"
+        run_simulation(scenario, fidelity / "sim", force=True, calibration=calibration)
+        comparison = compare_runs(fidelity / "sim", out)
+        plot = plot_latency_distributions(fidelity / "sim", out, fidelity / "latency.png")
+        (fidelity / "report.json").write_text(json.dumps(comparison.as_dict(), indent=1) + "\n")
+        stdout.print(comparison_table(comparison, f"simulation vs replay: {scenario}"))
+        stdout.print(f"latency distributions: {plot}")
 
 
 @main.command()
@@ -409,6 +422,129 @@ def compare_policies_command(scenario: Path, requests: int | None, calibration: 
         "time from the first arrival to the last completion; both from the simulator with the scenario's workload"
     )
     wide_stdout().print(table)
+
+
+def comparison_table(comparison, title: str) -> Table:
+    from amp4ec.compare import format_error, format_value
+
+    table = Table(title=title, show_header=True)
+    for column in ("metric", "sim", "real", "relative error", "threshold", "check"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for metric in comparison.metrics:
+        if metric.threshold is None:
+            status = ""
+        elif metric.passed:
+            status = "ok"
+        else:
+            status = "[bold red]FAIL[/]"
+        table.add_row(
+            metric.name,
+            format_value(metric.sim),
+            format_value(metric.real),
+            format_error(metric.relative_error),
+            "-" if metric.threshold is None else f"{metric.threshold:.1%}",
+            status,
+        )
+    table.caption = "relative error = |sim - real| / |real|"
+    return table
+
+
+@main.command()
+@click.argument("sim_dir", type=click.Path(path_type=Path))
+@click.argument("real_dir", type=click.Path(path_type=Path))
+@click.option("--plot", "plot", type=click.Path(path_type=Path), default=None, help="PNG of both latency distributions; default REAL_DIR/fidelity-latency.png")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="also write the report as JSON to this file")
+@click.option("--max-error-mean", type=float, default=None, help="fail when mean latency's relative error exceeds this (0.2 = 20%)")
+@click.option("--max-error-p50", type=float, default=None, help="fail when p50 latency's relative error exceeds this")
+@click.option("--max-error-p95", type=float, default=None, help="fail when p95 latency's relative error exceeds this")
+@click.option("--max-error-p99", type=float, default=None, help="fail when p99 latency's relative error exceeds this")
+@click.option("--max-error-throughput", type=float, default=None, help="fail when throughput's relative error exceeds this")
+@click.option("--max-error-utilisation", type=float, default=None, help="fail when any node's utilisation error exceeds this")
+def compare(
+    sim_dir: Path,
+    real_dir: Path,
+    plot: Path | None,
+    json_out: Path | None,
+    max_error_mean: float | None,
+    max_error_p50: float | None,
+    max_error_p95: float | None,
+    max_error_p99: float | None,
+    max_error_throughput: float | None,
+    max_error_utilisation: float | None,
+) -> None:
+    """Report how well the simulated run SIM_DIR predicted the real run REAL_DIR.
+
+    Exits with status 1 when a relative error exceeds its --max-error-* threshold.
+    """
+    from amp4ec.compare import compare_runs, plot_latency_distributions
+
+    thresholds = {
+        "mean": max_error_mean,
+        "p50": max_error_p50,
+        "p95": max_error_p95,
+        "p99": max_error_p99,
+        "throughput": max_error_throughput,
+        "utilisation": max_error_utilisation,
+    }
+    comparison = compare_runs(sim_dir, real_dir, thresholds)
+    written = plot_latency_distributions(sim_dir, real_dir, plot or Path(real_dir) / "fidelity-latency.png")
+    if json_out is not None:
+        json_out.write_text(json.dumps(comparison.as_dict(), indent=1) + "\n")
+    stdout.print(comparison_table(comparison, f"{sim_dir} (sim) vs {real_dir} (real)"))
+    stdout.print(f"latency distributions: {written}")
+    for warning in comparison.warnings:
+        console.print(Text("warning: ", style="yellow") + Text(warning))
+    if not comparison.passed:
+        names = ", ".join(metric.name for metric in comparison.failures)
+        console.print(Text("fidelity check failed: ", style="bold red") + Text(f"{names} above threshold"), highlight=False)
+        sys.exit(1)
+
+
+# Other modules may have registered the `bench` group already; real mode adds a subcommand.
+bench_group = main.commands.get("bench")
+if bench_group is None:
+
+    @main.group("bench")
+    def bench_group() -> None:
+        """Benchmarks that print their figures against a reference measured in the same run."""
+
+
+@bench_group.command("real")
+@click.option("--scenario", "scenario", default=Path("scenarios/bench/pipeline-2-node.toml"), show_default=True, type=click.Path(path_type=Path), help="scenario whose pipelined throughput is measured")
+@click.option("--requests", default=60, show_default=True, help="requests of the pipelined replay")
+@click.option("--clients", default=None, type=int, help="closed-loop clients; default two per node")
+@click.option("--repeats", default=30, show_default=True, help="echo round trips per payload size")
+@click.option("--base-image", default=None, help="base image for the worker image; default: a debootstrap rootfs")
+def bench_real(scenario: Path, requests: int, clients: int | None, repeats: int, base_image: str | None) -> None:
+    """Per-hop overhead for 10 KB to 1.5 MB activations, and pipelined throughput over the capacity bound."""
+    from amp4ec.real.bench import bench_hops, bench_pipeline
+
+    if requests < 1 or repeats < 1:
+        raise UsageError(f"--requests and --repeats must be at least 1, got {requests} and {repeats}")
+    if clients is not None and clients < 1:
+        raise UsageError(f"--clients must be at least 1, got {clients}")
+    log = lambda message: console.print(message, highlight=False)  # noqa: E731
+    hops = bench_hops(repeats=repeats, base_image=base_image, log=log)
+    table = Table(title="per-hop time, host to worker container (median)")
+    for column in ("payload", "hop (ms)", "overhead beyond bytes/bandwidth (ms)", "loopback pyzmq hop (ms)", "hop / loopback"):
+        table.add_column(column, justify="right")
+    for row in hops["rows"]:
+        ratio = row["hop_over_loopback"]
+        table.add_row(f"{row['bytes'] / 1e3:g} KB", f"{row['hop_ms']:.3f}", f"{row['overhead_ms']:.3f}", f"{row['loopback_hop_ms']:.3f}", "-" if ratio is None else f"{ratio:.2f}")
+    table.caption = f"bandwidth fitted over the sizes: {hops['fitted_bandwidth_bps'] / 1e9:.2f} Gbit/s"
+    stdout.print(table)
+    verdict = "ok" if hops["passed"] else "ABOVE TARGET"
+    stdout.print(f"overhead at 100 KB: {hops['overhead_ms_at_100kb']:.3f} ms (target < {hops['target_ms']} ms): {verdict}")
+    pipeline = bench_pipeline(scenario, requests=requests, clients=clients, base_image=base_image, log=log)
+    if pipeline["ratio"] is None:
+        stdout.print(f"pipelined replay completed {pipeline['completed']} requests; no capacity ratio")
+    else:
+        stdout.print(
+            f"pipelined throughput {pipeline['throughput_rps']:.2f} requests/s; capacity bound "
+            f"{pipeline['total_cpus']:g} CPUs / {pipeline['cpu_ms_per_request']:.1f} CPU ms per request = "
+            f"{pipeline['capacity_bound_rps']:.2f} requests/s; ratio {pipeline['ratio']:.3f} "
+            f"(target >= {pipeline['target']}): {'ok' if pipeline['passed'] else 'BELOW TARGET'}"
+        )
 
 
 if __name__ == "__main__":

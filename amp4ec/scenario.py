@@ -59,6 +59,9 @@ class PolicySpec(_Strict):
     cache: bool = Field(default=True, description="keep deployed segments resident on their nodes")
     scheduler_params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the scheduler")
     partitioner_params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the partitioner")
+    retries: int = Field(
+        default=0, ge=0, description="times a stage whose node failed is retried on another node before the request fails"
+    )
 
 
 class WorkloadSpec(_Strict):
@@ -98,6 +101,31 @@ class MonitorSpec(_Strict):
     delay_s: float = Field(default=0.0, ge=0, description="how long a sample takes to reach the scheduler")
 
 
+DYNAMICS_ACTIONS = ("fail", "recover", "leave", "join", "pause", "resume", "restart", "set_cpus")
+
+
+class DynamicsEvent(_Strict):
+    """One change to a node during a run, ``at_s`` seconds after the workload starts.
+
+    fail kills the node and recover starts it again. leave stops it and join starts it again;
+    a node whose first event is join is absent until then. pause and resume freeze and thaw
+    it, restart restarts it (segments are deployed again), set_cpus changes its CPU limit.
+    """
+
+    at_s: float = Field(ge=0, description="seconds after the first request")
+    node: str
+    action: Literal["fail", "recover", "leave", "join", "pause", "resume", "restart", "set_cpus"]
+    cpus: float | None = Field(default=None, gt=0, description="set_cpus only: the new CPU limit in CPUs")
+
+    @model_validator(mode="after")
+    def _check_cpus(self) -> "DynamicsEvent":
+        if self.action == "set_cpus" and self.cpus is None:
+            raise ValueError("action set_cpus needs cpus, the new CPU limit")
+        if self.action != "set_cpus" and self.cpus is not None:
+            raise ValueError(f"cpus applies to set_cpus only, not to action {self.action!r}")
+        return self
+
+
 class CapacityChange(_Strict):
     """A node's CPU quota changing during a simulated run, as the monitor then reports it."""
 
@@ -132,6 +160,7 @@ class Scenario(_Strict):
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     monitor: MonitorSpec = Field(default_factory=MonitorSpec)
     nodes: list[NodeSpec] = Field(min_length=1, description="the edge nodes, one container each")
+    dynamics: list[DynamicsEvent] = Field(default_factory=list, description="node failures, recoveries and limit changes over time")
     adaptation: AdaptationSpec = Field(default_factory=AdaptationSpec)
 
     @field_validator("nodes")
@@ -143,6 +172,14 @@ class Scenario(_Strict):
                 raise ValueError(f"node name {node.name!r} appears twice")
             seen.add(node.name)
         return nodes
+
+    @model_validator(mode="after")
+    def _check_dynamics_nodes(self) -> "Scenario":
+        names = {node.name for node in self.nodes}
+        for index, event in enumerate(self.dynamics):
+            if event.node not in names:
+                raise ValueError(f"dynamics[{index}].node {event.node!r} is not a node of this scenario; nodes: {', '.join(sorted(names))}")
+        return self
 
     @model_validator(mode="after")
     def _check_capacity_changes(self) -> "Scenario":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import zmq
@@ -19,6 +19,8 @@ from amp4ec.errors import UsageError, WorkerError
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 30.0
+# How often a waiting request checks its cancellation callback.
+CANCEL_POLL_S = 0.05
 
 # The dtypes the worker accepts. Tensors travel little-endian: encode_arrays converts
 # big-endian arrays, and the worker image is built for x86_64.
@@ -121,11 +123,13 @@ class WorkerClient:
         frames: Sequence[bytes | memoryview] = (),
         *,
         timeout_s: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> tuple[dict, list[bytes]]:
         """Send one request and return the reply header and frames.
 
-        Raises WorkerError when no reply arrives within timeout_s (default: the client's) or
-        the worker replies with an error.
+        Raises WorkerError when no reply arrives within timeout_s (default: the client's), when
+        ``cancelled()`` turns true while waiting (checked every CANCEL_POLL_S), or when the
+        worker replies with an error.
         """
         if self._socket is None:
             raise self._error("client is closed")
@@ -134,8 +138,10 @@ class WorkerClient:
         started = time.monotonic()
         try:
             self._socket.send_multipart([json.dumps(header).encode("utf-8"), *frames], copy=False)
-            if not self._socket.poll(timeout=max(1, int(timeout_s * 1e3)), flags=zmq.POLLIN):
+            if not self._wait_reply(started + timeout_s, cancelled):
                 self._reset()
+                if cancelled is not None and cancelled():
+                    raise self._error(f"request {op!r} cancelled: the node went down while it was in flight")
                 raise self._error(
                     f"no reply to {op!r} within {timeout_s:g} s; the worker is busy, stopped or unreachable"
                 )
@@ -152,6 +158,18 @@ class WorkerClient:
             raise self._error(f"{op!r} failed: {error_text}")
         log.debug("%s %s took %.2f ms", self.node or self.address, op, (time.monotonic() - started) * 1e3)
         return reply, message[1:]
+
+    def _wait_reply(self, deadline: float, cancelled: Callable[[], bool] | None) -> bool:
+        """Return True once a reply is readable, False at the deadline or on cancellation."""
+        while True:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                return False
+            slice_s = remaining_s if cancelled is None else min(remaining_s, CANCEL_POLL_S)
+            if self._socket.poll(timeout=max(1, int(slice_s * 1e3)), flags=zmq.POLLIN):
+                return True
+            if cancelled is not None and cancelled():
+                return False
 
     def _reset(self) -> None:
         self.close()
@@ -183,11 +201,12 @@ class WorkerClient:
         arrays: Sequence[np.ndarray],
         *,
         timeout_s: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> tuple[list[np.ndarray], dict]:
         """Run a loaded segment; return its outputs and {"wall_ms", "cpu_ms"} of the forward call."""
         specs, frames = encode_arrays(arrays)
         reply, output_frames = self.request(
-            {"op": "run", "segment": segment_id, "inputs": specs}, frames, timeout_s=timeout_s
+            {"op": "run", "segment": segment_id, "inputs": specs}, frames, timeout_s=timeout_s, cancelled=cancelled
         )
         outputs = decode_arrays(reply.get("outputs", []), output_frames)
         return outputs, {"wall_ms": reply["wall_ms"], "cpu_ms": reply["cpu_ms"]}

@@ -1,18 +1,19 @@
 """`amp4ec replay`: a scenario and its policies on real worker containers.
 
 The coordinator runs on the host. It builds the same plan and scheduler the simulator builds,
-exports the plan's segments with torch.export and deploys them where the plan puts them, as
-the simulator does: on the assigned nodes, or on every worker when the plan assigns none. It drives the requests through the stages,
+exports the plan's segments with torch.export, and deploys them where the plan puts them, as
+the simulator does: on the assigned nodes, or on every worker when the plan assigns none. The
+coordinator in coordinator.py then drives the requests through the stages, many at a time,
 relaying each activation through itself. A monitor thread samples each worker's own cgroup
-counters every ``monitor.period_s``; the scheduler sees only those samples.
+counters every ``monitor.period_s``, and the scheduler sees only those samples.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, ContextManager
 
@@ -21,95 +22,15 @@ import numpy as np
 from amp4ec import policies
 from amp4ec.errors import UsageError, WorkerError
 from amp4ec.metrics import RequestRecord, summarise, write_run
-from amp4ec.monitor import NodeState
 from amp4ec.rundir import RunInfo, check_output_dir, staged_output
 from amp4ec.runs import PreparedRun, prepare_run
-from amp4ec.schedule import NoNodeAvailable, StageTask
-from amp4ec.workload import rng_for
+from amp4ec.scenario import WorkloadSpec
+from amp4ec.workload import open_loop_arrivals_s, rng_for
 
-# Same CPU request per stage as the simulator's AMP4EC node filter.
-DEFAULT_CPU_NEEDED = 0.1
+# Threads an open-loop replay uses at most; arrivals beyond this many in flight wait for one.
+OPEN_LOOP_MAX_THREADS = 64
 # Tolerance of the end-to-end output check against the unsplit model on the host.
 OUTPUT_ATOL = 1e-4
-
-
-class StatsMonitor:
-    """Samples every worker's cgroup counters on its own sockets and publishes NodeStates."""
-
-    def __init__(self, prepared: PreparedRun, addresses: dict[str, str], hop_latency_ms: float):
-        from amp4ec.real.client import WorkerClient
-
-        self.scenario = prepared.scenario
-        self.hop_latency_ms = hop_latency_ms
-        self._clients = {
-            name: WorkerClient(address, node=name, timeout_s=max(2.0, self.scenario.monitor.period_s))
-            for name, address in addresses.items()
-        }
-        self._previous: dict[str, tuple[float, int]] = {}
-        self._published: dict[str, NodeState] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="amp4ec-monitor", daemon=True)
-        self.first_usage_ns: dict[str, int] = {}
-        self.last_usage_ns: dict[str, int] = {}
-
-    def start(self) -> None:
-        self._publish(self._sample())
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        self._publish(self._sample())
-        for client in self._clients.values():
-            client.close()
-
-    def snapshot(self) -> dict[str, NodeState]:
-        with self._lock:
-            return dict(self._published)
-
-    def _publish(self, sample: dict[str, NodeState]) -> None:
-        with self._lock:
-            self._published = sample
-
-    def _sample(self) -> dict[str, NodeState]:
-        states = {}
-        for spec in self.scenario.nodes:
-            name = spec.name
-            try:
-                stats = self._clients[name].stats()
-            except WorkerError:
-                states[name] = NodeState(name, time.time(), spec.cpus, spec.memory_bytes, 1.0, spec.memory_bytes, math.inf, alive=False)
-                continue
-            now = stats.get("time_s") or time.time()
-            usage_ns = int(stats.get("cpu_usage_ns") or 0)
-            self.first_usage_ns.setdefault(name, usage_ns)
-            self.last_usage_ns[name] = usage_ns
-            previous = self._previous.get(name)
-            utilisation = 0.0
-            if previous is not None and now > previous[0]:
-                utilisation = (usage_ns - previous[1]) / 1e9 / ((now - previous[0]) * spec.cpus)
-            self._previous[name] = (now, usage_ns)
-            states[name] = NodeState(
-                name=name,
-                time_s=now,
-                cpus=spec.cpus,
-                memory_bytes=spec.memory_bytes,
-                cpu_utilisation=min(1.0, max(0.0, utilisation)),
-                memory_used_bytes=int(stats.get("memory_usage_bytes") or 0),
-                link_latency_ms=self.hop_latency_ms,
-            )
-        return states
-
-    def _loop(self) -> None:
-        period_s = self.scenario.monitor.period_s
-        delay_s = self.scenario.monitor.delay_s
-        while not self._stop.wait(period_s):
-            sample = self._sample()
-            if delay_s > 0:
-                threading.Timer(delay_s, self._publish, args=(sample,)).start()
-            else:
-                self._publish(sample)
 
 
 def _check_graph(prepared: PreparedRun, traced_graph) -> None:
@@ -133,20 +54,19 @@ def run_replay(
     progress: ContextManager[Callable[[int, int], None]] | None = None,
     log: Callable[[str], None] = print,
     run_id: str | None = None,
+    workload_overrides: dict | None = None,
 ) -> dict:
     """Replay a scenario file on containers and write records.parquet, summary.json and run.json.
 
     ``run_id`` labels the run's containers and network; a random one is made when it is None.
+    ``workload_overrides`` replaces fields of the scenario's workload (benchmarks use it).
     """
     check_output_dir(out, force=force)
     prepared = prepare_run(scenario_path, calibration)
+    if workload_overrides:
+        workload = WorkloadSpec.model_validate({**prepared.scenario.workload.model_dump(), **workload_overrides})
+        prepared.scenario = prepared.scenario.model_copy(update={"workload": workload})
     scenario = prepared.scenario
-    if scenario.workload.clients != 1 or scenario.workload.kind != "closed":
-        raise UsageError(
-            "replay runs the closed loop with one client only so far; set workload.kind = \"closed\" and clients = 1",
-            field="workload",
-            source=str(scenario_path),
-        )
     try:
         import torch
 
@@ -155,6 +75,7 @@ def run_replay(
         raise UsageError("replay needs torch and torchvision on the host: pip install 'amp4ec[torch,docker]'") from exc
     from amp4ec.real.containers import NodeSpec as ContainerSpec
     from amp4ec.real.containers import WorkerCluster, docker_client
+    from amp4ec.real.coordinator import STOP_TIMEOUT_S, Coordinator, DynamicsRunner, NodeRuntime, NodeTable, deploy_segments, mark_down
     from amp4ec.real.image import ensure_worker_image
 
     info = RunInfo("real", scenario.resolved(), prepared.calibration_path)
@@ -169,7 +90,6 @@ def run_replay(
     blobs = {segment.id: traced.export_segment(segment.start, segment.stop) for segment in plan.segments}
     scheduler = policies.make_scheduler(scenario, rng_for(scenario.seed, "scheduler"))
     hop_latency_ms = prepared.costs.hop_latency_ms(scenario.network.latency_ms)
-    inputs_rng = rng_for(scenario.seed, "inputs")
 
     client = docker_client()
     image = ensure_worker_image(client, base_image=base_image, log=log)
@@ -181,39 +101,34 @@ def run_replay(
 
     with staged_output(out, force=force) as staging, WorkerCluster(client, containers, image=image, run_id=run_id) as cluster:
         log(f"run {run_id}: {len(containers)} workers ready; deploying {len(blobs)} segments where the plan puts them")
-        # One untimed call per segment and worker takes lazy initialisation out of the
-        # measurement; without it the first request on each node looks many times slower, and
-        # a scheduler that remembers execution times (AMP4EC's load) may never pick that node again.
         for node in scenario.nodes:
-            for segment in plan.segments_on(node.name):
-                cluster[node.name].load(segment.id, blobs[segment.id])
-                zeros = [np.zeros(t.shape, dtype=t.dtype) for t in graph.cuts[segment.start].tensors]
-                cluster[node.name].run(segment.id, zeros)
-        monitor = StatsMonitor(prepared, dict(cluster.addresses), hop_latency_ms)
-        monitor.start()
-        records: list[RequestRecord] = []
-        output_error = None
-        t0 = time.perf_counter()
+            deploy_segments(cluster[node.name], node.name, plan, graph, blobs)
+        table = NodeTable([NodeRuntime(n.name, n.cpus, n.memory_bytes, cluster.addresses[n.name]) for n in scenario.nodes])
+        coordinator = Coordinator(scenario, plan, graph, scheduler, cluster, blobs, table, hop_latency_ms)
+        # A node whose first event is join is absent until it joins.
+        for name in _late_joiners(scenario):
+            mark_down(coordinator, name, "not joined yet")
+            cluster.containers[name].stop(timeout=STOP_TIMEOUT_S)
+        dynamics = DynamicsRunner(coordinator, list(scenario.dynamics))
+        coordinator.monitor.start()
+        coordinator.t0 = time.perf_counter()
+        dynamics.start()
         try:
             context = progress if progress is not None else _no_progress()
             with context as update:
-                for request_id in range(scenario.workload.requests):
-                    x = inputs_rng.standard_normal(input_shape, dtype=np.float32)
-                    record, output = _run_request(request_id, x, plan, graph, scenario, scheduler, monitor, cluster, t0)
-                    records.append(record)
-                    if request_id == 0 and output is not None:
-                        with torch.no_grad():
-                            expected = model(torch.from_numpy(x)).numpy()
-                        output_error = float(np.max(np.abs(expected - output)))
-                    update(request_id + 1, scenario.workload.requests)
-                    if scenario.workload.think_time_ms > 0:
-                        time.sleep(scenario.workload.think_time_ms / 1e3)
+                results = drive_workload(coordinator, scenario, input_shape, update)
         finally:
-            monitor.stop()
-        busy_cpu_ms = {
-            name: (monitor.last_usage_ns.get(name, 0) - monitor.first_usage_ns.get(name, 0)) / 1e6
-            for name in (n.name for n in scenario.nodes)
-        }
+            dynamics.stop()
+            coordinator.monitor.stop()
+            coordinator.close()
+        records = [results[i][0] for i in range(scenario.workload.requests)]
+        output = results[0][1]
+        output_error = None
+        if output is not None:
+            with torch.no_grad():
+                expected = model(torch.from_numpy(request_input(scenario.seed, 0, input_shape))).numpy()
+            output_error = float(np.max(np.abs(expected - output)))
+        busy_cpu_ms = {name: table[name].busy_cpu_ns / 1e6 for name in table.names()}
         summary = summarise(records, busy_cpu_ms, {n.name: n.cpus for n in scenario.nodes})
         summary["plan"] = {"partitioner": plan.partitioner, "bounds": plan.bounds}
         if any(s.nodes for s in plan.segments):
@@ -225,13 +140,124 @@ def run_replay(
         }
         if output_error is not None and output_error > OUTPUT_ATOL:
             warnings.append(f"the partitioned output differs from the unsplit model by {output_error:.2e} (atol {OUTPUT_ATOL})")
+        failed_events = [e for e in dynamics.applied if e.error]
+        for event in failed_events:
+            warnings.append(f"dynamics: {event.action} on node {event.node} at {event.at_s:g} s failed: {event.error}")
         for name in (n.name for n in scenario.nodes):
             if cluster.oom_killed(name):
                 warnings.append(f"node {name} was OOM-killed at its {scenario.node(name).memory_mb:g} MiB limit")
         summary["warnings"] = warnings
         write_run(staging, records, summary)
-        info.write(staging, {"run_id": run_id, "image": image, "network": "docker bridge, unshaped, relayed through the coordinator"})
+        info.write(
+            staging,
+            {
+                "run_id": run_id,
+                "image": image,
+                "network": "docker bridge, unshaped",
+                "transport": {
+                    "activations": "relay",
+                    "detail": "every stage's input and output pass through the coordinator",
+                    "max_in_flight": max_in_flight(scenario),
+                },
+                "monitor": {"method": "poll", "samples": coordinator.monitor.samples, "missed": coordinator.monitor.missed},
+                "dynamics": [event.as_dict() for event in dynamics.applied],
+            },
+        )
     return summary
+
+
+def _late_joiners(scenario) -> list[str]:
+    first_action: dict[str, str] = {}
+    for event in sorted(scenario.dynamics, key=lambda e: e.at_s):
+        first_action.setdefault(event.node, event.action)
+    return [name for name, action in first_action.items() if action == "join"]
+
+
+def request_input(seed: int, request_id: int, input_shape) -> np.ndarray:
+    """Return request ``request_id``'s input, the same whichever thread or order sends it."""
+    return rng_for(seed, f"inputs:{request_id}").standard_normal(input_shape, dtype=np.float32)
+
+
+def max_in_flight(scenario) -> int:
+    workload = scenario.workload
+    if workload.kind == "closed":
+        return min(workload.clients, workload.requests)
+    return min(workload.requests, OPEN_LOOP_MAX_THREADS)
+
+
+def drive_workload(coordinator, scenario, input_shape, update: Callable[[int, int], None]) -> dict[int, tuple]:
+    """Run every request of the workload at real time; return {request_id: (record, output)}.
+
+    Closed loop: ``clients`` threads, client c sending requests c, c + clients, ... as the
+    simulator's clients do. Poisson: each request starts at the arrival time
+    amp4ec.workload gives the simulator for the same seed, in a pool of threads.
+    Every request id gets exactly one record: an unexpected error in a request's thread
+    becomes a failed record with the error as reason.
+    """
+    workload = scenario.workload
+    total = workload.requests
+    results: dict[int, tuple] = {}
+    duplicates: list[int] = []
+    lock = threading.Lock()
+
+    def run_one(request_id: int, arrival_s: float) -> None:
+        x = request_input(scenario.seed, request_id, input_shape)
+        try:
+            record, output = coordinator.run_request(request_id, x, arrival_s)
+        except Exception as error:  # noqa: BLE001 - every request must end with a record
+            record = RequestRecord(request_id=request_id, arrival_s=arrival_s)
+            record.fail(coordinator.now_s(), f"coordinator error: {type(error).__name__}: {error}")
+            output = None
+        with lock:
+            if request_id in results:
+                duplicates.append(request_id)
+                return
+            results[request_id] = (record, output if request_id == 0 else None)
+            done = len(results)
+        update(done, total)
+
+    arrivals_s = open_loop_arrivals_s(workload, scenario.seed)
+    if arrivals_s is None:
+        think_s = workload.think_time_ms / 1e3
+
+        def client_loop(first: int) -> None:
+            for request_id in range(first, total, workload.clients):
+                run_one(request_id, coordinator.now_s())
+                if think_s > 0:
+                    time.sleep(think_s)
+
+        threads = [
+            threading.Thread(target=client_loop, args=(c,), name=f"amp4ec-client-{c}", daemon=True)
+            for c in range(min(workload.clients, total))
+        ]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        except BaseException:
+            # A signal or Ctrl-C: cancel the stages in flight so the threads end promptly.
+            coordinator.abort()
+            raise
+    else:
+        pool = ThreadPoolExecutor(max_workers=max_in_flight(scenario), thread_name_prefix="amp4ec-request")
+        try:
+            for request_id, arrival_s in enumerate(arrivals_s):
+                wait_s = arrival_s - coordinator.now_s()
+                if wait_s > 0:
+                    time.sleep(wait_s)
+                pool.submit(run_one, request_id, float(arrival_s))
+        except BaseException:
+            coordinator.abort()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+    missing = [i for i in range(total) if i not in results]
+    if duplicates:
+        raise WorkerError(f"requests {duplicates[:10]} ended twice; this is a bug in the coordinator")
+    if missing:
+        raise WorkerError(f"requests {missing[:10]} ended without a record; this is a bug in the coordinator")
+    return results
 
 
 class _no_progress:
@@ -240,40 +266,3 @@ class _no_progress:
 
     def __exit__(self, *exc_info):
         return False
-
-
-def _run_request(request_id, x, plan, graph, scenario, scheduler, monitor, cluster, t0):
-    """Drive one request through every stage; return its record and the final output."""
-    record = RequestRecord(request_id=request_id, arrival_s=time.perf_counter() - t0)
-    tensors = [x]
-    for segment in plan.segments:
-        task = StageTask(
-            request_id=request_id,
-            segment=segment,
-            cpu_needed=DEFAULT_CPU_NEEDED,
-            memory_needed_bytes=graph.segment_param_bytes(segment.start, segment.stop)
-            + graph.segment_peak_activation_bytes(segment.start, segment.stop),
-        )
-        try:
-            name = scheduler.select(task, monitor.snapshot())
-        except NoNodeAvailable:
-            record.fail(time.perf_counter() - t0, "no live node")
-            return record, None
-        stage_start_s = time.perf_counter() - t0
-        if math.isnan(record.start_s):
-            record.start_s = stage_start_s
-        in_bytes = sum(t.nbytes for t in tensors)
-        try:
-            tensors, timing = cluster[name].run(segment.id, tensors)
-        except WorkerError as exc:
-            record.fail(time.perf_counter() - t0, f"node {name}: {exc}")
-            return record, None
-        stage_end_s = time.perf_counter() - t0
-        scheduler.observe(name, timing["wall_ms"])
-        record.stage_nodes.append(name)
-        record.stage_start_s.append(stage_start_s)
-        record.stage_end_s.append(stage_end_s)
-        record.stage_exec_ms.append(timing["wall_ms"])
-        record.bytes_moved += in_bytes + sum(t.nbytes for t in tensors)
-    record.complete(time.perf_counter() - t0)
-    return record, tensors[0] if len(tensors) == 1 else None

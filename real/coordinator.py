@@ -1,0 +1,485 @@
+"""The replay coordinator: many requests in flight, a monitor, and the scenario's dynamics.
+
+Every request in flight runs in its own thread with its own REQ socket per worker. While one
+request runs stage 2 on node B, another can run stage 1 on node A, so the stages pipeline.
+Each worker serves the requests queued on it one at a time, as the simulator's workers do. Activations are relayed through the coordinator (each stage's output comes back to the
+host and is sent to the next stage's node).
+
+Faults come from the scenario's ``[[dynamics]]`` timeline and are applied to the containers
+with the Docker API. The coordinator learns that a node went down from the Docker call it
+made itself, which stands in for the connection errors a remote coordinator would see. A
+stage in flight on a node that goes down is cancelled at once and retried on another node
+up to ``policy.retries`` times; after that the request fails with the reason. Every request
+ends completed or failed, exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from amp4ec.errors import DockerError, WorkerError
+from amp4ec.metrics import RequestRecord
+from amp4ec.monitor import NodeState
+from amp4ec.schedule import NoNodeAvailable, StageTask
+
+log = logging.getLogger(__name__)
+
+# Same CPU request per stage as the simulator's AMP4EC node filter.
+DEFAULT_CPU_NEEDED = 0.1
+# Seconds a stage may wait for its reply. A paused node delays its requests up to this long.
+STAGE_TIMEOUT_S = 60.0
+# Seconds `docker stop` waits for SIGTERM before SIGKILL (leave, restart).
+STOP_TIMEOUT_S = 2
+
+
+@dataclass
+class NodeRuntime:
+    """The coordinator's view of one node's container during the run."""
+
+    name: str
+    cpus: float
+    memory_bytes: int
+    address: str
+    up: bool = True
+    paused: bool = False
+    down_reason: str = ""
+    # Bumped whenever the node goes down or comes back, so a stage started before the change
+    # is cancelled and clients reconnect to the (possibly new) address.
+    generation: int = 0
+    busy_cpu_ns: int = 0
+    last_usage_ns: int | None = None
+    pause_method: str = ""
+
+    @property
+    def serving(self) -> bool:
+        return self.up and not self.paused
+
+
+class NodeTable:
+    """Thread-safe node states, shared by request threads, the monitor and the dynamics thread."""
+
+    def __init__(self, nodes: list[NodeRuntime]):
+        self._nodes = {node.name: node for node in nodes}
+        self.lock = threading.RLock()
+
+    def __getitem__(self, name: str) -> NodeRuntime:
+        return self._nodes[name]
+
+    def names(self) -> list[str]:
+        return list(self._nodes)
+
+    def cancelled(self, name: str, generation: int, aborted: threading.Event) -> Callable[[], bool]:
+        node = self._nodes[name]
+        return lambda: node.generation != generation or not node.up or aborted.is_set()
+
+
+class StatsMonitor:
+    """Samples each serving worker's cgroup counters every ``monitor.period_s`` and publishes NodeStates.
+
+    A node that is down or paused is published as not alive without asking it. CPU time is
+    accumulated from differences between samples, so a restarted container, whose
+    cpuacct.usage starts again from zero, keeps its earlier CPU time.
+    """
+
+    def __init__(self, scenario, table: NodeTable, hop_latency_ms: float, connect: Callable[[str], object]):
+        self.scenario = scenario
+        self.table = table
+        self.hop_latency_ms = hop_latency_ms
+        self._connect = connect
+        self._published: dict[str, NodeState] = {}
+        self._previous: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="amp4ec-monitor", daemon=True)
+        self.samples = 0
+        self.missed = 0
+
+    def start(self) -> None:
+        self._publish(self._sample())
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._publish(self._sample())
+
+    def snapshot(self) -> dict[str, NodeState]:
+        with self._lock:
+            return dict(self._published)
+
+    def _publish(self, sample: dict[str, NodeState]) -> None:
+        with self._lock:
+            self._published = sample
+
+    def _down_state(self, node: NodeRuntime) -> NodeState:
+        return NodeState(node.name, time.time(), node.cpus, node.memory_bytes, 1.0, node.memory_bytes, math.inf, alive=False)
+
+    def _sample(self) -> dict[str, NodeState]:
+        self.samples += 1
+        states = {}
+        # stats waits behind the stages queued on the worker, so the timeout is generous.
+        timeout_s = max(2.0, self.scenario.monitor.period_s)
+        previous_sample = self.snapshot()
+        for name in self.table.names():
+            node = self.table[name]
+            if not node.serving:
+                states[name] = self._down_state(node)
+                continue
+            try:
+                stats = self._connect(name).stats(timeout_s=timeout_s)
+            except WorkerError as error:
+                # A node the coordinator believes up keeps its last published state (stale, as a
+                # real monitor's would be) rather than being reported dead.
+                self.missed += 1
+                log.warning("monitor: node %s did not return stats: %s", name, error)
+                states[name] = previous_sample.get(name) or self._down_state(node)
+                continue
+            states[name] = self._state_from_stats(node, stats)
+        return states
+
+    def _state_from_stats(self, node: NodeRuntime, stats: dict) -> NodeState:
+        now = stats.get("time_s") or time.time()
+        usage_ns = int(stats.get("cpu_usage_ns") or 0)
+        with self.table.lock:
+            if node.last_usage_ns is not None:
+                # A smaller counter means a new cgroup (restart): count it from zero.
+                node.busy_cpu_ns += usage_ns - node.last_usage_ns if usage_ns >= node.last_usage_ns else usage_ns
+            node.last_usage_ns = usage_ns
+        previous = self._previous.get(node.name)
+        utilisation = 0.0
+        if previous is not None and now > previous[0] and usage_ns >= previous[1]:
+            utilisation = (usage_ns - previous[1]) / 1e9 / ((now - previous[0]) * node.cpus)
+        self._previous[node.name] = (now, usage_ns)
+        return NodeState(
+            name=node.name,
+            time_s=now,
+            cpus=node.cpus,
+            memory_bytes=node.memory_bytes,
+            cpu_utilisation=min(1.0, max(0.0, utilisation)),
+            memory_used_bytes=int(stats.get("memory_usage_bytes") or 0),
+            link_latency_ms=self.hop_latency_ms,
+        )
+
+    def _loop(self) -> None:
+        period_s = self.scenario.monitor.period_s
+        delay_s = self.scenario.monitor.delay_s
+        while not self._stop.wait(period_s):
+            sample = self._sample()
+            if delay_s > 0:
+                timer = threading.Timer(delay_s, self._publish, args=(sample,))
+                timer.daemon = True
+                timer.start()
+            else:
+                self._publish(sample)
+
+
+class Coordinator:
+    """Drives requests through the plan's stages on the cluster, from any number of threads."""
+
+    def __init__(self, scenario, plan, graph, scheduler, cluster, blobs: dict[str, bytes], table: NodeTable, hop_latency_ms: float):
+        self.scenario = scenario
+        self.plan = plan
+        self.graph = graph
+        self.scheduler = scheduler
+        self.cluster = cluster
+        self.blobs = blobs
+        self.table = table
+        self.retries = scenario.policy.retries
+        self._scheduler_lock = threading.Lock()
+        self._local = threading.local()
+        self._clients_lock = threading.Lock()
+        self._all_clients: list = []
+        self.monitor = StatsMonitor(scenario, table, hop_latency_ms, self.client)
+        self.t0 = time.perf_counter()
+        self.aborted = threading.Event()
+
+    def abort(self) -> None:
+        """Cancel every stage in flight and fail the requests not yet finished (on a signal or an error)."""
+        self.aborted.set()
+
+    def now_s(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def client(self, name: str):
+        """Return this thread's client of node ``name``, reconnecting after the node came back."""
+        from amp4ec.real.client import WorkerClient
+
+        cache = getattr(self._local, "clients", None)
+        if cache is None:
+            cache = self._local.clients = {}
+        node = self.table[name]
+        entry = cache.get(name)
+        if entry is None or entry[0] != node.generation or entry[1].address != node.address:
+            if entry is not None:
+                entry[1].close()
+            client = WorkerClient(node.address, node=name, timeout_s=STAGE_TIMEOUT_S)
+            with self._clients_lock:
+                self._all_clients.append(client)
+            cache[name] = (node.generation, client)
+        return cache[name][1]
+
+    def close(self) -> None:
+        with self._clients_lock:
+            for client in self._all_clients:
+                client.close()
+            self._all_clients.clear()
+
+    def _select(self, task: StageTask, excluded: set[str]) -> str:
+        states = {name: state for name, state in self.monitor.snapshot().items() if name not in excluded}
+        with self._scheduler_lock:
+            return self.scheduler.select(task, states)
+
+    def run_request(self, request_id: int, x: np.ndarray, arrival_s: float) -> tuple[RequestRecord, np.ndarray | None]:
+        """Run one request through every stage; return its record and its final output (None on failure)."""
+        record = RequestRecord(request_id=request_id, arrival_s=arrival_s)
+        tensors = [x]
+        for segment in self.plan.segments:
+            if self.aborted.is_set():
+                record.fail(self.now_s(), "replay aborted")
+                return record, None
+            task = StageTask(
+                request_id=request_id,
+                segment=segment,
+                cpu_needed=DEFAULT_CPU_NEEDED,
+                memory_needed_bytes=self.graph.segment_param_bytes(segment.start, segment.stop)
+                + self.graph.segment_peak_activation_bytes(segment.start, segment.stop),
+            )
+            outcome = self._run_stage(record, task, tensors)
+            if outcome is None:
+                return record, None
+            tensors = outcome
+        record.complete(self.now_s())
+        return record, tensors[0] if len(tensors) == 1 else None
+
+    def _run_stage(self, record: RequestRecord, task: StageTask, tensors: list[np.ndarray]) -> list[np.ndarray] | None:
+        """Run one stage, retrying on other nodes per policy; on final failure mark the record failed."""
+        excluded: set[str] = set()
+        errors: list[str] = []
+        for attempt in range(self.retries + 1):
+            try:
+                name = self._select(task, excluded)
+            except NoNodeAvailable:
+                reason = "no live node" if not errors else f"no live node after {'; '.join(errors)}"
+                record.fail(self.now_s(), reason)
+                return None
+            node = self.table[name]
+            generation = node.generation
+            stage_start_s = self.now_s()
+            if math.isnan(record.start_s):
+                record.start_s = stage_start_s
+            try:
+                if not node.up:
+                    raise WorkerError(f"node is down ({node.down_reason})", node=name)
+                outputs, timing = self.client(name).run(
+                    task.segment.id, tensors, cancelled=self.table.cancelled(name, generation, self.aborted)
+                )
+            except WorkerError as error:
+                errors.append(f"stage {task.segment.id} attempt {attempt + 1} on {name}: {error}")
+                excluded.add(name)
+                log.warning("request %d: %s", record.request_id, errors[-1])
+                continue
+            stage_end_s = self.now_s()
+            with self._scheduler_lock:
+                self.scheduler.observe(name, timing["wall_ms"])
+            record.stage_nodes.append(name)
+            record.stage_start_s.append(stage_start_s)
+            record.stage_end_s.append(stage_end_s)
+            record.stage_exec_ms.append(timing["wall_ms"])
+            record.bytes_moved += sum(t.nbytes for t in tensors) + sum(t.nbytes for t in outputs)
+            return outputs
+        record.fail(self.now_s(), "; ".join(errors))
+        return None
+
+
+@dataclass
+class AppliedEvent:
+    at_s: float
+    node: str
+    action: str
+    applied_s: float = math.nan
+    done_s: float = math.nan
+    cpus: float | None = None
+    method: str = ""
+    error: str = ""
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+@dataclass
+class DynamicsRunner:
+    """Applies the scenario's dynamics timeline to the containers, in its own thread."""
+
+    coordinator: Coordinator
+    events: list
+    applied: list[AppliedEvent] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="amp4ec-dynamics", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=STAGE_TIMEOUT_S)
+
+    def _loop(self) -> None:
+        for event in sorted(self.events, key=lambda e: e.at_s):
+            wait_s = event.at_s - self.coordinator.now_s()
+            if wait_s > 0 and self._stop.wait(wait_s):
+                return
+            applied = AppliedEvent(event.at_s, event.node, event.action, applied_s=self.coordinator.now_s(), cpus=event.cpus)
+            try:
+                apply_action(self.coordinator, event.node, event.action, event.cpus)
+                if event.action in ("pause", "resume"):
+                    applied.method = self.coordinator.table[event.node].pause_method
+            except (DockerError, WorkerError) as error:
+                applied.error = str(error)
+                log.error("dynamics: %s on node %s failed: %s", event.action, event.node, error)
+            except Exception as error:  # a Docker API failure must not kill the timeline silently
+                applied.error = f"{type(error).__name__}: {error}"
+                log.error("dynamics: %s on node %s failed: %s", event.action, event.node, applied.error)
+            applied.done_s = self.coordinator.now_s()
+            self.applied.append(applied)
+
+
+def mark_down(coordinator: Coordinator, name: str, reason: str) -> None:
+    node = coordinator.table[name]
+    with coordinator.table.lock:
+        node.up = False
+        node.down_reason = reason
+        node.generation += 1
+
+
+def bring_up(coordinator: Coordinator, name: str, *, deadline_s: float = 120.0) -> None:
+    """Wait for a started container's worker, deploy every segment on it, and mark it up."""
+    from amp4ec.real.client import WorkerClient
+    from amp4ec.real.containers import WORKER_PORT, container_address
+
+    container = coordinator.cluster.containers[name]
+    network = coordinator.cluster.network_name
+    deadline = time.monotonic() + deadline_s
+    address = None
+    while address is None:
+        container.reload()
+        ip = container_address(container, network)
+        if ip:
+            address = f"tcp://{ip}:{WORKER_PORT}"
+        elif time.monotonic() > deadline:
+            raise DockerError(f"node {name} has no address on network {network} after starting")
+        else:
+            time.sleep(0.1)
+    with WorkerClient(address, node=name, timeout_s=STAGE_TIMEOUT_S) as client:
+        while True:
+            try:
+                client.ping(timeout_s=1.0)
+                break
+            except WorkerError:
+                if time.monotonic() > deadline:
+                    raise
+        deploy_segments(client, name, coordinator.plan, coordinator.graph, coordinator.blobs)
+    node = coordinator.table[name]
+    with coordinator.table.lock:
+        node.address = address
+        node.up = True
+        node.paused = False
+        node.down_reason = ""
+        node.generation += 1
+        # The new container's cpuacct.usage starts from zero.
+        node.last_usage_ns = 0
+
+
+def deploy_segments(client, node: str, plan, graph, blobs: dict[str, bytes]) -> None:
+    """Load the plan's segments for ``node`` on its worker and run each once on zeros, untimed.
+
+    The untimed call takes lazy initialisation out of the measurement. Without it the first
+    request on each node looks many times slower, and a scheduler that remembers execution
+    times (AMP4EC's load) may never pick that node again.
+    """
+    for segment in plan.segments_on(node):
+        client.load(segment.id, blobs[segment.id])
+        zeros = [np.zeros(t.shape, dtype=t.dtype) for t in graph.cuts[segment.start].tensors]
+        client.run(segment.id, zeros)
+
+
+def set_nano_cpus(container, cpus: float) -> None:
+    """Change a running container's CPU limit (docker update --cpus)."""
+    api = container.client.api
+    # docker-py 7's update_container has no nano_cpus argument; the Engine API accepts NanoCpus.
+    response = api._post_json(api._url("/containers/{0}/update", container.id), data={"NanoCpus": int(round(cpus * 1e9))})
+    api._result(response, True)
+
+
+def pause_container(container) -> str:
+    """Freeze a container; return the method used, "freezer" or "sigstop".
+
+    `docker pause` uses the cgroup freezer. Where the freezer fails (seen on a nested VM with
+    cgroup v1: "OCI runtime pause failed: unable to freeze"), the worker process gets SIGSTOP
+    from the host instead. The worker is the container's only process, so the effect on its
+    requests is the same: they wait until resume.
+    """
+    import docker.errors
+
+    try:
+        container.pause()
+        return "freezer"
+    except docker.errors.APIError as error:
+        if "freeze" not in str(error):
+            raise
+        log.warning("docker pause failed (%s); stopping the worker with SIGSTOP instead", error)
+    container.kill(signal="SIGSTOP")
+    return "sigstop"
+
+
+def apply_action(coordinator: Coordinator, name: str, action: str, cpus: float | None) -> None:
+    import docker.errors
+
+    container = coordinator.cluster.containers[name]
+    node = coordinator.table[name]
+    log.info("dynamics: %s node %s at %.2f s", action, name, coordinator.now_s())
+    try:
+        if action == "fail":
+            mark_down(coordinator, name, f"failed at {coordinator.now_s():.2f} s")
+            container.kill()
+        elif action == "leave":
+            mark_down(coordinator, name, f"left at {coordinator.now_s():.2f} s")
+            container.stop(timeout=STOP_TIMEOUT_S)
+        elif action in ("recover", "join"):
+            container.reload()
+            if container.status == "paused":
+                container.unpause()
+            if container.status != "running":
+                container.start()
+            bring_up(coordinator, name)
+        elif action == "restart":
+            mark_down(coordinator, name, f"restarting at {coordinator.now_s():.2f} s")
+            container.restart(timeout=STOP_TIMEOUT_S)
+            bring_up(coordinator, name)
+        elif action == "pause":
+            node.pause_method = pause_container(container)
+            with coordinator.table.lock:
+                node.paused = True
+        elif action == "resume":
+            if node.pause_method == "sigstop":
+                container.kill(signal="SIGCONT")
+            else:
+                container.unpause()
+            with coordinator.table.lock:
+                node.paused = False
+        elif action == "set_cpus":
+            set_nano_cpus(container, cpus)
+            with coordinator.table.lock:
+                node.cpus = cpus
+        else:
+            raise DockerError(f"unknown dynamics action {action!r}")
+    except docker.errors.APIError as error:
+        raise DockerError(f"{action} on node {name} failed: {error}") from error

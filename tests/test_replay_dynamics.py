@@ -1,0 +1,220 @@
+"""Replay with many requests in flight, faults from the dynamics timeline, and signal cleanup."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from amp4ec.errors import UsageError
+from amp4ec.scenario import parse_scenario
+from amp4ec.workload import open_loop_arrivals_s
+
+from conftest import require_torch
+
+TWO_NODES = """
+[[nodes]]
+name = "high"
+cpus = 0.6
+memory_mb = 512
+
+[[nodes]]
+name = "low"
+cpus = 0.4
+memory_mb = 512
+"""
+
+
+def labelled(client, run_id: str) -> tuple[list, list]:
+    selector = {"label": [f"amp4ec.run={run_id}"]}
+    return client.containers.list(all=True, filters=selector), client.networks.list(filters=selector)
+
+
+def base_scenario(**dynamics_and_more) -> dict:
+    data = {
+        "name": "x",
+        "nodes": [{"name": "a", "cpus": 1.0, "memory_mb": 512}, {"name": "b", "cpus": 0.5, "memory_mb": 512}],
+    }
+    data.update(dynamics_and_more)
+    return data
+
+
+def test_dynamics_parse_and_validate():
+    scenario = parse_scenario(
+        base_scenario(dynamics=[{"at_s": 1.0, "node": "a", "action": "fail"}, {"at_s": 2.0, "node": "b", "action": "set_cpus", "cpus": 0.25}])
+    )
+    assert [e.action for e in scenario.dynamics] == ["fail", "set_cpus"]
+    assert scenario.dynamics[1].cpus == 0.25
+    assert scenario.resolved()["dynamics"][0] == {"at_s": 1.0, "node": "a", "action": "fail", "cpus": None}
+
+
+@pytest.mark.parametrize(
+    ("event", "message"),
+    [
+        ({"at_s": 1.0, "node": "c", "action": "fail"}, "'c' is not a node"),
+        ({"at_s": 1.0, "node": "a", "action": "explode"}, "dynamics\\[0\\].action"),
+        ({"at_s": 1.0, "node": "a", "action": "set_cpus"}, "needs cpus"),
+        ({"at_s": 1.0, "node": "a", "action": "pause", "cpus": 1.0}, "applies to set_cpus only"),
+        ({"at_s": -1.0, "node": "a", "action": "fail"}, "dynamics\\[0\\].at_s"),
+    ],
+)
+def test_dynamics_rejects_bad_event(event, message):
+    with pytest.raises(UsageError, match=message):
+        parse_scenario(base_scenario(dynamics=[event]))
+
+
+def test_retries_must_not_be_negative():
+    with pytest.raises(UsageError, match="policy.retries"):
+        parse_scenario(base_scenario(policy={"retries": -1}))
+
+
+@pytest.mark.docker
+@pytest.mark.torch
+@pytest.mark.slow
+def test_faults_end_every_request_once(tmp_path, docker_client, worker_image):
+    require_torch()
+    from amp4ec.real.replay import run_replay
+
+    scenario_path = tmp_path / "faults.toml"
+    scenario_path.write_text(
+        """
+name = "faults"
+seed = 3
+[policy]
+scheduler = "round_robin"
+retries = 1
+[workload]
+kind = "poisson"
+rate_rps = 1.5
+requests = 30
+[monitor]
+period_s = 0.5
+"""
+        + TWO_NODES
+        + """
+[[dynamics]]
+at_s = 0.5
+node = "high"
+action = "pause"
+[[dynamics]]
+at_s = 0.9
+node = "high"
+action = "resume"
+[[dynamics]]
+at_s = 1.0
+node = "low"
+action = "fail"
+[[dynamics]]
+at_s = 1.3
+node = "low"
+action = "recover"
+[[dynamics]]
+at_s = 2.0
+node = "high"
+action = "set_cpus"
+cpus = 0.5
+"""
+    )
+    out = tmp_path / "real"
+    run_replay(scenario_path, out, log=print)
+
+    records = pd.read_parquet(out / "records.parquet")
+    assert sorted(records["request_id"]) == list(range(30))
+    assert set(records["outcome"]) <= {"completed", "failed"}
+    failed = records[records["outcome"] == "failed"]
+    assert all(reason for reason in failed["reason"]), failed["reason"].tolist()
+    completed = records[records["outcome"] == "completed"]
+    assert len(completed) >= 15, records[["request_id", "outcome", "reason"]].to_string()
+    assert all(len(nodes) == 2 for nodes in completed["stage_nodes"])
+    # Arrivals are the simulator's, for the same seed.
+    scenario = parse_scenario(json.loads((out / "run.json").read_text())["scenario"])
+    assert np.allclose(records.sort_values("request_id")["arrival_s"], open_loop_arrivals_s(scenario.workload, scenario.seed))
+
+    run = json.loads((out / "run.json").read_text())
+    applied = run["dynamics"]
+    assert [e["action"] for e in applied] == ["pause", "resume", "fail", "recover", "set_cpus"]
+    assert [e["error"] for e in applied] == [""] * 5
+    assert applied[0]["method"] in ("freezer", "sigstop")
+    assert applied[1]["method"] == applied[0]["method"]
+    # The recovered node served stages again once its segments were deployed anew.
+    recovered_s = applied[3]["done_s"]
+    after_recovery = [
+        start
+        for nodes, starts in zip(completed["stage_nodes"], completed["stage_start_s"])
+        for node, start in zip(nodes, starts)
+        if node == "low" and start > recovered_s
+    ]
+    last_arrival_s = records["arrival_s"].max()
+    # Restarting torch in a 0.4-CPU container takes seconds (tens on a loaded machine), so
+    # the check applies only when the node was back well before the last arrival.
+    if recovered_s < last_arrival_s - 3.0:
+        assert after_recovery, f"no stage ran on low after it recovered at {recovered_s:.2f} s"
+    else:
+        print(f"low recovered at {recovered_s:.2f} s, after the last arrival at {last_arrival_s:.2f} s")
+    assert run["transport"]["activations"] == "relay"
+    containers, networks = labelled(docker_client, run["run_id"])
+    assert containers == [] and networks == []
+
+
+@pytest.mark.docker
+@pytest.mark.torch
+def test_closed_clients_overlap(tmp_path, docker_client, worker_image):
+    require_torch()
+    from amp4ec.real.replay import run_replay
+
+    scenario_path = tmp_path / "clients.toml"
+    scenario_path.write_text(
+        'name = "clients"\nseed = 5\n[workload]\nkind = "closed"\nclients = 3\nrequests = 15\n' + TWO_NODES
+    )
+    run_replay(scenario_path, tmp_path / "real", log=print)
+    records = pd.read_parquet(tmp_path / "real" / "records.parquet")
+    assert list(records["outcome"]) == ["completed"] * 15
+    events = sorted([(t, 1) for t in records["start_s"]] + [(t, -1) for t in records["end_s"]])
+    in_flight = np.cumsum([delta for _, delta in events])
+    assert in_flight.max() >= 2, "no two requests were ever in flight together"
+
+
+@pytest.mark.docker
+@pytest.mark.torch
+def test_sigterm_mid_replay_removes_containers(tmp_path, docker_client, worker_image):
+    require_torch()
+    scenario_path = tmp_path / "long.toml"
+    scenario_path.write_text('name = "long"\n[workload]\nrequests = 100000\nclients = 2\n' + TWO_NODES)
+    out = tmp_path / "real"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "amp4ec.cli", "replay", str(scenario_path), "--out", str(out)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    run_id = None
+    try:
+        deadline = time.monotonic() + 300
+        for line in process.stderr:
+            match = re.search(r"run (replay-[0-9a-f]{8}): \d+ workers ready", line)
+            if match:
+                run_id = match.group(1)
+                break
+            assert time.monotonic() < deadline, "the replay did not start its workers in time"
+        assert run_id is not None, "the replay exited before its workers were ready"
+        time.sleep(3.0)
+        assert labelled(docker_client, run_id)[0], "no container of the run exists mid-replay"
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert status == 128 + signal.SIGTERM
+    containers, networks = labelled(docker_client, run_id)
+    assert [c.name for c in containers] == [] and [n.name for n in networks] == []
+    assert not out.exists()
+    assert not list(tmp_path.glob(".real.partial-*"))
