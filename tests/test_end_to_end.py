@@ -45,6 +45,7 @@ def test_calibrate_writes_measured_file(tmp_path, docker_client, worker_image):
         out=out,
         base_image=None,
         log=print,
+        max_repeats=3,
     )
     calibration = load_calibration(out)
     assert [p.name for p in calibration.profiles] == ["low", "high"]
