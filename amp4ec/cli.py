@@ -139,7 +139,7 @@ def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Pat
     metavar="NAME:CPUS:MEMORY_MB",
     help="container profile to measure, repeatable; default high:1.0:1024 medium:0.6:512 low:0.4:512",
 )
-@click.option("--repeats", default=20, show_default=True, help="least timed runs per unit, profile and regime")
+@click.option("--repeats", default=10, show_default=True, help="least timed runs per unit, profile and regime")
 @click.option("--max-repeats", default=60, show_default=True, help="most timed runs per unit, profile and regime")
 @click.option("--target-ci", default=0.02, show_default=True, help="stop repeating once the 95 % confidence half-width of the mean is this share of the mean")
 @click.option("--input-shape", default=None, help="input shape for package.module:factory models, e.g. 1,3,64,64")
@@ -255,6 +255,23 @@ def calibrate_plot(file: Path, out: Path | None) -> None:
     out = out or file.with_suffix(".png")
     plot_calibration(load_calibration(file), out)
     stdout.print(f"wrote {out}")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print their figures as ratios against a reference measured in the same run."""
+
+
+@bench.command("calibrate")
+@click.option("--model", default="mobilenet_v2", show_default=True, help="torchvision model name or package.module:factory")
+@click.option("--repeats", default=10, show_default=True, help="least timed runs per unit, profile and regime")
+@click.option("--max-repeats", default=60, show_default=True, help="most timed runs per unit, profile and regime")
+@click.option("--out", "out", default=None, type=click.Path(path_type=Path), help="keep the calibration file here; default: a temporary file")
+def bench_calibrate(model: str, repeats: int, max_repeats: int, out: Path | None) -> None:
+    """Time `amp4ec calibrate` of a model on the three default profiles."""
+    from amp4ec.calibrate.bench import bench_calibrate as run_bench
+
+    stdout.print(run_bench(model=model, repeats=repeats, max_repeats=max_repeats, out=out, log=lambda message: console.print(message, highlight=False)))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def unit_samples(timing: UnitTiming, regime: str) -> tuple[np.ndarray, np.ndarra
 
 
 def profile_timings(profile: ProfileCalibration) -> list[UnitTiming]:
-    """The units of a profile followed by the whole model (when measured)."""
+    """Return the units of a profile followed by the whole model (when measured)."""
     return [*profile.units, *([profile.model] if profile.model is not None else [])]
 
 

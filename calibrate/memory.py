@@ -2,7 +2,7 @@
 
 Each probe starts a fresh worker container with the profile's CPU quota and thread count and
 the candidate memory limit (no swap), loads the segment and runs it once. A probe fails when
-the kernel OOM-kills the worker (the container state says so) or the worker does not start.
+the kernel OOM-kills the worker (as the container state records) or the worker does not start.
 Fresh containers matter: a worker's resident memory only grows, so reusing one would measure
 the largest segment seen so far.
 """

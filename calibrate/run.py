@@ -36,6 +36,8 @@ LINK_CONTAINER_CPUS = 0.8
 # Whole-model CPU time that moves more than this between the start and the end of a profile,
 # or between profiles, means the machine changed speed during the calibration.
 DRIFT_WARNING_SHARE = 0.10
+# Below this difference a move is timer and scheduling noise, even when it is a large share.
+DRIFT_WARNING_MIN_MS = 0.5
 
 
 def parse_profiles(specs: Sequence[str]) -> list[NodeSpec]:
@@ -308,7 +310,7 @@ def _drift_warnings(name: str, reference: list[float], earlier: list[ProfileCali
     """Compare the whole model's reference CPU time at the end of a profile with its start and with earlier profiles."""
     warnings = []
     start, end = reference[0], reference[-1]
-    if start > 0 and abs(end / start - 1) > DRIFT_WARNING_SHARE:
+    if start > 0 and abs(end / start - 1) > DRIFT_WARNING_SHARE and abs(end - start) > DRIFT_WARNING_MIN_MS:
         warnings.append(
             f"profile {name}: the whole model's CPU time moved from {start:.1f} ms to {end:.1f} ms during the "
             "profile; the machine changed speed, so this profile's times are less reliable"
@@ -317,7 +319,7 @@ def _drift_warnings(name: str, reference: list[float], earlier: list[ProfileCali
         if other.threads == 1 and other.reference_cpu_ms:
             before = float(np.mean(other.reference_cpu_ms))
             now = float(np.mean(reference))
-            if before > 0 and abs(now / before - 1) > DRIFT_WARNING_SHARE:
+            if before > 0 and abs(now / before - 1) > DRIFT_WARNING_SHARE and abs(now - before) > DRIFT_WARNING_MIN_MS:
                 warnings.append(
                     f"profile {name}: the whole model's CPU time ({now:.1f} ms) differs from profile "
                     f"{other.name}'s ({before:.1f} ms) by more than {DRIFT_WARNING_SHARE:.0%}; either the quota "

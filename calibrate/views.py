@@ -15,7 +15,7 @@ MIB = 2**20
 
 
 def show_tables(calibration: Calibration) -> list[Table]:
-    """A table of per-unit times (CPU and wall, both regimes) per profile, then one of the profiles."""
+    """Build a table of per-unit times (CPU and wall, both regimes) per profile, then one of the profiles."""
     graph = calibration.graph
     units = Table(title=f"{graph.model} at {graph.granularity} granularity: mean ms per forward (spaced | back to back)")
     units.add_column("unit")
@@ -49,6 +49,11 @@ def show_tables(calibration: Calibration) -> list[Table]:
         nr_periods = sum(s.nr_periods or 0 for s in throttled)
         found = [s.min_memory_bytes for s in profile.memory_search if s.min_memory_bytes is not None]
         ooms = [f"{p.segment}@{p.memory_bytes / MIB:.0f}" for s in profile.memory_search for p in s.probes if p.oom_killed]
+        oom_text = "-"
+        if ooms:
+            oom_text = f"{len(ooms)}: " + ", ".join(ooms[:4])
+            if len(ooms) > 4:
+                oom_text += " ..."
         profiles.add_row(
             profile.name,
             f"{profile.cpus:g}",
@@ -58,7 +63,7 @@ def show_tables(calibration: Calibration) -> list[Table]:
             f"{nr_throttled}/{nr_periods}" if throttled else "-",
             " -> ".join(f"{v:.1f}" for v in profile.reference_cpu_ms) or "-",
             f"{max(found) / MIB:.0f} (largest segment)" if found else "-",
-            (f"{len(ooms)}: " + ", ".join(ooms[:4]) + (" ..." if len(ooms) > 4 else "")) if ooms else "-",
+            oom_text,
         )
     links = [("host -> container", calibration.link), ("container -> container", calibration.container_link)]
     profiles.caption = "; ".join(

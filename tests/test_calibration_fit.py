@@ -63,16 +63,22 @@ def test_ci95_rel_shrinks_with_more_samples():
 class FakeWorker:
     """A worker whose profile op returns noisy samples, to test when repetition stops."""
 
-    def __init__(self, noise: float):
+    def __init__(self, noise: float, throttled: bool = True):
         self.rng = np.random.default_rng(0)
         self.noise = noise
+        self.throttled = throttled
         self.requests = []
 
     def profile(self, segment_id, inputs, *, warmup, repeats, gap_ms):
         self.requests.append(repeats)
         values = list(10 * (1 + self.noise * self.rng.standard_normal(repeats)))
-        stat = {"nr_periods": 10 * len(self.requests), "nr_throttled": len(self.requests), "throttled_time": 1_000_000 * len(self.requests)}
-        before = {k: v - 10 if k == "nr_periods" else v - 1 if k == "nr_throttled" else v - 1_000_000 for k, v in stat.items()}
+        throttled = len(self.requests) if self.throttled else 0
+        stat = {"nr_periods": 10 * len(self.requests), "nr_throttled": throttled, "throttled_time": 1_000_000 * len(self.requests)}
+        before = {
+            "nr_periods": stat["nr_periods"] - 10,
+            "nr_throttled": stat["nr_throttled"] - (1 if self.throttled else 0),
+            "throttled_time": stat["throttled_time"] - 1_000_000,
+        }
         return {"wall_ms": values, "cpu_ms": values, "cpu_stat_before": before, "cpu_stat_after": stat, "peak_rss_bytes": 123}
 
 
@@ -102,6 +108,11 @@ def test_measure_back_to_back_fills_window():
     assert len(result.wall_ms) <= 101
     assert quiet.requests[0] == 10 and len(quiet.requests) == 2
     assert result.converged
+
+    # Never throttled: two periods of runs are enough.
+    unthrottled = FakeWorker(noise=0.001, throttled=False)
+    result = measure(unthrottled, "u", [], gap_ms=0.0, warmup=0, policy=policy)
+    assert 200.0 <= sum(result.wall_ms) < 1000.0
 
 
 def test_fit_recovers_work_and_predicts_throttling():
