@@ -219,12 +219,17 @@ def clean(run_id: str | None) -> None:
 @calibrate.command("validate")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="also write every comparison to this JSON file")
-def calibrate_validate(file: Path, json_out: Path | None) -> None:
+@click.option(
+    "--normalise",
+    is_flag=True,
+    help="scale CPU work by each profile's whole-model reference time, measured in the held-out container too, to remove machine drift",
+)
+def calibrate_validate(file: Path, json_out: Path | None, normalise: bool) -> None:
     """Leave each profile of FILE out, predict it from the others, and report how close the predictions are."""
     from amp4ec.calibrate.views import validate_table
     from amp4ec.costs import load_calibration
 
-    table, summary = validate_table(load_calibration(file))
+    table, summary = validate_table(load_calibration(file), normalise=normalise)
     stdout.print(table)
     if json_out is not None:
         from amp4ec.graph import write_text_atomic

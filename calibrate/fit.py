@@ -69,9 +69,17 @@ class FittedCostModel:
     rate: np.ndarray = field(default_factory=lambda: np.ones(0))
     """per unit: CPU ms per wall ms while not throttled"""
     min_memory_bytes: dict[str, int] = field(default_factory=dict)
+    reference_cpu_ms: float | None = None
+    """with normalise: the training profiles' mean whole-model reference CPU time"""
 
     @classmethod
-    def fit(cls, profiles: Sequence[ProfileCalibration], *, threads: int, host_cores: int) -> FittedCostModel:
+    def fit(cls, profiles: Sequence[ProfileCalibration], *, threads: int, host_cores: int, normalise: bool = False) -> FittedCostModel:
+        """Fit on ``profiles`` with ``threads`` torch threads (or the nearest calibrated count).
+
+        With ``normalise`` every profile's CPU times are divided by its whole-model reference
+        time over the training profiles' mean reference, which removes machine speed drift
+        between profiles; predictions then need the target container's reference time.
+        """
         from scipy import optimize
 
         if not profiles:
@@ -83,9 +91,16 @@ class FittedCostModel:
         names = [t.name for t in profile_timings(same[0])]
         model = cls(names=names, threads=threads, host_cores=host_cores, period_ms=same[0].cfs_period_us / 1e3)
         log_cpus = np.log([p.cpus for p in same])
+        scale = np.ones(len(same))
+        if normalise:
+            if not all(p.reference_cpu_ms for p in same):
+                raise UsageError("normalising needs the whole-model reference times of schema 2; recalibrate with this version of amp4ec")
+            references = np.array([np.mean(p.reference_cpu_ms) for p in same])
+            model.reference_cpu_ms = float(references.mean())
+            scale = references / model.reference_cpu_ms
         for regime in REGIMES:
-            # means[p, u]: mean CPU time of unit u in profile p
-            means = np.array([[unit_samples(t, regime)[0].mean() for t in profile_timings(p)] for p in same])
+            # means[p, u]: mean CPU time of unit u in profile p, in the training profiles' speed
+            means = np.array([[unit_samples(t, regime)[0].mean() for t in profile_timings(p)] for p in same]) / scale[:, None]
             log_means = np.log(np.maximum(means, 1e-6))
             n_units = means.shape[1]
             if len(same) > 1 and np.ptp(log_cpus) > 0:
@@ -101,7 +116,7 @@ class FittedCostModel:
                 model.work_ms[regime] = np.exp(log_means.mean(axis=0))
                 model.beta[regime] = 0.0
             model.spread[regime] = [
-                np.concatenate([unit_samples(profile_timings(p)[u], regime)[0] / means[i, u] for i, p in enumerate(same)])
+                np.concatenate([unit_samples(profile_timings(p)[u], regime)[0] / (means[i, u] * scale[i]) for i, p in enumerate(same)])
                 for u in range(n_units)
             ]
         rates = []
@@ -122,21 +137,27 @@ class FittedCostModel:
                     model.min_memory_bytes[search.segment] = max(model.min_memory_bytes.get(search.segment, 0), search.min_memory_bytes)
         return model
 
-    def work_samples(self, unit: int, regime: str, cpus: float, n: int, rng: np.random.Generator) -> np.ndarray:
-        mean_ms = self.work_ms[regime][unit] * cpus ** self.beta[regime]
+    def work_samples(self, unit: int, regime: str, cpus: float, n: int, rng: np.random.Generator, speed: float = 1.0) -> np.ndarray:
+        mean_ms = speed * self.work_ms[regime][unit] * cpus ** self.beta[regime]
         return mean_ms * rng.choice(self.spread[regime][unit], size=n)
 
     def predict_wall(
-        self, unit: int, regime: str, *, cpus: float, memory_bytes: int | None = None, seed: int = 0
+        self, unit: int, regime: str, *, cpus: float, memory_bytes: int | None = None, seed: int = 0, reference_cpu_ms: float | None = None
     ) -> np.ndarray | None:
-        """Return sampled wall times (ms) of unit ``unit`` in a container with ``cpus``; None predicts an OOM kill."""
+        """Return sampled wall times (ms) of unit ``unit`` in a container with ``cpus``; None predicts an OOM kill.
+
+        ``reference_cpu_ms`` is the target container's whole-model reference time, used only by a normalised fit.
+        """
         name = self.names[unit]
+        speed = 1.0
+        if self.reference_cpu_ms is not None and reference_cpu_ms is not None:
+            speed = reference_cpu_ms / self.reference_cpu_ms
         if memory_bytes is not None and self.min_memory_bytes.get(name, 0) > memory_bytes:
             return None
         rng = np.random.default_rng(seed)
         rate = float(self.rate[unit])
         if regime == "spaced":
-            work = self.work_samples(unit, regime, cpus, PREDICTION_SAMPLES, rng)
+            work = self.work_samples(unit, regime, cpus, PREDICTION_SAMPLES, rng, speed)
             phases = rng.uniform(0, self.period_ms, size=len(work))
             return np.array([CfsCpu(cpus, period_ms=self.period_ms, cores=self.host_cores, phase_ms=phase).run(0.0, w, rate) for w, phase in zip(work, phases)])
         walls: list[float] = []
@@ -147,7 +168,7 @@ class FittedCostModel:
             now_ms = 0.0
             index = 0
             while now_ms < SATURATED_CHAIN_MS and index < PREDICTION_SAMPLES:
-                work = float(self.work_samples(unit, regime, cpus, 1, rng)[0])
+                work = float(self.work_samples(unit, regime, cpus, 1, rng, speed)[0])
                 end_ms = cpu.run(now_ms, work, rate)
                 if index >= SATURATED_WARMUP_RUNS:
                     walls.append(end_ms - now_ms)
@@ -172,8 +193,11 @@ class Comparison:
         return self.predicted_ms / self.measured_ms - 1 if self.measured_ms > 0 else math.inf
 
 
-def leave_one_out(calibration: Calibration) -> list[Comparison]:
-    """Predict every profile from the others; compare mean and p95 wall time per unit and regime."""
+def leave_one_out(calibration: Calibration, *, normalise: bool = False) -> list[Comparison]:
+    """Predict every profile from the others; compare mean and p95 wall time per unit and regime.
+
+    With ``normalise`` the held-out profile's own whole-model reference time sets the machine speed.
+    """
     if len(calibration.profiles) < 2:
         raise UsageError(
             f"the calibration has {len(calibration.profiles)} profile; leaving one out needs at least two. "
@@ -182,13 +206,16 @@ def leave_one_out(calibration: Calibration) -> list[Comparison]:
     comparisons = []
     for held_out in calibration.profiles:
         others = [p for p in calibration.profiles if p is not held_out]
-        model = FittedCostModel.fit(others, threads=held_out.threads, host_cores=calibration.provenance.host_cores)
+        model = FittedCostModel.fit(others, threads=held_out.threads, host_cores=calibration.provenance.host_cores, normalise=normalise)
+        reference = float(np.mean(held_out.reference_cpu_ms)) if held_out.reference_cpu_ms else None
         for index, timing in enumerate(profile_timings(held_out)):
             if index >= len(model.names):
                 break
             for regime in REGIMES:
                 _, measured = unit_samples(timing, regime)
-                predicted = model.predict_wall(index, regime, cpus=held_out.cpus, memory_bytes=held_out.memory_bytes, seed=index)
+                predicted = model.predict_wall(
+                    index, regime, cpus=held_out.cpus, memory_bytes=held_out.memory_bytes, seed=index, reference_cpu_ms=reference
+                )
                 if predicted is None:
                     continue
                 for statistic, reduce in (("mean", np.mean), ("p95", lambda v: np.percentile(v, 95))):

@@ -193,9 +193,12 @@ def run_calibration(
         min_repeats=max(2, repeats), max_repeats=max(max(2, repeats), max_repeats or DEFAULT_MAX_REPEATS), target_ci_rel=target_ci_rel
     )
     started = time.perf_counter()
+    module = load_model(model)
+    # Reach the engine before the slow tracing, so a stopped Docker fails within seconds.
+    client = docker_client()
     log(f"tracing {model} at {granularity} granularity")
     trace_options = {} if input_shape is None else {"input_shape": list(input_shape)}
-    traced = trace_model(load_model(model), model, granularity=granularity, **trace_options)
+    traced = trace_model(module, model, granularity=granularity, **trace_options)
     graph = traced.graph
     n_units = graph.n_units
     blobs = [traced.export_segment(i, i + 1) for i in range(n_units)]
@@ -203,7 +206,6 @@ def run_calibration(
     inputs = [[t.numpy() for t in example_inputs(graph, i, seed=0)] for i in range(n_units + 1)]
     log(f"exported {n_units} units in {time.perf_counter() - started:.1f} s")
 
-    client = docker_client()
     image = ensure_worker_image(client, base_image=base_image, log=log)
     run_id = f"calibrate-{uuid.uuid4().hex[:8]}"
     echo_blob = export_echo()

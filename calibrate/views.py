@@ -72,10 +72,13 @@ def show_tables(calibration: Calibration) -> list[Table]:
     return [units, profiles]
 
 
-def validate_table(calibration: Calibration) -> tuple[Table, dict]:
-    """Leave-one-profile-out accuracy as a table, and the full summary (for --json)."""
-    summary = summarise(leave_one_out(calibration))
-    table = Table(title="leave one profile out: predicted against measured wall time (mean and p95 per unit)")
+def validate_table(calibration: Calibration, *, normalise: bool = False) -> tuple[Table, dict]:
+    """Build the leave-one-profile-out accuracy table, and return it with the full summary (for --json)."""
+    summary = summarise(leave_one_out(calibration, normalise=normalise))
+    title = "leave one profile out: predicted against measured wall time (mean and p95 per unit)"
+    if normalise:
+        title += ", CPU work scaled by each container's reference time"
+    table = Table(title=title)
     for column in ("group", "predictions", "within 5 %", "within 10 %", "median |err|", "max |err|"):
         table.add_column(column, justify="right")
     groups = ["all", "mean", "p95", *REGIMES, "whole model"] + [f"profile {name}" for name in summary["per profile"]]

@@ -41,14 +41,19 @@ def simulated_measurement(work_ms: float, cpus: float, gap_ms: float, rng, *, ru
     return Measurement(gap_ms=gap_ms, wall_ms=walls, cpu_ms=list(cpu_ms), ci95_rel=0.01, converged=True)
 
 
-def synthetic_measured_calibration(seed: int = 0):
-    """A schema-2 calibration whose raw samples come from the CFS model with known work per unit."""
+def synthetic_measured_calibration(seed: int = 0, speed: dict[str, float] | None = None):
+    """A schema-2 calibration whose raw samples come from the CFS model with known work per unit.
+
+    ``speed`` slows a profile's machine down by a factor, reference time included, as drift would.
+    """
     rng = np.random.default_rng(seed)
     calibration = make_calibration(WORK_MS, profiles=PROFILES)
     for profile in calibration.profiles:
+        factor = (speed or {}).get(profile.name, 1.0)
+        profile.reference_cpu_ms = [factor * sum(WORK_MS)] * 2
         for timing, work in [*zip(profile.units, WORK_MS), (profile.model, sum(WORK_MS))]:
-            timing.spaced = simulated_measurement(work, profile.cpus, 100.0, rng)
-            timing.saturated = simulated_measurement(work, profile.cpus, 0.0, rng, runs=60)
+            timing.spaced = simulated_measurement(factor * work, profile.cpus, 100.0, rng)
+            timing.saturated = simulated_measurement(factor * work, profile.cpus, 0.0, rng, runs=60)
     return calibration
 
 
@@ -142,6 +147,15 @@ def test_leave_one_out_detects_a_wrong_throttling_model():
         timing.saturated.wall_ms = list(np.asarray(timing.saturated.cpu_ms) / 0.95)
     summary = summarise(leave_one_out(calibration))
     assert summary["per profile"]["low"]["within_10pct"] < 0.8
+
+
+def test_normalise_removes_machine_drift():
+    calibration = synthetic_measured_calibration(speed={"medium": 1.25})
+    raw = summarise(leave_one_out(calibration))
+    normalised = summarise(leave_one_out(calibration, normalise=True))
+    assert raw["per profile"]["medium"]["within_10pct"] < 0.5
+    assert normalised["per profile"]["medium"]["within_10pct"] >= 0.9
+    assert normalised["all"]["within_10pct"] > raw["all"]["within_10pct"]
 
 
 def test_memory_search_predicts_oom():
