@@ -67,7 +67,9 @@ class FittedCostModel:
     spread: dict[str, list[np.ndarray]] = field(default_factory=dict)
     """per regime and unit: single-run CPU time over its profile's mean"""
     rate: np.ndarray = field(default_factory=lambda: np.ones(0))
-    """per unit: CPU ms per wall ms while not throttled"""
+    """per unit: median CPU ms per wall ms while not throttled"""
+    rate_samples: list[np.ndarray] = field(default_factory=list)
+    """per unit: CPU ms per wall ms of every unthrottled spaced run"""
     min_memory_bytes: dict[str, int] = field(default_factory=dict)
     reference_cpu_ms: float | None = None
     """with normalise: the training profiles' mean whole-model reference CPU time"""
@@ -127,9 +129,13 @@ class FittedCostModel:
                 quota_ms = p.cpus * model.period_ms
                 # Runs that used more CPU than one period's quota were throttled for sure.
                 keep = (wall > 0) & (cpu < quota_ms)
-                if keep.any():
-                    ratios.append(np.median(cpu[keep] / wall[keep]))
-            rates.append(float(np.median(ratios)) if ratios else 1.0)
+                ratios.append(cpu[keep] / wall[keep])
+            pooled = np.concatenate(ratios) if ratios else np.ones(1)
+            if len(pooled) == 0:
+                pooled = np.ones(1)
+            # Single runs keep their own rate: on a shared host some runs also wait for a core.
+            model.rate_samples.append(np.clip(pooled, 1e-3, float(max(1, threads))))
+            rates.append(float(np.median(pooled)))
         model.rate = np.clip(np.asarray(rates), 1e-3, float(max(1, threads)))
         for p in same:
             for search in p.memory_search:
@@ -155,11 +161,16 @@ class FittedCostModel:
         if memory_bytes is not None and self.min_memory_bytes.get(name, 0) > memory_bytes:
             return None
         rng = np.random.default_rng(seed)
-        rate = float(self.rate[unit])
+        rates = self.rate_samples[unit]
         if regime == "spaced":
             work = self.work_samples(unit, regime, cpus, PREDICTION_SAMPLES, rng, speed)
             phases = rng.uniform(0, self.period_ms, size=len(work))
-            return np.array([CfsCpu(cpus, period_ms=self.period_ms, cores=self.host_cores, phase_ms=phase).run(0.0, w, rate) for w, phase in zip(work, phases)])
+            run_rates = rng.choice(rates, size=len(work))
+            walls = []
+            for w, phase, rate in zip(work, phases, run_rates):
+                cpu = CfsCpu(cpus, period_ms=self.period_ms, cores=self.host_cores, phase_ms=phase)
+                walls.append(cpu.run(0.0, w, float(rate)))
+            return np.asarray(walls)
         walls: list[float] = []
         for _ in range(MAX_SATURATED_CHAINS):
             # Each chain starts at a random phase of the period and spans several periods, as
@@ -169,7 +180,7 @@ class FittedCostModel:
             index = 0
             while now_ms < SATURATED_CHAIN_MS and index < PREDICTION_SAMPLES:
                 work = float(self.work_samples(unit, regime, cpus, 1, rng, speed)[0])
-                end_ms = cpu.run(now_ms, work, rate)
+                end_ms = cpu.run(now_ms, work, float(rng.choice(rates)))
                 if index >= SATURATED_WARMUP_RUNS:
                     walls.append(end_ms - now_ms)
                 now_ms = end_ms + BETWEEN_RUNS_MS

@@ -52,18 +52,25 @@ def test_calibrate_factory_model_measures_both_regimes(tmp_path, docker_client, 
     assert result.returncode == 0, result.stderr[-3000:]
     calibration = load_calibration(out)
     assert calibration.schema_ == CALIBRATION_SCHEMA
-    assert calibration.graph.model == TINY and calibration.graph.input_shape == [1, 3, 16, 16]
+    assert calibration.graph.model == TINY
+    assert calibration.graph.input_shape == [1, 3, 16, 16]
     assert [p.name for p in calibration.profiles] == ["a", "b"]
     for profile in calibration.profiles:
         assert len(profile.reference_cpu_ms) == 2
         for timing in [*profile.units, profile.model]:
+            assert 3 <= len(timing.spaced.wall_ms) <= 6
+            assert timing.spaced.converged == (timing.spaced.ci95_rel <= 0.02)
+            # Back to back, runs continue past --max-repeats until they span at least two CFS periods.
+            assert sum(timing.saturated.wall_ms) >= 200.0 or len(timing.saturated.wall_ms) == 5000
             for measurement in (timing.spaced, timing.saturated):
-                assert 3 <= len(measurement.wall_ms) <= 6
-                assert measurement.converged == (measurement.ci95_rel <= 0.02)
-                assert measurement.cpu_stat is not None and measurement.cpu_stat.nr_periods is not None
+                assert measurement.ci95_rel <= 0.02 or not measurement.converged
+                assert measurement.cpu_stat is not None
+                assert measurement.cpu_stat.nr_periods is not None
                 assert measurement.peak_rss_bytes > 100 * 2**20
     link = calibration.container_link
-    assert link is not None and link.transport.startswith("zeromq") and "container to container" in link.transport
+    assert link is not None
+    assert link.transport.startswith("zeromq")
+    assert "container to container" in link.transport
     assert link.bandwidth_bps > 1e7
     validated = subprocess.run(amp4ec_command("calibrate", "validate", str(out)), env=cli_env(), capture_output=True, text=True, timeout=120)
     assert validated.returncode == 0, validated.stderr
@@ -94,10 +101,13 @@ def test_memory_search_finds_a_limit_and_reports_oom(docker_client, worker_image
         [np.zeros((1, 4096), dtype=np.float32)], low_bytes=200 * MIB, high_bytes=640 * MIB, resolution_bytes=128 * MIB,
         log=messages.append,
     )  # fmt: skip
-    assert result.min_memory_bytes is not None and 200 * MIB < result.min_memory_bytes <= 640 * MIB
-    assert result.probes[0].ran and result.probes[0].memory_bytes == 640 * MIB
+    assert result.min_memory_bytes is not None
+    assert 200 * MIB < result.min_memory_bytes <= 640 * MIB
+    assert result.probes[0].ran
+    assert result.probes[0].memory_bytes == 640 * MIB
     failed = [p for p in result.probes if not p.ran]
-    assert failed and all(p.memory_bytes < result.min_memory_bytes for p in failed)
+    assert failed
+    assert all(p.memory_bytes < result.min_memory_bytes for p in failed)
     assert any(p.oom_killed for p in failed), [p.detail for p in failed]
     assert labelled_containers(docker_client) == before
 
@@ -116,7 +126,8 @@ def test_memory_below_runtime_is_a_usage_error(tmp_path):
     out = tmp_path / "c.json"
     result = subprocess.run(amp4ec_command("calibrate", "--profile", "tiny:1.0:64", "--out", str(out)), env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert "64 MiB" in result.stderr and "raise it" in result.stderr
+    assert "64 MiB" in result.stderr
+    assert "raise it" in result.stderr
     assert not out.exists()
 
 
@@ -130,13 +141,14 @@ def test_docker_not_running_leaves_earlier_file(tmp_path):
         env=cli_env(DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock"), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 1, result.stderr
-    assert "docker" in result.stderr.lower() and "Traceback" not in result.stderr
+    assert "docker" in result.stderr.lower()
+    assert "Traceback" not in result.stderr
     assert out.read_text() == "earlier"
 
 
 @pytest.mark.docker
 @pytest.mark.torch
-def test_ctrl_c_midway_removes_containers_and_keeps_earlier_file(tmp_path, docker_client, worker_image):
+def test_ctrl_c_midway_cleans_up(tmp_path, docker_client, worker_image):
     require_torch()
     before = labelled_containers(docker_client)
     out = tmp_path / "c.json"

@@ -111,7 +111,8 @@ def test_measure_back_to_back_fills_window():
     result = measure(quiet, "u", [], gap_ms=0.0, warmup=0, policy=policy)
     assert sum(result.wall_ms) >= 1000.0
     assert len(result.wall_ms) <= 101
-    assert quiet.requests[0] == 10 and len(quiet.requests) == 2
+    assert quiet.requests[0] == 10
+    assert len(quiet.requests) == 2
     assert result.converged
 
     # Never throttled: two periods of runs are enough.
@@ -133,7 +134,7 @@ def test_fit_recovers_work_and_predicts_throttling():
     assert np.max(model.predict_wall(4, "spaced", cpus=0.4)) < 34
 
 
-def test_leave_one_out_on_ideal_cfs_data_is_within_targets():
+def test_leave_one_out_ideal_cfs_data():
     summary = summarise(leave_one_out(synthetic_measured_calibration()))
     assert summary["all"]["predictions"] == 3 * (len(WORK_MS) + 1) * 2 * 2
     assert summary["mean"]["within_10pct"] >= 0.99
@@ -185,7 +186,8 @@ def test_validate_show_plot_commands(calibration_file, tmp_path):
 
     result = runner.invoke(main, ["calibrate", "show", str(calibration_file)])
     assert result.exit_code == 0, result.output
-    assert "u3" in result.output and "medium" in result.output
+    assert "u3" in result.output
+    assert "medium" in result.output
 
     result = runner.invoke(main, ["calibrate", "plot", str(calibration_file)])
     assert result.exit_code == 0, result.output
@@ -193,7 +195,7 @@ def test_validate_show_plot_commands(calibration_file, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_schema_1_files_still_load_and_other_versions_fail(tmp_path, calibration_file):
+def test_schema_versions_load_or_fail(tmp_path, calibration_file):
     data = json.loads(calibration_file.read_text())
     assert data["schema"] == CALIBRATION_SCHEMA
     data["schema"] = "amp4ec.calibration/1"
@@ -210,21 +212,25 @@ def test_schema_1_files_still_load_and_other_versions_fail(tmp_path, calibration
     future.write_text(json.dumps(data))
     result = CliRunner().invoke(main, ["calibrate", "show", str(future)])
     assert result.exit_code == 2
-    assert "amp4ec.calibration/99" in result.output and "recalibrate" in result.output
+    assert "amp4ec.calibration/99" in result.output
+    assert "recalibrate" in result.output
 
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text(calibration_file.read_text()[:100])
     result = CliRunner().invoke(main, ["calibrate", "plot", str(corrupt)])
-    assert result.exit_code == 2 and "corrupt" in result.output
+    assert result.exit_code == 2
+    assert "corrupt" in result.output
 
 
 def test_calibrate_without_out_is_a_usage_error():
     result = CliRunner().invoke(main, ["calibrate", "--repeats", "3"])
-    assert result.exit_code == 2 and "--out" in result.output
+    assert result.exit_code == 2
+    assert "--out" in result.output
 
 
 def test_validate_needs_two_profiles(tmp_path):
     path = tmp_path / "one.json"
     make_calibration([1.0, 2.0], profiles=(("only", 1.0, 1),)).save(path)
     result = CliRunner().invoke(main, ["calibrate", "validate", str(path)])
-    assert result.exit_code == 2 and "at least two" in result.output
+    assert result.exit_code == 2
+    assert "at least two" in result.output
