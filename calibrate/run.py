@@ -208,6 +208,7 @@ def run_calibration(
 
     image = ensure_worker_image(client, base_image=base_image, log=log)
     run_id = f"calibrate-{uuid.uuid4().hex[:8]}"
+    log(f"run id {run_id}; `amp4ec clean` removes containers an interrupted run may leave")
     echo_blob = export_echo()
     measured: list[ProfileCalibration] = []
     warnings: list[str] = []

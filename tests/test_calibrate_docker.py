@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,8 +21,16 @@ TINY = "tiny_models:make"
 TINY_SHAPE = "1,3,16,16"
 
 
-def labelled_containers(client) -> set[str]:
-    return {c.name for c in client.containers.list(all=True, filters={"label": "amp4ec.project=amp4ec"})}
+def labelled_containers(client, run_id_part: str) -> set[str]:
+    """Names of labelled containers whose run id contains ``run_id_part`` (other runs may share the engine)."""
+    containers = client.containers.list(all=True, filters={"label": "amp4ec.project=amp4ec"})
+    return {c.name for c in containers if run_id_part in c.labels.get("amp4ec.run", "")}
+
+
+def logged_run_id(log_text: str) -> str:
+    match = re.search(r"run id (calibrate-[0-9a-f]+)", log_text)
+    assert match, log_text[-2000:]
+    return match.group(1)
 
 
 def amp4ec_command(*args: str) -> list[str]:
@@ -39,7 +47,6 @@ def cli_env(**extra: str) -> dict[str, str]:
 @pytest.mark.slow
 def test_calibrate_factory_model_measures_both_regimes(tmp_path, docker_client, worker_image):
     require_torch()
-    before = labelled_containers(docker_client)
     out = tmp_path / "tiny.json"
     result = subprocess.run(
         amp4ec_command(
@@ -75,7 +82,7 @@ def test_calibrate_factory_model_measures_both_regimes(tmp_path, docker_client, 
     validated = subprocess.run(amp4ec_command("calibrate", "validate", str(out)), env=cli_env(), capture_output=True, text=True, timeout=120)
     assert validated.returncode == 0, validated.stderr
     assert "within 10 %" in validated.stdout
-    assert labelled_containers(docker_client) == before
+    assert labelled_containers(docker_client, logged_run_id(result.stderr)) == set()
 
 
 @pytest.mark.docker
@@ -94,7 +101,6 @@ def test_memory_search_finds_a_limit_and_reports_oom(docker_client, worker_image
     program = torch.export.export(big.eval(), (torch.zeros(1, 4096),))
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
-    before = labelled_containers(docker_client)
     messages = []
     result = search_min_memory(
         docker_client, worker_image, run_id, NodeSpec(name="p", cpus=1.0, memory_mb=640), "big", buffer.getvalue(),
@@ -109,7 +115,7 @@ def test_memory_search_finds_a_limit_and_reports_oom(docker_client, worker_image
     assert failed
     assert all(p.memory_bytes < result.min_memory_bytes for p in failed)
     assert any(p.oom_killed for p in failed), [p.detail for p in failed]
-    assert labelled_containers(docker_client) == before
+    assert labelled_containers(docker_client, run_id) == set()
 
 
 def test_unknown_model_is_a_usage_error(tmp_path):
@@ -150,32 +156,39 @@ def test_docker_not_running_leaves_earlier_file(tmp_path):
 @pytest.mark.torch
 def test_ctrl_c_midway_cleans_up(tmp_path, docker_client, worker_image):
     require_torch()
-    before = labelled_containers(docker_client)
     out = tmp_path / "c.json"
     out.write_text("earlier")
-    process = subprocess.Popen(
-        amp4ec_command(
-            "calibrate", "--model", TINY, "--input-shape", TINY_SHAPE, "--profile", "a:1.0:512",
-            "--repeats", "50", "--max-repeats", "50", "--gap-ms", "100", "--out", str(out),
-        ),  # fmt: skip
-        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        # Wait until the calibration's worker container runs, then interrupt as Ctrl-C would.
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (labelled_containers(docker_client) - before):
-            assert process.poll() is None, process.communicate()[1][-2000:]
-            time.sleep(0.5)
-        assert labelled_containers(docker_client) - before, "no calibration container started"
-        time.sleep(3)
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    log_path = tmp_path / "calibrate.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            amp4ec_command(
+                "calibrate", "--model", TINY, "--input-shape", TINY_SHAPE, "--profile", "a:1.0:512",
+                "--repeats", "50", "--max-repeats", "50", "--gap-ms", "100", "--out", str(out),
+            ),  # fmt: skip
+            env=cli_env(COLUMNS="200"), stdout=subprocess.DEVNULL, stderr=log_file, text=True,
+        )
+        try:
+            # Wait until the calibration's worker container runs, then interrupt as Ctrl-C would.
+            deadline = time.monotonic() + 240
+            run_id = None
+            while time.monotonic() < deadline:
+                assert process.poll() is None, log_path.read_text()[-2000:]
+                match = re.search(r"run id (calibrate-[0-9a-f]+)", log_path.read_text())
+                if match and labelled_containers(docker_client, match.group(1)):
+                    run_id = match.group(1)
+                    break
+                time.sleep(0.5)
+            assert run_id, "no calibration container started"
+            time.sleep(3)
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    stderr = log_path.read_text()
     assert process.returncode == 130, stderr[-2000:]
     assert "interrupted" in stderr
     assert out.read_text() == "earlier"
-    assert labelled_containers(docker_client) == before
+    assert labelled_containers(docker_client, run_id) == set()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".c.json")]
