@@ -22,7 +22,7 @@ import numpy as np
 
 from amp4ec import __version__
 from amp4ec.calibrate.link import LINK_PAYLOAD_BYTES, LINK_REPEATS, fit_hops, measure_container_link
-from amp4ec.calibrate.measure import DEFAULT_TARGET_CI_REL, RepeatPolicy, measure, timing_stats
+from amp4ec.calibrate.measure import DEFAULT_MIN_WINDOW_MS, DEFAULT_TARGET_CI_REL, RepeatPolicy, measure, timing_stats
 from amp4ec.costs import CALIBRATION_SCHEMA, Calibration, LinkCalibration, ProfileCalibration, Provenance, UnitTiming
 from amp4ec.errors import DockerError, UsageError, WorkerError
 from amp4ec.scenario import NodeSpec
@@ -163,6 +163,7 @@ def run_calibration(
     input_shape: Sequence[int] | None = None,
     memory_search: bool = False,
     container_link: bool = True,
+    min_window_ms: float = DEFAULT_MIN_WINDOW_MS,
 ) -> Calibration:
     """Measure the model in every profile and write the calibration file ``out`` atomically.
 
@@ -190,7 +191,10 @@ def run_calibration(
                 field="--profile",
             )
     policy = RepeatPolicy(
-        min_repeats=max(2, repeats), max_repeats=max(max(2, repeats), max_repeats or DEFAULT_MAX_REPEATS), target_ci_rel=target_ci_rel
+        min_repeats=max(2, repeats),
+        max_repeats=max(max(2, repeats), max_repeats or DEFAULT_MAX_REPEATS),
+        target_ci_rel=target_ci_rel,
+        min_window_ms=min_window_ms,
     )
     started = time.perf_counter()
     module = load_model(model)
