@@ -168,7 +168,7 @@ def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Pat
         stdout.print(f"latency distributions: {plot}")
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--model", default="mobilenet_v2", show_default=True, help="torchvision model name or package.module:factory")
 @click.option("--granularity", type=click.Choice(["block", "leaf"]), default="block", show_default=True, help="units: feature blocks and head, or single leaf modules")
 @click.option(
@@ -178,13 +178,20 @@ def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Pat
     metavar="NAME:CPUS:MEMORY_MB[:THREADS]",
     help="container profile to measure, repeatable; default high:1.0:1024 medium:0.6:512 low:0.4:512",
 )
-@click.option("--repeats", default=20, show_default=True, help="timed runs per unit and profile")
+@click.option("--repeats", default=10, show_default=True, help="least timed runs per unit, profile and regime")
+@click.option("--max-repeats", default=60, show_default=True, help="most timed runs per unit, profile and regime")
+@click.option("--target-ci", default=0.02, show_default=True, help="stop repeating once the 95 % confidence half-width of the mean is this share of the mean")
+@click.option("--input-shape", default=None, help="input shape for package.module:factory models, e.g. 1,3,64,64")
+@click.option("--memory-search", is_flag=True, help="also bisect the smallest memory limit each unit and the whole model run at (slow: one container per probe)")
+@click.option("--no-container-link", is_flag=True, help="skip the hop fit between two worker containers")
 @click.option("--warmup", default=3, show_default=True, help="untimed runs per unit before timing")
 @click.option("--gap-ms", default=100.0, show_default=True, help="pause between runs so the CFS quota refills (ms)")
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="calibration file to write (JSON)")
+@click.option("--out", "out", default=None, type=click.Path(path_type=Path), help="calibration file to write (JSON); required unless a subcommand is given")
 @click.option("--base-image", default=None, help="base image for the worker image, e.g. python:3.11-slim; default: a debootstrap rootfs")
 @click.option("--quiet", is_flag=True, help="no progress output")
+@click.pass_context
 def calibrate(
+    ctx: click.Context,
     model: str,
     granularity: str,
     profiles: tuple[str, ...],
@@ -194,11 +201,27 @@ def calibrate(
     out: Path,
     base_image: str | None,
     quiet: bool,
+    max_repeats: int,
+    target_ci: float,
+    input_shape: str | None,
+    memory_search: bool,
+    no_container_link: bool,
 ) -> None:
-    """Measure each unit of a model inside CPU- and memory-limited containers and write a calibration file."""
-    require_extras("calibrate")
-    from amp4ec.calibrate.run import parse_profiles, run_calibration
+    """Measure each unit of a model inside CPU- and memory-limited containers and write a calibration file.
 
+    Subcommands: `validate FILE`, `show FILE`, `plot FILE`.
+    """
+    require_extras("calibrate")
+    from amp4ec.calibrate.run import parse_input_shape, parse_profiles, run_calibration
+
+    if ctx.invoked_subcommand is not None:
+        return
+    if out is None:
+        raise UsageError("missing --out FILE: the calibration file to write", field="--out")
+    if max_repeats < repeats:
+        raise UsageError(f"--max-repeats ({max_repeats}) must be at least --repeats ({repeats})")
+    if not 0 < target_ci < 1:
+        raise UsageError(f"--target-ci must be between 0 and 1, got {target_ci}")
     if repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {repeats}")
     if warmup < 0:
@@ -215,6 +238,11 @@ def calibrate(
         out=out,
         base_image=base_image,
         log=(lambda message: None) if quiet else (lambda message: console.print(message, highlight=False)),
+        max_repeats=max_repeats,
+        target_ci_rel=target_ci,
+        input_shape=parse_input_shape(input_shape),
+        memory_search=memory_search,
+        container_link=not no_container_link,
     )
 
 
@@ -545,6 +573,69 @@ def bench_real(scenario: Path, requests: int, clients: int | None, repeats: int,
             f"{pipeline['capacity_bound_rps']:.2f} requests/s; ratio {pipeline['ratio']:.3f} "
             f"(target >= {pipeline['target']}): {'ok' if pipeline['passed'] else 'BELOW TARGET'}"
         )
+
+
+@calibrate.command("validate")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="also write every comparison to this JSON file")
+@click.option(
+    "--normalise",
+    is_flag=True,
+    help="scale CPU work by each profile's whole-model reference time, measured in the held-out container too, to remove machine drift",
+)
+def calibrate_validate(file: Path, json_out: Path | None, normalise: bool) -> None:
+    """Leave each profile of FILE out, predict it from the others, and report how close the predictions are."""
+    from amp4ec.calibrate.views import validate_table
+    from amp4ec.costs import load_calibration
+
+    table, summary = validate_table(load_calibration(file), normalise=normalise)
+    stdout.print(table)
+    if json_out is not None:
+        from amp4ec.graph import write_text_atomic
+        import json
+
+        write_text_atomic(json_out, json.dumps(summary, indent=1))
+
+
+@calibrate.command("show")
+@click.argument("file", type=click.Path(path_type=Path))
+def calibrate_show(file: Path) -> None:
+    """Print the per-unit times of FILE as a table, one column pair per profile."""
+    from amp4ec.calibrate.views import show_tables
+    from amp4ec.costs import load_calibration
+
+    for table in show_tables(load_calibration(file)):
+        stdout.print(table)
+
+
+@calibrate.command("plot")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--out", "out", default=None, type=click.Path(path_type=Path), help="PNG file to write; default: FILE with the suffix .png")
+def calibrate_plot(file: Path, out: Path | None) -> None:
+    """Write a PNG of FILE: per-unit time by profile, and predicted against measured (leave one profile out)."""
+    from amp4ec.calibrate.views import plot_calibration
+    from amp4ec.costs import load_calibration
+
+    out = out or file.with_suffix(".png")
+    plot_calibration(load_calibration(file), out)
+    stdout.print(f"wrote {out}")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print their figures as ratios against a reference measured in the same run."""
+
+
+@bench.command("calibrate")
+@click.option("--model", default="mobilenet_v2", show_default=True, help="torchvision model name or package.module:factory")
+@click.option("--repeats", default=10, show_default=True, help="least timed runs per unit, profile and regime")
+@click.option("--max-repeats", default=60, show_default=True, help="most timed runs per unit, profile and regime")
+@click.option("--out", "out", default=None, type=click.Path(path_type=Path), help="keep the calibration file here; default: a temporary file")
+def bench_calibrate(model: str, repeats: int, max_repeats: int, out: Path | None) -> None:
+    """Time `amp4ec calibrate` of a model on the three default profiles."""
+    from amp4ec.calibrate.bench import bench_calibrate as run_bench
+
+    stdout.print(run_bench(model=model, repeats=repeats, max_repeats=max_repeats, out=out, log=lambda message: console.print(message, highlight=False)))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ from pydantic import BaseModel, Field, ValidationError
 from amp4ec.errors import FileFormatError, UsageError
 from amp4ec.graph import ModelGraph, read_json, write_text_atomic
 
-CALIBRATION_SCHEMA = "amp4ec.calibration/1"
+CALIBRATION_SCHEMA = "amp4ec.calibration/2"
+# Version 2 only adds optional fields (raw samples, throttling counters, drift, memory search,
+# a container-to-container link), so version 1 files still load.
+READABLE_CALIBRATION_SCHEMAS = ("amp4ec.calibration/1", CALIBRATION_SCHEMA)
 DEFAULT_CALIBRATION = "calibration-mobilenet_v2.json"
 DEFAULT_HOP_LATENCY_MS = 0.2
 
@@ -32,6 +35,26 @@ class TimingStats(BaseModel):
     samples: int = Field(ge=1)
 
 
+class CpuStatDelta(BaseModel):
+    """Change of the container's cgroup cpu.stat counters over the timed runs of one regime."""
+
+    nr_periods: int | None = None
+    nr_throttled: int | None = None
+    throttled_ms: float | None = None
+
+
+class Measurement(BaseModel):
+    """Every timed run of one unit in one regime, and when the repetition stopped."""
+
+    gap_ms: float = Field(ge=0, description="pause before each run; 0 is back to back (saturated)")
+    wall_ms: list[float] = Field(min_length=1)
+    cpu_ms: list[float] = Field(min_length=1)
+    ci95_rel: float = Field(ge=0, description="95 % confidence half-width of the mean over the mean (the larger of wall and CPU time)")
+    converged: bool = Field(description="ci95_rel reached the target before the maximum count")
+    cpu_stat: CpuStatDelta | None = None
+    peak_rss_bytes: int | None = Field(default=None, description="worker's peak resident set size so far")
+
+
 class UnitTiming(BaseModel):
     """One unit (or the whole model) measured in one profile, spaced apart and back to back."""
 
@@ -40,6 +63,27 @@ class UnitTiming(BaseModel):
     wall: TimingStats
     warm_cpu_ms: float = Field(ge=0, description="mean CPU time of one forward, runs back to back")
     warm_wall: TimingStats
+    spaced: Measurement | None = Field(default=None, description="raw samples, runs spaced apart (schema 2)")
+    saturated: Measurement | None = Field(default=None, description="raw samples, runs back to back (schema 2)")
+
+
+class MemoryProbe(BaseModel):
+    """The outcome of running one segment in a container with one memory limit."""
+
+    segment: str
+    memory_bytes: int = Field(gt=0)
+    ran: bool
+    oom_killed: bool
+    detail: str = ""
+
+
+class MemorySearch(BaseModel):
+    """Smallest memory limit at which a segment loaded and ran, found by bisection."""
+
+    segment: str
+    min_memory_bytes: int | None = Field(description="None when it did not run even at the upper bound")
+    resolution_bytes: int = Field(gt=0)
+    probes: list[MemoryProbe]
 
 
 class ProfileCalibration(BaseModel):
@@ -52,6 +96,12 @@ class ProfileCalibration(BaseModel):
     runtime_rss_bytes: int = Field(ge=0, description="resident memory of an idle worker with torch imported")
     units: list[UnitTiming]
     model: UnitTiming | None = Field(default=None, description="the unsplit model, for comparison")
+    reference_cpu_ms: list[float] = Field(
+        default_factory=list,
+        description="whole-model CPU time back to back, measured at the start and the end of this profile, to detect drift",
+    )
+    warnings: list[str] = Field(default_factory=list)
+    memory_search: list[MemorySearch] = Field(default_factory=list)
 
 
 class LinkCalibration(BaseModel):
@@ -82,6 +132,8 @@ class Calibration(BaseModel):
     profiles: list[ProfileCalibration] = Field(min_length=1)
     link: LinkCalibration | None = None
     provenance: Provenance
+    container_link: LinkCalibration | None = Field(default=None, description="one hop between two worker containers (schema 2)")
+    warnings: list[str] = Field(default_factory=list)
 
     model_config = {"populate_by_name": True}
 
@@ -104,9 +156,9 @@ def load_calibration(path: str | Path) -> Calibration:
     path = default_calibration_path() if str(path) == "default" else Path(path)
     data = read_json(path)
     schema = data.get("schema") if isinstance(data, dict) else None
-    if schema != CALIBRATION_SCHEMA:
+    if schema not in READABLE_CALIBRATION_SCHEMAS:
         raise FileFormatError(
-            f"schema is {schema!r}, expected {CALIBRATION_SCHEMA!r}; "
+            f"schema is {schema!r}, expected one of {', '.join(map(repr, READABLE_CALIBRATION_SCHEMAS))}; "
             "recalibrate with `amp4ec calibrate` from this version of amp4ec",
             source=str(path),
         )

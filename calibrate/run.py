@@ -21,14 +21,23 @@ from typing import Callable, Sequence
 import numpy as np
 
 from amp4ec import __version__
-from amp4ec.costs import CALIBRATION_SCHEMA, Calibration, LinkCalibration, ProfileCalibration, Provenance, TimingStats, UnitTiming
-from amp4ec.errors import UsageError
+from amp4ec.calibrate.link import LINK_PAYLOAD_BYTES, LINK_REPEATS, fit_hops, measure_container_link
+from amp4ec.calibrate.measure import DEFAULT_MIN_WINDOW_MS, DEFAULT_TARGET_CI_REL, RepeatPolicy, measure, timing_stats
+from amp4ec.costs import CALIBRATION_SCHEMA, Calibration, LinkCalibration, ProfileCalibration, Provenance, UnitTiming
+from amp4ec.errors import DockerError, UsageError, WorkerError
 from amp4ec.scenario import NodeSpec
 
 DEFAULT_PROFILES = ("high:1.0:1024", "medium:0.6:512", "low:0.4:512")
-# Payload sizes for the hop fit, from a small activation to the largest MobileNetV2 cut.
-LINK_PAYLOAD_BYTES = (10_000, 100_000, 400_000, 1_600_000)
-LINK_REPEATS = 15
+REFERENCE_REPEATS = 20
+DEFAULT_MAX_REPEATS = 60
+# The two containers of the hop fit run at once; this CPU limit each keeps both under the
+# oversubscription threshold of a 2-core host.
+LINK_CONTAINER_CPUS = 0.8
+# Whole-model CPU time that moves more than this between the start and the end of a profile,
+# or between profiles, means the machine changed speed during the calibration.
+DRIFT_WARNING_SHARE = 0.10
+# Below this difference a move is timer and scheduling noise, even when it is a large share.
+DRIFT_WARNING_MIN_MS = 0.5
 
 
 def parse_profiles(specs: Sequence[str]) -> list[NodeSpec]:
@@ -51,16 +60,6 @@ def parse_profiles(specs: Sequence[str]) -> list[NodeSpec]:
     return profiles
 
 
-def timing_stats(samples_ms: Sequence[float]) -> TimingStats:
-    values = np.asarray(samples_ms, dtype=float)
-    return TimingStats(
-        mean_ms=float(values.mean()),
-        p50_ms=float(np.percentile(values, 50)),
-        p95_ms=float(np.percentile(values, 95)),
-        samples=len(values),
-    )
-
-
 def host_cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -71,26 +70,39 @@ def host_cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _time_unit(worker, name: str, blob: bytes, inputs: list[np.ndarray], *, warmup: int, repeats: int, gap_ms: float) -> UnitTiming:
+def _time_unit(worker, name: str, blob: bytes, inputs: list[np.ndarray], *, warmup: int, gap_ms: float, policy: RepeatPolicy) -> UnitTiming:
     """Time one exported program in two regimes: runs spaced ``gap_ms`` apart, and back to back.
 
-    Spaced runs start with cold caches (the container idled in between); back-to-back runs
-    find the program's weights still cached, which is how a unit runs inside a longer segment.
+    Spaced runs start with cold caches and a refilled CFS quota (the container idled in
+    between); back-to-back runs find the program's weights still cached, which is how a unit
+    runs inside a longer segment, and drain the quota, so the kernel throttles them.
     """
     segment_id = "unit"
     worker.load(segment_id, blob)
     try:
-        spaced = worker.profile(segment_id, inputs, warmup=warmup, repeats=repeats, gap_ms=gap_ms)
-        warm = worker.profile(segment_id, inputs, warmup=warmup, repeats=repeats, gap_ms=0.0)
+        spaced = measure(worker, segment_id, inputs, gap_ms=gap_ms, warmup=warmup, policy=policy)
+        saturated = measure(worker, segment_id, inputs, gap_ms=0.0, warmup=warmup, policy=policy)
     finally:
         worker.unload(segment_id)
     return UnitTiming(
         name=name,
-        cpu_ms=float(np.mean(spaced["cpu_ms"])),
-        wall=timing_stats(spaced["wall_ms"]),
-        warm_cpu_ms=float(np.mean(warm["cpu_ms"])),
-        warm_wall=timing_stats(warm["wall_ms"]),
+        cpu_ms=float(np.mean(spaced.cpu_ms)),
+        wall=timing_stats(spaced.wall_ms),
+        warm_cpu_ms=float(np.mean(saturated.cpu_ms)),
+        warm_wall=timing_stats(saturated.wall_ms),
+        spaced=spaced,
+        saturated=saturated,
     )
+
+
+def _reference_cpu_ms(worker, blob: bytes, inputs: list[np.ndarray]) -> float:
+    """Mean CPU time of the whole model, back to back: the yardstick for drift within a run."""
+    worker.load("reference", blob)
+    try:
+        reply = worker.profile("reference", inputs, warmup=3, repeats=REFERENCE_REPEATS, gap_ms=0.0)
+    finally:
+        worker.unload("reference")
+    return float(np.median(reply["cpu_ms"]))
 
 
 def export_echo() -> bytes:
@@ -116,8 +128,6 @@ def fit_link(worker, echo_blob: bytes, log: Callable[[str], None]) -> LinkCalibr
     A round trip carries the payload twice (request and reply), so half of the round-trip time
     outside the worker's own compute is one hop.
     """
-    from scipy import stats
-
     worker.load("echo", echo_blob)
     sizes, hops_ms = [], []
     try:
@@ -132,18 +142,7 @@ def fit_link(worker, echo_blob: bytes, log: Callable[[str], None]) -> LinkCalibr
                 hops_ms.append(max(0.0, round_trip_ms - timing["wall_ms"]) / 2)
     finally:
         worker.unload("echo")
-    # The median per size resists the odd scheduling hiccup on a shared machine.
-    sizes_arr, hops_arr = np.asarray(sizes), np.asarray(hops_ms)
-    unique_sizes = np.unique(sizes_arr)
-    medians = np.array([np.median(hops_arr[sizes_arr == s]) for s in unique_sizes])
-    fit = stats.linregress(unique_sizes, medians)
-    slope_ms_per_byte = max(fit.slope, 1e-12)
-    link = LinkCalibration(
-        fixed_ms=max(0.0, float(fit.intercept)),
-        bandwidth_bps=8.0 / (slope_ms_per_byte / 1e3),
-        samples=len(sizes),
-        transport="zeromq REQ/REP over TCP, host to container on a Docker bridge network",
-    )
+    link = fit_hops(sizes, hops_ms, transport="zeromq REQ/REP over TCP, host to container on a Docker bridge network")
     log(f"hop: {link.fixed_ms:.3f} ms + bytes at {link.bandwidth_bps / 1e9:.2f} Gbit/s")
     return link
 
@@ -159,10 +158,22 @@ def run_calibration(
     out: Path,
     base_image: str | None,
     log: Callable[[str], None],
+    max_repeats: int | None = None,
+    target_ci_rel: float = DEFAULT_TARGET_CI_REL,
+    input_shape: Sequence[int] | None = None,
+    memory_search: bool = False,
+    container_link: bool = True,
+    min_window_ms: float = DEFAULT_MIN_WINDOW_MS,
     run_id: str | None = None,
 ) -> Calibration:
-    """Measure the model in every profile and write the calibration file ``out`` atomically."""
+    """Measure the model in every profile and write the calibration file ``out`` atomically.
+
+    Each unit runs at least ``repeats`` times per regime and more, in batches, until the 95 %
+    confidence half-width of its mean is at most ``target_ci_rel`` of the mean or it ran
+    ``max_repeats`` times. Nothing is written unless every profile was measured.
+    """
     from amp4ec.torchgraph import example_inputs, load_model, trace_model
+    from amp4ec.real.containers import TORCH_RUNTIME_BYTES
     from amp4ec.real.containers import NodeSpec as ContainerSpec
     from amp4ec.real.containers import WorkerCluster, docker_client
     from amp4ec.real.image import ensure_worker_image
@@ -171,9 +182,28 @@ def run_calibration(
 
     if out.exists() and out.is_dir():
         raise UsageError("is a directory; give the path of the calibration file to write", source=str(out), field="--out")
+    if not out.parent.exists():
+        raise UsageError(f"directory {out.parent} does not exist; create it first", source=str(out), field="--out")
+    for profile in profiles:
+        if profile.memory_bytes < TORCH_RUNTIME_BYTES:
+            raise UsageError(
+                f"profile {profile.name} has a memory limit of {profile.memory_mb:g} MiB, below the "
+                f"{TORCH_RUNTIME_BYTES / 2**20:.0f} MiB the worker's torch runtime needs; raise it",
+                field="--profile",
+            )
+    policy = RepeatPolicy(
+        min_repeats=max(2, repeats),
+        max_repeats=max(max(2, repeats), max_repeats or DEFAULT_MAX_REPEATS),
+        target_ci_rel=target_ci_rel,
+        min_window_ms=min_window_ms,
+    )
     started = time.perf_counter()
+    module = load_model(model)
+    # Reach the engine before the slow tracing, so a stopped Docker fails within seconds.
+    client = docker_client()
     log(f"tracing {model} at {granularity} granularity")
-    traced = trace_model(load_model(model), model, granularity=granularity)
+    trace_options = {} if input_shape is None else {"input_shape": list(input_shape)}
+    traced = trace_model(module, model, granularity=granularity, **trace_options)
     graph = traced.graph
     n_units = graph.n_units
     blobs = [traced.export_segment(i, i + 1) for i in range(n_units)]
@@ -181,11 +211,12 @@ def run_calibration(
     inputs = [[t.numpy() for t in example_inputs(graph, i, seed=0)] for i in range(n_units + 1)]
     log(f"exported {n_units} units in {time.perf_counter() - started:.1f} s")
 
-    client = docker_client()
     image = ensure_worker_image(client, base_image=base_image, log=log)
     run_id = run_id or f"calibrate-{uuid.uuid4().hex[:8]}"
+    log(f"run id {run_id}; `amp4ec clean --run {run_id}` removes containers an interrupted run may leave")
     echo_blob = export_echo()
     measured: list[ProfileCalibration] = []
+    warnings: list[str] = []
     link = None
     worker_torch = "unknown"
     fastest = max(profiles, key=lambda p: p.cpus)
@@ -196,36 +227,75 @@ def run_calibration(
             worker = cluster[profile.name]
             info = worker.ping()
             worker_torch = info.get("torch", worker_torch)
-            units = [
-                _time_unit(worker, graph.units[i].name, blobs[i], inputs[i], warmup=warmup, repeats=repeats, gap_ms=gap_ms)
-                for i in range(n_units)
-            ]
-            whole = _time_unit(worker, "model", model_blob, inputs[0], warmup=warmup, repeats=repeats, gap_ms=gap_ms)
+            current = "the reference run"
+            try:
+                reference = [_reference_cpu_ms(worker, model_blob, inputs[0])]
+                units = []
+                for i in range(n_units):
+                    current = f"unit {graph.units[i].name}"
+                    units.append(_time_unit(worker, graph.units[i].name, blobs[i], inputs[i], warmup=warmup, gap_ms=gap_ms, policy=policy))
+                current = "the whole model"
+                whole = _time_unit(worker, "model", model_blob, inputs[0], warmup=warmup, gap_ms=gap_ms, policy=policy)
+                reference.append(_reference_cpu_ms(worker, model_blob, inputs[0]))
+                if profile is fastest:
+                    current = "the hop fit"
+                    link = fit_link(worker, echo_blob, log)
+            except WorkerError as error:
+                if cluster.oom_killed(profile.name):
+                    raise UsageError(
+                        f"profile {profile.name}: the kernel OOM-killed the worker at a memory limit of "
+                        f"{profile.memory_mb:g} MiB while running {current}; raise the profile's memory limit "
+                        "(`--memory-search` finds the smallest limit each segment needs)",
+                        field="--profile",
+                    ) from error
+                raise
+            profile_warnings = _drift_warnings(profile.name, reference, measured)
+            for warning in profile_warnings:
+                log(f"warning: {warning}")
+            not_converged = sum(1 for u in [*units, whole] for m in (u.spaced, u.saturated) if not m.converged)
+            if not_converged:
+                profile_warnings.append(
+                    f"profile {profile.name}: {not_converged} of {2 * (n_units + 1)} measurements stopped at "
+                    f"{policy.max_repeats} runs before their 95 % confidence half-width reached {policy.target_ci_rel:.0%}"
+                )
+            samples = sum(len(m.wall_ms) for u in [*units, whole] for m in (u.spaced, u.saturated))
             log(
                 f"profile {profile.name} ({profile.cpus:g} CPU, {profile.memory_mb:g} MiB, {profile.torch_threads} threads): "
                 f"units {sum(u.cpu_ms for u in units):.1f} ms CPU spaced, {sum(u.warm_cpu_ms for u in units):.1f} ms "
-                f"back to back; whole model {whole.cpu_ms:.1f} ms spaced, {whole.warm_cpu_ms:.1f} ms back to back"
+                f"back to back; whole model {whole.cpu_ms:.1f} ms spaced, {whole.warm_cpu_ms:.1f} ms back to back; "
+                f"{samples} timed runs, {not_converged} not converged"
             )
-            measured.append(
-                ProfileCalibration(
-                    name=profile.name,
-                    cpus=profile.cpus,
-                    memory_bytes=profile.memory_bytes,
-                    threads=profile.torch_threads,
-                    gap_ms=gap_ms,
-                    runtime_rss_bytes=int(info.get("runtime_rss_bytes") or 0),
-                    units=units,
-                    model=whole,
-                )
+        measured.append(
+            ProfileCalibration(
+                name=profile.name,
+                cpus=profile.cpus,
+                memory_bytes=profile.memory_bytes,
+                threads=profile.torch_threads,
+                gap_ms=gap_ms,
+                runtime_rss_bytes=int(info.get("runtime_rss_bytes") or 0),
+                units=units,
+                model=whole,
+                reference_cpu_ms=reference,
+                warnings=profile_warnings,
             )
-            if profile is fastest:
-                link = fit_link(worker, echo_blob, log)
+        )
+        warnings.extend(profile_warnings)
+
+    container_hop = None
+    if container_link:
+        container_hop = _measure_container_link(client, image, run_id, fastest, echo_blob, log)
+    if memory_search:
+        segments = [(graph.units[i].name, blobs[i], inputs[i]) for i in range(n_units)] + [("model", model_blob, inputs[0])]
+        for profile, result in zip(profiles, measured):
+            result.memory_search = _memory_search(client, image, run_id, profile, segments, int(result.runtime_rss_bytes), log)
 
     calibration = Calibration(
         schema=CALIBRATION_SCHEMA,
         graph=graph,
         profiles=measured,
         link=link,
+        container_link=container_hop,
+        warnings=warnings,
         provenance=Provenance(
             date=datetime.now(timezone.utc).isoformat(),
             amp4ec_version=__version__,
@@ -236,7 +306,7 @@ def run_calibration(
             image=image,
             command=shlex.join(["amp4ec", *sys.argv[1:]]),
             warmup=warmup,
-            repeats=repeats,
+            repeats=policy.min_repeats,
         ),
     )
     calibration.save(out)
@@ -244,7 +314,69 @@ def run_calibration(
     return calibration
 
 
+def _drift_warnings(name: str, reference: list[float], earlier: list[ProfileCalibration]) -> list[str]:
+    """Compare the whole model's reference CPU time at the end of a profile with its start and with earlier profiles."""
+    warnings = []
+    start, end = reference[0], reference[-1]
+    if start > 0 and abs(end / start - 1) > DRIFT_WARNING_SHARE and abs(end - start) > DRIFT_WARNING_MIN_MS:
+        warnings.append(
+            f"profile {name}: the whole model's CPU time moved from {start:.1f} ms to {end:.1f} ms during the "
+            "profile; the machine changed speed, so this profile's times are less reliable"
+        )
+    for other in earlier:
+        if other.threads == 1 and other.reference_cpu_ms:
+            before = float(np.mean(other.reference_cpu_ms))
+            now = float(np.mean(reference))
+            if before > 0 and abs(now / before - 1) > DRIFT_WARNING_SHARE and abs(now - before) > DRIFT_WARNING_MIN_MS:
+                warnings.append(
+                    f"profile {name}: the whole model's CPU time ({now:.1f} ms) differs from profile "
+                    f"{other.name}'s ({before:.1f} ms) by more than {DRIFT_WARNING_SHARE:.0%}; either the quota "
+                    "changes the work or the machine drifted between profiles"
+                )
+                break
+    return warnings
+
+
+def _measure_container_link(client, image: str, run_id: str, profile: NodeSpec, echo_blob: bytes, log: Callable[[str], None]) -> LinkCalibration:
+    """Start two workers like ``profile`` (CPU capped so both fit the host) and fit the hop between them."""
+    from amp4ec.real.containers import NodeSpec as ContainerSpec
+    from amp4ec.real.containers import WorkerCluster
+
+    cpus = min(profile.cpus, LINK_CONTAINER_CPUS)
+    nodes = [ContainerSpec(name, cpus, profile.memory_bytes, 1) for name in ("sender", "receiver")]
+    with WorkerCluster(client, nodes, image=image, run_id=f"{run_id}-link") as cluster:
+        return measure_container_link(cluster, "sender", "receiver", echo_blob, log)
+
+
+def _memory_search(client, image: str, run_id: str, profile: NodeSpec, segments, runtime_rss_bytes: int, log: Callable[[str], None]):
+    from amp4ec.calibrate.memory import MIB, search_min_memory
+
+    results = []
+    low_bytes = max(runtime_rss_bytes // MIB * MIB, 64 * MIB)
+    for name, blob, segment_inputs in segments:
+        results.append(
+            search_min_memory(
+                client, image, f"{run_id}-mem-{profile.name}-{len(results)}", profile, name, blob, segment_inputs,
+                low_bytes=low_bytes, high_bytes=profile.memory_bytes, log=log,
+            )  # fmt: skip
+        )
+    return results
+
+
 def _host_cores() -> int:
     import os
 
     return len(os.sched_getaffinity(0))
+
+
+def parse_input_shape(text: str | None) -> list[int] | None:
+    """Parse ``1,3,64,64`` into a list of positive integers; None keeps the model's default."""
+    if text is None:
+        return None
+    try:
+        shape = [int(part) for part in text.replace("x", ",").split(",")]
+    except ValueError:
+        shape = []
+    if not shape or any(size < 1 for size in shape):
+        raise UsageError(f"input shape {text!r} is not a list of positive integers such as 1,3,224,224", field="--input-shape")
+    return shape

@@ -48,6 +48,8 @@ def test_calibrate_writes_measured_file(tmp_path, docker_client, worker_image, r
         out=out,
         base_image=None,
         log=print,
+        max_repeats=3,
+        min_window_ms=300.0,
         run_id=run_id,
     )
     calibration = load_calibration(out)

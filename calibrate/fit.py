@@ -1,0 +1,262 @@
+"""A cost model fitted to a calibration, and its leave-one-profile-out validation.
+
+The model separates the work from the way the kernel hands out CPU time:
+
+- work: a unit's CPU time per forward. Across profiles with the same thread count it is fitted
+  as ``w_unit * cpus ** beta`` (scipy least squares on the logarithms, one ``beta`` per regime),
+  since a smaller quota can make the same forward cost more CPU (caches go cold while the
+  container is throttled). The spread of single runs around the mean is kept as measured
+  (relative samples, resampled).
+- rate: CPU time over wall time of an unthrottled run (spaced runs), how fast a forward drains
+  the quota.
+- throttling: sim/cfs.py, the CFS bandwidth model the simulator uses. Spaced runs start with
+  a full quota at a random phase of the period; back-to-back runs share one quota in sequence.
+
+So the wall-time distribution of a unit is predicted for any CPU quota from the work and rate
+fitted on other profiles. A memory limit below the smallest one found by the memory search
+predicts an OOM kill; the thread count selects the profiles the work and rate come from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from amp4ec.costs import Calibration, Measurement, ProfileCalibration, UnitTiming
+from amp4ec.errors import UsageError
+from amp4ec.sim.cfs import CfsCpu
+
+REGIMES = ("spaced", "saturated")
+# The worker's loop between two back-to-back forwards (two clock reads and list appends).
+BETWEEN_RUNS_MS = 0.02
+PREDICTION_SAMPLES = 2000
+SATURATED_CHAIN_MS = 1500.0
+MAX_SATURATED_CHAINS = 20
+SATURATED_WARMUP_RUNS = 5
+
+
+def unit_samples(timing: UnitTiming, regime: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return (cpu_ms, wall_ms) samples of one regime; a schema-1 file only has the means."""
+    measurement: Measurement | None = timing.spaced if regime == "spaced" else timing.saturated
+    if measurement is not None:
+        return np.asarray(measurement.cpu_ms, dtype=float), np.asarray(measurement.wall_ms, dtype=float)
+    if regime == "spaced":
+        return np.array([timing.cpu_ms]), np.array([timing.wall.mean_ms])
+    return np.array([timing.warm_cpu_ms]), np.array([timing.warm_wall.mean_ms])
+
+
+def profile_timings(profile: ProfileCalibration) -> list[UnitTiming]:
+    """Return the units of a profile followed by the whole model (when measured)."""
+    return [*profile.units, *([profile.model] if profile.model is not None else [])]
+
+
+@dataclass
+class FittedCostModel:
+    """Work, spread and rate per unit, fitted on some profiles of one calibration."""
+
+    names: list[str]
+    threads: int
+    host_cores: int
+    period_ms: float
+    work_ms: dict[str, np.ndarray] = field(default_factory=dict)
+    """per regime: the fitted w_unit, one per unit (and the whole model last)"""
+    beta: dict[str, float] = field(default_factory=dict)
+    spread: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    """per regime and unit: single-run CPU time over its profile's mean"""
+    rate: np.ndarray = field(default_factory=lambda: np.ones(0))
+    """per unit: median CPU ms per wall ms while not throttled"""
+    rate_samples: list[np.ndarray] = field(default_factory=list)
+    """per unit: CPU ms per wall ms of every unthrottled spaced run"""
+    min_memory_bytes: dict[str, int] = field(default_factory=dict)
+    reference_cpu_ms: float | None = None
+    """with normalise: the training profiles' mean whole-model reference CPU time"""
+
+    @classmethod
+    def fit(cls, profiles: Sequence[ProfileCalibration], *, threads: int, host_cores: int, normalise: bool = False) -> FittedCostModel:
+        """Fit on ``profiles`` with ``threads`` torch threads (or the nearest calibrated count).
+
+        With ``normalise`` every profile's CPU times are divided by its whole-model reference
+        time over the training profiles' mean reference, which removes machine speed drift
+        between profiles; predictions then need the target container's reference time.
+        """
+        from scipy import optimize
+
+        if not profiles:
+            raise UsageError("no profiles to fit the cost model on; the calibration needs at least two profiles")
+        same = [p for p in profiles if p.threads == threads]
+        if not same:
+            nearest = min({p.threads for p in profiles}, key=lambda t: (abs(t - threads), t))
+            same = [p for p in profiles if p.threads == nearest]
+        names = [t.name for t in profile_timings(same[0])]
+        model = cls(names=names, threads=threads, host_cores=host_cores, period_ms=same[0].cfs_period_us / 1e3)
+        log_cpus = np.log([p.cpus for p in same])
+        scale = np.ones(len(same))
+        if normalise:
+            if not all(p.reference_cpu_ms for p in same):
+                raise UsageError("normalising needs the whole-model reference times of schema 2; recalibrate with this version of amp4ec")
+            references = np.array([np.mean(p.reference_cpu_ms) for p in same])
+            model.reference_cpu_ms = float(references.mean())
+            scale = references / model.reference_cpu_ms
+        for regime in REGIMES:
+            # means[p, u]: mean CPU time of unit u in profile p, in the training profiles' speed
+            means = np.array([[unit_samples(t, regime)[0].mean() for t in profile_timings(p)] for p in same]) / scale[:, None]
+            log_means = np.log(np.maximum(means, 1e-6))
+            n_units = means.shape[1]
+            if len(same) > 1 and np.ptp(log_cpus) > 0:
+
+                def residuals(x):
+                    return (x[:n_units][None, :] + x[n_units] * log_cpus[:, None] - log_means).ravel()
+
+                start = np.concatenate([log_means.mean(axis=0), [0.0]])
+                solution = optimize.least_squares(residuals, start, loss="soft_l1", f_scale=0.05).x
+                model.work_ms[regime] = np.exp(solution[:n_units])
+                model.beta[regime] = float(solution[n_units])
+            else:
+                model.work_ms[regime] = np.exp(log_means.mean(axis=0))
+                model.beta[regime] = 0.0
+            model.spread[regime] = [
+                np.concatenate([unit_samples(profile_timings(p)[u], regime)[0] / (means[i, u] * scale[i]) for i, p in enumerate(same)])
+                for u in range(n_units)
+            ]
+        rates = []
+        for u in range(len(names)):
+            ratios = []
+            for p in same:
+                cpu, wall = unit_samples(profile_timings(p)[u], "spaced")
+                quota_ms = p.cpus * model.period_ms
+                # Runs that used more CPU than one period's quota were throttled for sure.
+                keep = (wall > 0) & (cpu < quota_ms)
+                ratios.append(cpu[keep] / wall[keep])
+            pooled = np.concatenate(ratios) if ratios else np.ones(1)
+            if len(pooled) == 0:
+                pooled = np.ones(1)
+            # Single runs keep their own rate: on a shared host some runs also wait for a core.
+            model.rate_samples.append(np.clip(pooled, 1e-3, float(max(1, threads))))
+            rates.append(float(np.median(pooled)))
+        model.rate = np.clip(np.asarray(rates), 1e-3, float(max(1, threads)))
+        for p in same:
+            for search in p.memory_search:
+                if search.min_memory_bytes is not None:
+                    model.min_memory_bytes[search.segment] = max(model.min_memory_bytes.get(search.segment, 0), search.min_memory_bytes)
+        return model
+
+    def work_samples(self, unit: int, regime: str, cpus: float, n: int, rng: np.random.Generator, speed: float = 1.0) -> np.ndarray:
+        mean_ms = speed * self.work_ms[regime][unit] * cpus ** self.beta[regime]
+        return mean_ms * rng.choice(self.spread[regime][unit], size=n)
+
+    def predict_wall(
+        self, unit: int, regime: str, *, cpus: float, memory_bytes: int | None = None, seed: int = 0, reference_cpu_ms: float | None = None
+    ) -> np.ndarray | None:
+        """Return sampled wall times (ms) of unit ``unit`` in a container with ``cpus``; None predicts an OOM kill.
+
+        ``reference_cpu_ms`` is the target container's whole-model reference time, used only by a normalised fit.
+        """
+        name = self.names[unit]
+        speed = 1.0
+        if self.reference_cpu_ms is not None and reference_cpu_ms is not None:
+            speed = reference_cpu_ms / self.reference_cpu_ms
+        if memory_bytes is not None and self.min_memory_bytes.get(name, 0) > memory_bytes:
+            return None
+        rng = np.random.default_rng(seed)
+        rates = self.rate_samples[unit]
+        if regime == "spaced":
+            work = self.work_samples(unit, regime, cpus, PREDICTION_SAMPLES, rng, speed)
+            phases = rng.uniform(0, self.period_ms, size=len(work))
+            run_rates = rng.choice(rates, size=len(work))
+            walls = []
+            for w, phase, rate in zip(work, phases, run_rates):
+                cpu = CfsCpu(cpus, period_ms=self.period_ms, cores=self.host_cores, phase_ms=phase)
+                walls.append(cpu.run(0.0, w, float(rate)))
+            return np.asarray(walls)
+        walls: list[float] = []
+        for _ in range(MAX_SATURATED_CHAINS):
+            # Each chain starts at a random phase of the period and spans several periods, as
+            # the measurement's window of back-to-back runs does.
+            cpu = CfsCpu(cpus, period_ms=self.period_ms, cores=self.host_cores, phase_ms=rng.uniform(0, self.period_ms))
+            now_ms = 0.0
+            index = 0
+            while now_ms < SATURATED_CHAIN_MS and index < PREDICTION_SAMPLES:
+                work = float(self.work_samples(unit, regime, cpus, 1, rng, speed)[0])
+                end_ms = cpu.run(now_ms, work, float(rng.choice(rates)))
+                if index >= SATURATED_WARMUP_RUNS:
+                    walls.append(end_ms - now_ms)
+                now_ms = end_ms + BETWEEN_RUNS_MS
+                index += 1
+            if len(walls) >= PREDICTION_SAMPLES:
+                break
+        return np.asarray(walls)
+
+
+@dataclass
+class Comparison:
+    profile: str
+    unit: str
+    regime: str
+    statistic: str
+    measured_ms: float
+    predicted_ms: float
+
+    @property
+    def error(self) -> float:
+        return self.predicted_ms / self.measured_ms - 1 if self.measured_ms > 0 else math.inf
+
+
+def leave_one_out(calibration: Calibration, *, normalise: bool = False) -> list[Comparison]:
+    """Predict every profile from the others; compare mean and p95 wall time per unit and regime.
+
+    With ``normalise`` the held-out profile's own whole-model reference time sets the machine speed.
+    """
+    if len(calibration.profiles) < 2:
+        raise UsageError(
+            f"the calibration has {len(calibration.profiles)} profile; leaving one out needs at least two. "
+            "Calibrate with more --profile options"
+        )
+    comparisons = []
+    for held_out in calibration.profiles:
+        others = [p for p in calibration.profiles if p is not held_out]
+        model = FittedCostModel.fit(others, threads=held_out.threads, host_cores=calibration.provenance.host_cores, normalise=normalise)
+        reference = float(np.mean(held_out.reference_cpu_ms)) if held_out.reference_cpu_ms else None
+        for index, timing in enumerate(profile_timings(held_out)):
+            if index >= len(model.names):
+                break
+            for regime in REGIMES:
+                _, measured = unit_samples(timing, regime)
+                predicted = model.predict_wall(
+                    index, regime, cpus=held_out.cpus, memory_bytes=held_out.memory_bytes, seed=index, reference_cpu_ms=reference
+                )
+                if predicted is None:
+                    continue
+                for statistic, reduce in (("mean", np.mean), ("p95", lambda v: np.percentile(v, 95))):
+                    comparisons.append(
+                        Comparison(held_out.name, timing.name, regime, statistic, float(reduce(measured)), float(reduce(predicted)))
+                    )
+    return comparisons
+
+
+def summarise(comparisons: Sequence[Comparison]) -> dict:
+    """Share of predictions within 5 % and 10 %, and error summaries, overall and per group."""
+
+    def block(items: Sequence[Comparison]) -> dict:
+        errors = np.abs([c.error for c in items])
+        if len(errors) == 0:
+            return {"predictions": 0}
+        return {
+            "predictions": len(errors),
+            "within_5pct": float(np.mean(errors <= 0.05)),
+            "within_10pct": float(np.mean(errors <= 0.10)),
+            "median_abs_error": float(np.median(errors)),
+            "max_abs_error": float(np.max(errors)),
+        }
+
+    summary = {"all": block(comparisons)}
+    for statistic in ("mean", "p95"):
+        summary[statistic] = block([c for c in comparisons if c.statistic == statistic])
+    for regime in REGIMES:
+        summary[regime] = block([c for c in comparisons if c.regime == regime])
+    summary["whole model"] = block([c for c in comparisons if c.unit == "model"])
+    summary["per profile"] = {p: block([c for c in comparisons if c.profile == p]) for p in dict.fromkeys(c.profile for c in comparisons)}
+    summary["comparisons"] = [asdict(c) | {"error": c.error} for c in comparisons]
+    return summary

@@ -1,0 +1,154 @@
+"""Repeat a unit's timed runs inside a worker until the mean is known to a target precision.
+
+A worker's `profile` op times a batch of runs; this module asks for batches until the 95 %
+confidence half-width of the mean (Student's t) is at most ``target_ci_rel`` of the mean, for
+both wall time and CPU time, or until ``max_repeats`` runs. It also sums the container's
+cgroup cpu.stat counters over the batches, so the throttling the kernel did is recorded next
+to the wall times it caused.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from amp4ec.costs import CpuStatDelta, Measurement, TimingStats
+
+DEFAULT_TARGET_CI_REL = 0.02
+# Back to back, a throttled unit waits for the next CFS period about once per period of runs,
+# so the mean over a window of runs is off by up to one period's wait. Windows of at least
+# 15 periods (100 ms each by default) keep that error under about 7 % of the throttled time;
+# independent-sample confidence intervals cannot see this error, so it needs its own bound.
+DEFAULT_MIN_WINDOW_MS = 1500.0
+PROBE_WINDOW_MS = 200.0
+
+
+@dataclass(frozen=True)
+class RepeatPolicy:
+    """How many timed runs to ask for: at least ``min_repeats``, in batches, at most ``max_repeats``."""
+
+    min_repeats: int = 10
+    max_repeats: int = 60
+    batch: int = 10
+    target_ci_rel: float = DEFAULT_TARGET_CI_REL
+    min_window_ms: float = DEFAULT_MIN_WINDOW_MS
+    """back to back only: least total wall time of the timed runs, see DEFAULT_MIN_WINDOW_MS"""
+    max_window_repeats: int = 5000
+
+    def __post_init__(self) -> None:
+        if self.min_repeats < 2 or self.max_repeats < self.min_repeats or self.batch < 1:
+            raise ValueError(f"invalid repeat policy {self}: need 2 <= min_repeats <= max_repeats and batch >= 1")
+
+
+def ci95_rel(samples: Sequence[float]) -> float:
+    """Return the 95 % confidence half-width of the mean, relative to the mean (inf when undefined)."""
+    from scipy import stats
+
+    values = np.asarray(samples, dtype=float)
+    n = len(values)
+    mean = float(values.mean()) if n else 0.0
+    if n < 2 or mean <= 0:
+        return math.inf
+    half_width = stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n)
+    return float(half_width / mean)
+
+
+def timing_stats(samples_ms: Sequence[float]) -> TimingStats:
+    values = np.asarray(samples_ms, dtype=float)
+    return TimingStats(
+        mean_ms=float(values.mean()),
+        p50_ms=float(np.percentile(values, 50)),
+        p95_ms=float(np.percentile(values, 95)),
+        samples=len(values),
+    )
+
+
+def _cpu_stat_delta(before: dict | None, after: dict | None) -> CpuStatDelta | None:
+    if not before or not after:
+        return None
+
+    def delta(key: str) -> int | None:
+        if before.get(key) is None or after.get(key) is None:
+            return None
+        return int(after[key]) - int(before[key])
+
+    throttled_ns = delta("throttled_time")
+    return CpuStatDelta(
+        nr_periods=delta("nr_periods"),
+        nr_throttled=delta("nr_throttled"),
+        throttled_ms=None if throttled_ns is None else throttled_ns / 1e6,
+    )
+
+
+def _add(total: CpuStatDelta | None, part: CpuStatDelta | None) -> CpuStatDelta | None:
+    if total is None:
+        return part
+    if part is None:
+        return total
+
+    def plus(a, b):
+        return None if a is None or b is None else a + b
+
+    return CpuStatDelta(
+        nr_periods=plus(total.nr_periods, part.nr_periods),
+        nr_throttled=plus(total.nr_throttled, part.nr_throttled),
+        throttled_ms=plus(total.throttled_ms, part.throttled_ms),
+    )
+
+
+def measure(worker, segment_id: str, inputs: list[np.ndarray], *, gap_ms: float, warmup: int, policy: RepeatPolicy) -> Measurement:
+    """Time ``segment_id`` (already loaded) with runs ``gap_ms`` apart until the mean is precise enough."""
+    wall_ms: list[float] = []
+    cpu_ms: list[float] = []
+    cpu_stat = None
+    peak_rss_bytes = None
+    first = True
+    precision = math.inf
+    # Back to back, two periods of runs always show whether the quota throttles this unit;
+    # only a unit that was throttled needs the full window.
+    probe_window_ms = min(policy.min_window_ms, PROBE_WINDOW_MS) if gap_ms == 0 else 0.0
+    min_window_ms = probe_window_ms
+    while True:
+        window_short_ms = min_window_ms - sum(wall_ms)
+        if first:
+            requested = policy.min_repeats
+        elif len(wall_ms) < policy.max_repeats:
+            requested = min(policy.batch, policy.max_repeats - len(wall_ms))
+        else:
+            requested = policy.batch
+        if not first and window_short_ms > 0:
+            # Ask for enough runs to fill the window in one request, at the mean wall time so far.
+            requested = max(requested, math.ceil(window_short_ms / max(float(np.mean(wall_ms)), 1e-3)))
+        requested = min(requested, policy.max_window_repeats - len(wall_ms))
+        if not first and gap_ms:
+            # The worker sleeps only between the runs of one request, so the first run of a
+            # later batch would follow the previous batch's last run without a gap.
+            time.sleep(gap_ms / 1e3)
+        reply = worker.profile(segment_id, inputs, warmup=warmup if first else 0, repeats=requested, gap_ms=gap_ms)
+        first = False
+        wall_ms.extend(float(v) for v in reply["wall_ms"])
+        cpu_ms.extend(float(v) for v in reply["cpu_ms"])
+        cpu_stat = _add(cpu_stat, _cpu_stat_delta(reply.get("cpu_stat_before"), reply.get("cpu_stat_after")))
+        peak_rss_bytes = reply.get("peak_rss_bytes", peak_rss_bytes)
+        precision = max(ci95_rel(wall_ms), ci95_rel(cpu_ms))
+        if gap_ms == 0 and cpu_stat is not None and (cpu_stat.nr_throttled or 0) > 0:
+            min_window_ms = policy.min_window_ms
+        window_full = sum(wall_ms) >= min_window_ms
+        if window_full and (precision <= policy.target_ci_rel or len(wall_ms) >= policy.max_repeats):
+            break
+        if len(wall_ms) >= policy.max_window_repeats:
+            break
+    return Measurement(
+        gap_ms=gap_ms,
+        # Microsecond resolution is what perf_counter deltas of a forward carry on a shared host.
+        wall_ms=[round(v, 3) for v in wall_ms],
+        cpu_ms=[round(v, 3) for v in cpu_ms],
+        ci95_rel=precision if math.isfinite(precision) else 1e9,
+        converged=precision <= policy.target_ci_rel and sum(wall_ms) >= min_window_ms,
+        cpu_stat=cpu_stat,
+        peak_rss_bytes=peak_rss_bytes,
+    )

@@ -1,0 +1,166 @@
+"""Tables and figures of a calibration file: `amp4ec calibrate show`, `validate` and `plot`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from amp4ec.calibrate.fit import REGIMES, leave_one_out, profile_timings, summarise, unit_samples
+from amp4ec.costs import Calibration
+from amp4ec.errors import UsageError
+
+MIB = 2**20
+
+
+def show_tables(calibration: Calibration) -> list[Table]:
+    """Build a table of per-unit times (CPU and wall, both regimes) per profile, then one of the profiles."""
+    graph = calibration.graph
+    units = Table(title=f"{graph.model} at {graph.granularity} granularity: mean ms per forward (spaced | back to back)")
+    units.add_column("unit")
+    for profile in calibration.profiles:
+        units.add_column(f"{profile.name} CPU", justify="right")
+        units.add_column(f"{profile.name} wall p50/p95", justify="right")
+        units.add_column("runs", justify="right")
+    names = [t.name for t in profile_timings(calibration.profiles[0])]
+    for index, name in enumerate(names):
+        row = [name]
+        for profile in calibration.profiles:
+            timings = profile_timings(profile)
+            if index >= len(timings):
+                row += ["-", "-", "-"]
+                continue
+            t = timings[index]
+            runs = [len(m.wall_ms) for m in (t.spaced, t.saturated) if m is not None]
+            row += [
+                f"{t.cpu_ms:.2f} | {t.warm_cpu_ms:.2f}",
+                f"{t.wall.p50_ms:.1f}/{t.wall.p95_ms:.1f} | {t.warm_wall.p50_ms:.1f}/{t.warm_wall.p95_ms:.1f}",
+                "/".join(map(str, runs)) if runs else str(t.wall.samples),
+            ]
+        units.add_row(*row)
+
+    profiles = Table(title=f"profiles ({calibration.schema_}, measured {calibration.provenance.date[:19]} on {calibration.provenance.host_cpu})")
+    for column in ("profile", "CPUs", "memory MiB", "threads", "runtime MiB", "throttled periods (back to back)", "reference CPU ms", "smallest memory MiB", "OOM kills"):
+        profiles.add_column(column, justify="right")
+    for profile in calibration.profiles:
+        throttled = [t.saturated.cpu_stat for t in profile_timings(profile) if t.saturated is not None and t.saturated.cpu_stat is not None]
+        nr_throttled = sum(s.nr_throttled or 0 for s in throttled)
+        nr_periods = sum(s.nr_periods or 0 for s in throttled)
+        found = [s.min_memory_bytes for s in profile.memory_search if s.min_memory_bytes is not None]
+        ooms = [f"{p.segment}@{p.memory_bytes / MIB:.0f}" for s in profile.memory_search for p in s.probes if p.oom_killed]
+        oom_text = "-"
+        if ooms:
+            oom_text = f"{len(ooms)}: " + ", ".join(ooms[:4])
+            if len(ooms) > 4:
+                oom_text += " ..."
+        profiles.add_row(
+            profile.name,
+            f"{profile.cpus:g}",
+            f"{profile.memory_bytes / MIB:.0f}",
+            str(profile.threads),
+            f"{profile.runtime_rss_bytes / MIB:.0f}",
+            f"{nr_throttled}/{nr_periods}" if throttled else "-",
+            " -> ".join(f"{v:.1f}" for v in profile.reference_cpu_ms) or "-",
+            f"{max(found) / MIB:.0f} (largest segment)" if found else "-",
+            oom_text,
+        )
+    links = [("host -> container", calibration.link), ("container -> container", calibration.container_link)]
+    profiles.caption = "; ".join(
+        f"hop {label}: {link.fixed_ms:.3f} ms + bytes at {link.bandwidth_bps / 1e9:.2f} Gbit/s" for label, link in links if link is not None
+    ) + "".join(f"\nwarning: {w}" for w in calibration.warnings)
+    return [units, profiles]
+
+
+def validate_table(calibration: Calibration, *, normalise: bool = False) -> tuple[Table, dict]:
+    """Build the leave-one-profile-out accuracy table, and return it with the full summary (for --json)."""
+    summary = summarise(leave_one_out(calibration, normalise=normalise))
+    title = "leave one profile out: predicted against measured wall time (mean and p95 per unit)"
+    if normalise:
+        title += ", CPU work scaled by each container's reference time"
+    table = Table(title=title)
+    for column in ("group", "predictions", "within 5 %", "within 10 %", "median |err|", "max |err|"):
+        table.add_column(column, justify="right")
+    groups = ["all", "mean", "p95", *REGIMES, "whole model"] + [f"profile {name}" for name in summary["per profile"]]
+    for group in groups:
+        block = summary["per profile"][group.removeprefix("profile ")] if group.startswith("profile ") else summary[group]
+        if not block.get("predictions"):
+            continue
+        table.add_row(
+            group,
+            str(block["predictions"]),
+            f"{block['within_5pct']:.1%}",
+            f"{block['within_10pct']:.1%}",
+            f"{block['median_abs_error']:.1%}",
+            f"{block['max_abs_error']:.1%}",
+        )
+    table.caption = "aim: 99 % within 10 %, 90 % within 5 %"
+    return table, summary
+
+
+def plot_calibration(calibration: Calibration, out: Path) -> None:
+    """Write a PNG: per-unit wall time by profile (both regimes), and predicted against measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"plot writes PNG files; give a path ending in .png, not {out.name!r}", field="--out")
+    figure, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    names = [u.name for u in calibration.profiles[0].units]
+    positions = np.arange(len(names))
+    width = 0.8 / len(calibration.profiles)
+    for regime, axis in zip(REGIMES, axes[:2]):
+        for offset, profile in enumerate(calibration.profiles):
+            means = [unit_samples(u, regime)[1].mean() for u in profile.units]
+            axis.bar(positions + offset * width, means, width, label=f"{profile.name} ({profile.cpus:g} CPU)")
+        axis.set_xticks(positions + 0.4 - width / 2, names, rotation=90, fontsize=7)
+        axis.set_ylabel("mean wall time per forward (ms)")
+        axis.set_title(f"per-unit wall time, runs {'spaced apart' if regime == 'spaced' else 'back to back'}")
+        axis.legend(fontsize=8)
+    axis = axes[2]
+    if len(calibration.profiles) >= 2:
+        comparisons = leave_one_out(calibration)
+        for regime, marker in zip(REGIMES, ("o", "x")):
+            points = [(c.measured_ms, c.predicted_ms) for c in comparisons if c.regime == regime and c.statistic == "mean"]
+            if points:
+                measured, predicted = zip(*points)
+                axis.scatter(measured, predicted, marker=marker, s=14, label=f"mean, {regime}")
+        low = max(1e-2, min(min(c.measured_ms, c.predicted_ms) for c in comparisons))
+        high = max(max(c.measured_ms, c.predicted_ms) for c in comparisons)
+        line = np.array([low, high])
+        axis.plot(line, line, color="black", linewidth=0.8, label="exact")
+        axis.fill_between(line, line * 0.9, line * 1.1, color="grey", alpha=0.2, label="within 10 %")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.legend(fontsize=8)
+    else:
+        axis.text(0.5, 0.5, "one profile: nothing to leave out", ha="center", transform=axis.transAxes)
+    axis.set_xlabel("measured wall time (ms)")
+    axis.set_ylabel("predicted from the other profiles (ms)")
+    axis.set_title("leave one profile out")
+    figure.suptitle(f"{calibration.graph.model} ({calibration.graph.granularity}), {calibration.provenance.date[:19]}")
+    figure.tight_layout()
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    _write_bytes_atomic(out, buffer.getvalue())
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write through a temporary file in the same directory, so a reader never sees half a PNG."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,194 @@
+"""`amp4ec calibrate` against real containers with tiny settings, and its faults."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from amp4ec.costs import CALIBRATION_SCHEMA, load_calibration
+
+from conftest import require_torch
+
+TESTS = Path(__file__).resolve().parent
+TINY = "tiny_models:make"
+TINY_SHAPE = "1,3,16,16"
+
+
+def labelled_containers(client, run_id_part: str) -> set[str]:
+    """Names of labelled containers whose run id contains ``run_id_part`` (other runs may share the engine)."""
+    containers = client.containers.list(all=True, filters={"label": "amp4ec.project=amp4ec"})
+    return {c.name for c in containers if run_id_part in c.labels.get("amp4ec.run", "")}
+
+
+def logged_run_id(log_text: str) -> str:
+    match = re.search(r"run id (calibrate-[0-9a-f]+)", log_text)
+    assert match, log_text[-2000:]
+    return match.group(1)
+
+
+def amp4ec_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "amp4ec.cli", *args]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    # The tiny model's module lives in tests/, which the worker never needs: it gets exported programs.
+    return {**os.environ, "PYTHONPATH": str(TESTS), **extra}
+
+
+@pytest.mark.docker
+@pytest.mark.torch
+@pytest.mark.slow
+def test_calibrate_factory_model_measures_both_regimes(tmp_path, docker_client, worker_image):
+    require_torch()
+    out = tmp_path / "tiny.json"
+    result = subprocess.run(
+        amp4ec_command(
+            "calibrate", "--model", TINY, "--input-shape", TINY_SHAPE, "--granularity", "leaf",
+            "--profile", "a:1.0:512", "--profile", "b:0.3:512",
+            "--repeats", "3", "--max-repeats", "6", "--warmup", "1", "--gap-ms", "20", "--out", str(out),
+        ),  # fmt: skip
+        env=cli_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    calibration = load_calibration(out)
+    assert calibration.schema_ == CALIBRATION_SCHEMA
+    assert calibration.graph.model == TINY
+    assert calibration.graph.input_shape == [1, 3, 16, 16]
+    assert [p.name for p in calibration.profiles] == ["a", "b"]
+    for profile in calibration.profiles:
+        assert len(profile.reference_cpu_ms) == 2
+        for timing in [*profile.units, profile.model]:
+            assert 3 <= len(timing.spaced.wall_ms) <= 6
+            assert timing.spaced.converged == (timing.spaced.ci95_rel <= 0.02)
+            # Back to back, runs continue past --max-repeats until they span at least two CFS periods.
+            assert sum(timing.saturated.wall_ms) >= 200.0 or len(timing.saturated.wall_ms) == 5000
+            for measurement in (timing.spaced, timing.saturated):
+                assert measurement.ci95_rel <= 0.02 or not measurement.converged
+                assert measurement.cpu_stat is not None
+                assert measurement.cpu_stat.nr_periods is not None
+                assert measurement.peak_rss_bytes > 100 * 2**20
+    link = calibration.container_link
+    assert link is not None
+    assert link.transport.startswith("zeromq")
+    assert "container to container" in link.transport
+    assert link.bandwidth_bps > 1e7
+    validated = subprocess.run(amp4ec_command("calibrate", "validate", str(out)), env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert validated.returncode == 0, validated.stderr
+    assert "within 10 %" in validated.stdout
+    assert labelled_containers(docker_client, logged_run_id(result.stderr)) == set()
+
+
+@pytest.mark.docker
+@pytest.mark.torch
+def test_memory_search_finds_a_limit_and_reports_oom(docker_client, worker_image, run_id):
+    torch = require_torch()
+    import io
+
+    import numpy as np
+
+    from amp4ec.calibrate.memory import MIB, search_min_memory
+    from amp4ec.scenario import NodeSpec
+
+    # 24 M float32 parameters (96 MiB) cannot fit next to the runtime in 200 MiB, and fit in 640 MiB.
+    big = torch.nn.Linear(4096, 6144)
+    program = torch.export.export(big.eval(), (torch.zeros(1, 4096),))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    messages = []
+    result = search_min_memory(
+        docker_client, worker_image, run_id, NodeSpec(name="p", cpus=1.0, memory_mb=640), "big", buffer.getvalue(),
+        [np.zeros((1, 4096), dtype=np.float32)], low_bytes=200 * MIB, high_bytes=640 * MIB, resolution_bytes=128 * MIB,
+        log=messages.append,
+    )  # fmt: skip
+    assert result.min_memory_bytes is not None
+    assert 200 * MIB < result.min_memory_bytes <= 640 * MIB
+    assert result.probes[0].ran
+    assert result.probes[0].memory_bytes == 640 * MIB
+    failed = [p for p in result.probes if not p.ran]
+    assert failed
+    assert all(p.memory_bytes < result.min_memory_bytes for p in failed)
+    assert any(p.oom_killed for p in failed), [p.detail for p in failed]
+    assert labelled_containers(docker_client, run_id) == set()
+
+
+def test_unknown_model_is_a_usage_error(tmp_path):
+    require_torch()
+    out = tmp_path / "c.json"
+    out.write_text("earlier")
+    result = subprocess.run(amp4ec_command("calibrate", "--model", "no_such_net", "--out", str(out)), env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "unknown model 'no_such_net'" in result.stderr
+    assert out.read_text() == "earlier"
+
+
+def test_memory_below_runtime_is_a_usage_error(tmp_path):
+    out = tmp_path / "c.json"
+    result = subprocess.run(amp4ec_command("calibrate", "--profile", "tiny:1.0:64", "--out", str(out)), env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "64 MiB" in result.stderr
+    assert "raise it" in result.stderr
+    assert not out.exists()
+
+
+def test_docker_not_running_leaves_earlier_file(tmp_path):
+    require_torch()
+    pytest.importorskip("docker")
+    out = tmp_path / "c.json"
+    out.write_text("earlier")
+    result = subprocess.run(
+        amp4ec_command("calibrate", "--model", TINY, "--input-shape", TINY_SHAPE, "--out", str(out)),
+        env=cli_env(DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock"), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "docker" in result.stderr.lower()
+    assert "Traceback" not in result.stderr
+    assert out.read_text() == "earlier"
+
+
+@pytest.mark.docker
+@pytest.mark.torch
+def test_ctrl_c_midway_cleans_up(tmp_path, docker_client, worker_image):
+    require_torch()
+    out = tmp_path / "c.json"
+    out.write_text("earlier")
+    log_path = tmp_path / "calibrate.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            amp4ec_command(
+                "calibrate", "--model", TINY, "--input-shape", TINY_SHAPE, "--profile", "a:1.0:512",
+                "--repeats", "50", "--max-repeats", "50", "--gap-ms", "100", "--out", str(out),
+            ),  # fmt: skip
+            env=cli_env(COLUMNS="200"), stdout=subprocess.DEVNULL, stderr=log_file, text=True,
+        )
+        try:
+            # Wait until the calibration's worker container runs, then interrupt as Ctrl-C would.
+            deadline = time.monotonic() + 240
+            run_id = None
+            while time.monotonic() < deadline:
+                assert process.poll() is None, log_path.read_text()[-2000:]
+                match = re.search(r"run id (calibrate-[0-9a-f]+)", log_path.read_text())
+                if match and labelled_containers(docker_client, match.group(1)):
+                    run_id = match.group(1)
+                    break
+                time.sleep(0.5)
+            assert run_id, "no calibration container started"
+            time.sleep(3)
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    stderr = log_path.read_text()
+    assert process.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr
+    assert out.read_text() == "earlier"
+    assert labelled_containers(docker_client, run_id) == set()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".c.json")]

@@ -1,0 +1,236 @@
+"""The fitted cost model, leave-one-profile-out validation and the calibrate subcommands, on synthetic files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from amp4ec.calibrate.fit import FittedCostModel, leave_one_out, summarise
+from amp4ec.calibrate.measure import RepeatPolicy, ci95_rel, measure
+from amp4ec.cli import main
+from amp4ec.costs import CALIBRATION_SCHEMA, Measurement, MemoryProbe, MemorySearch, load_calibration
+from amp4ec.sim.cfs import CfsCpu
+
+from synthetic import make_calibration
+
+PROFILES = (("high", 1.0, 1), ("medium", 0.6, 1), ("low", 0.4, 1))
+WORK_MS = [1.0, 3.0, 8.0, 15.0, 30.0]
+
+
+def simulated_measurement(work_ms: float, cpus: float, gap_ms: float, rng, *, runs: int = 40, rate: float = 0.95) -> Measurement:
+    """Samples as a container with an ideal CFS quota would produce them, with 2 % noise in the work."""
+    cpu_ms = work_ms * rng.lognormal(0.0, 0.02, size=runs)
+    walls = []
+    if gap_ms:
+        for cpu in cpu_ms:
+            walls.append(CfsCpu(cpus, phase_ms=rng.uniform(0, 100)).run(0.0, cpu, rate))
+    else:
+        # Back to back, the measurement runs until its window spans 1.5 s, as measure() does.
+        quota = CfsCpu(cpus, phase_ms=rng.uniform(0, 100))
+        now = 0.0
+        cpu_ms = list(cpu_ms)
+        while now < 1500.0 or len(walls) < runs:
+            if len(walls) == len(cpu_ms):
+                cpu_ms.append(work_ms * rng.lognormal(0.0, 0.02))
+            end = quota.run(now, cpu_ms[len(walls)], rate)
+            walls.append(end - now)
+            now = end + 0.02
+    return Measurement(gap_ms=gap_ms, wall_ms=walls, cpu_ms=list(cpu_ms), ci95_rel=0.01, converged=True)
+
+
+def synthetic_measured_calibration(seed: int = 0, speed: dict[str, float] | None = None):
+    """A schema-2 calibration whose raw samples come from the CFS model with known work per unit.
+
+    ``speed`` slows a profile's machine down by a factor, reference time included, as drift would.
+    """
+    rng = np.random.default_rng(seed)
+    calibration = make_calibration(WORK_MS, profiles=PROFILES)
+    for profile in calibration.profiles:
+        factor = (speed or {}).get(profile.name, 1.0)
+        profile.reference_cpu_ms = [factor * sum(WORK_MS)] * 2
+        for timing, work in [*zip(profile.units, WORK_MS), (profile.model, sum(WORK_MS))]:
+            timing.spaced = simulated_measurement(factor * work, profile.cpus, 100.0, rng)
+            timing.saturated = simulated_measurement(factor * work, profile.cpus, 0.0, rng, runs=60)
+    return calibration
+
+
+def test_ci95_rel_shrinks_with_more_samples():
+    rng = np.random.default_rng(1)
+    few, many = rng.normal(10, 1, 10), rng.normal(10, 1, 1000)
+    assert ci95_rel(many) < ci95_rel(few)
+    assert ci95_rel(many) == pytest.approx(1.96 * 1 / np.sqrt(1000) / 10, rel=0.15)
+    assert ci95_rel([5.0]) == float("inf")
+
+
+class FakeWorker:
+    """A worker whose profile op returns noisy samples, to test when repetition stops."""
+
+    def __init__(self, noise: float, throttled: bool = True):
+        self.rng = np.random.default_rng(0)
+        self.noise = noise
+        self.throttled = throttled
+        self.requests = []
+
+    def profile(self, segment_id, inputs, *, warmup, repeats, gap_ms):
+        self.requests.append(repeats)
+        values = list(10 * (1 + self.noise * self.rng.standard_normal(repeats)))
+        throttled = len(self.requests) if self.throttled else 0
+        stat = {"nr_periods": 10 * len(self.requests), "nr_throttled": throttled, "throttled_time": 1_000_000 * len(self.requests)}
+        before = {
+            "nr_periods": stat["nr_periods"] - 10,
+            "nr_throttled": stat["nr_throttled"] - (1 if self.throttled else 0),
+            "throttled_time": stat["throttled_time"] - 1_000_000,
+        }
+        return {"wall_ms": values, "cpu_ms": values, "cpu_stat_before": before, "cpu_stat_after": stat, "peak_rss_bytes": 123}
+
+
+def test_measure_stops_when_precise_and_at_max_count():
+    quiet = FakeWorker(noise=0.001)
+    result = measure(quiet, "u", [], gap_ms=0.0001, warmup=0, policy=RepeatPolicy(min_repeats=10, max_repeats=60, batch=10))
+    assert len(result.wall_ms) == 10
+    assert result.converged
+    assert result.ci95_rel <= 0.02
+
+    noisy = FakeWorker(noise=0.5)
+    result = measure(noisy, "u", [], gap_ms=0.0001, warmup=0, policy=RepeatPolicy(min_repeats=10, max_repeats=35, batch=10))
+    assert len(result.wall_ms) == 35
+    assert not result.converged
+    assert noisy.requests == [10, 10, 10, 5]
+    assert result.cpu_stat.nr_throttled == 4
+    assert result.cpu_stat.nr_periods == 40
+    assert result.cpu_stat.throttled_ms == pytest.approx(4.0)
+
+
+def test_measure_back_to_back_fills_window():
+    # Runs of 10 ms back to back: precise after 10 runs, but the window needs 1 s of runs.
+    quiet = FakeWorker(noise=0.001)
+    policy = RepeatPolicy(min_repeats=10, max_repeats=60, batch=10, min_window_ms=1000.0)
+    result = measure(quiet, "u", [], gap_ms=0.0, warmup=0, policy=policy)
+    assert sum(result.wall_ms) >= 1000.0
+    assert len(result.wall_ms) <= 101
+    assert quiet.requests[0] == 10
+    assert len(quiet.requests) == 2
+    assert result.converged
+
+    # Never throttled: two periods of runs are enough.
+    unthrottled = FakeWorker(noise=0.001, throttled=False)
+    result = measure(unthrottled, "u", [], gap_ms=0.0, warmup=0, policy=policy)
+    assert 200.0 <= sum(result.wall_ms) < 1000.0
+
+
+def test_fit_recovers_work_and_predicts_throttling():
+    calibration = synthetic_measured_calibration()
+    model = FittedCostModel.fit(calibration.profiles[:2], threads=1, host_cores=2)
+    assert model.work_ms["spaced"][:len(WORK_MS)] == pytest.approx(WORK_MS, rel=0.03)
+    assert model.rate == pytest.approx(0.95, rel=0.02)
+    # 30 ms of work at 0.4 CPU back to back: 40 ms of quota per 100 ms period, so the mean
+    # wall time is the work over the quota's share.
+    walls = model.predict_wall(4, "saturated", cpus=0.4)
+    assert np.mean(walls) == pytest.approx(30.0 / 0.4, rel=0.05)
+    # Spaced apart, a 30 ms job fits one period's 40 ms quota and is never throttled.
+    assert np.max(model.predict_wall(4, "spaced", cpus=0.4)) < 34
+
+
+def test_leave_one_out_ideal_cfs_data():
+    summary = summarise(leave_one_out(synthetic_measured_calibration()))
+    assert summary["all"]["predictions"] == 3 * (len(WORK_MS) + 1) * 2 * 2
+    assert summary["mean"]["within_10pct"] >= 0.99
+    assert summary["all"]["within_10pct"] >= 0.9
+
+
+def test_leave_one_out_detects_a_wrong_throttling_model():
+    """Data whose low profile was not throttled as CFS would: validation must report it."""
+    calibration = synthetic_measured_calibration()
+    for timing in calibration.profile("low").units + [calibration.profile("low").model]:
+        timing.saturated.wall_ms = list(np.asarray(timing.saturated.cpu_ms) / 0.95)
+    summary = summarise(leave_one_out(calibration))
+    assert summary["per profile"]["low"]["within_10pct"] < 0.8
+
+
+def test_normalise_removes_machine_drift():
+    calibration = synthetic_measured_calibration(speed={"medium": 1.25})
+    raw = summarise(leave_one_out(calibration))
+    normalised = summarise(leave_one_out(calibration, normalise=True))
+    assert raw["per profile"]["medium"]["within_10pct"] < 0.5
+    assert normalised["per profile"]["medium"]["within_10pct"] >= 0.9
+    assert normalised["all"]["within_10pct"] > raw["all"]["within_10pct"]
+
+
+def test_memory_search_predicts_oom():
+    calibration = synthetic_measured_calibration()
+    probes = [MemoryProbe(segment="u4", memory_bytes=300 * 2**20, ran=False, oom_killed=True)]
+    calibration.profiles[0].memory_search = [MemorySearch(segment="u4", min_memory_bytes=400 * 2**20, resolution_bytes=2**24, probes=probes)]
+    model = FittedCostModel.fit(calibration.profiles, threads=1, host_cores=2)
+    assert model.predict_wall(4, "spaced", cpus=1.0, memory_bytes=350 * 2**20) is None
+    assert model.predict_wall(4, "spaced", cpus=1.0, memory_bytes=500 * 2**20) is not None
+
+
+@pytest.fixture
+def calibration_file(tmp_path):
+    path = tmp_path / "calibration.json"
+    synthetic_measured_calibration().save(path)
+    return path
+
+
+def test_validate_show_plot_commands(calibration_file, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["calibrate", "validate", str(calibration_file), "--json", str(tmp_path / "v.json")])
+    assert result.exit_code == 0, result.output
+    assert "aim: 99 % within 10 %" in result.output
+    assert "profile low" in result.output
+    summary = json.loads((tmp_path / "v.json").read_text())
+    assert summary["all"]["predictions"] == len(summary["comparisons"]) > 0
+
+    result = runner.invoke(main, ["calibrate", "show", str(calibration_file)])
+    assert result.exit_code == 0, result.output
+    assert "u3" in result.output
+    assert "medium" in result.output
+
+    result = runner.invoke(main, ["calibrate", "plot", str(calibration_file)])
+    assert result.exit_code == 0, result.output
+    png = calibration_file.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_schema_versions_load_or_fail(tmp_path, calibration_file):
+    data = json.loads(calibration_file.read_text())
+    assert data["schema"] == CALIBRATION_SCHEMA
+    data["schema"] = "amp4ec.calibration/1"
+    for timing in [u for p in data["profiles"] for u in p["units"]]:
+        del timing["spaced"], timing["saturated"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data))
+    assert load_calibration(old).profiles[0].units[0].spaced is None
+    result = CliRunner().invoke(main, ["calibrate", "validate", str(old)])
+    assert result.exit_code == 0, result.output
+
+    data["schema"] = "amp4ec.calibration/99"
+    future = tmp_path / "future.json"
+    future.write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["calibrate", "show", str(future)])
+    assert result.exit_code == 2
+    assert "amp4ec.calibration/99" in result.output
+    assert "recalibrate" in result.output
+
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text(calibration_file.read_text()[:100])
+    result = CliRunner().invoke(main, ["calibrate", "plot", str(corrupt)])
+    assert result.exit_code == 2
+    assert "corrupt" in result.output
+
+
+def test_calibrate_without_out_is_a_usage_error():
+    result = CliRunner().invoke(main, ["calibrate", "--repeats", "3"])
+    assert result.exit_code == 2
+    assert "--out" in result.output
+
+
+def test_validate_needs_two_profiles(tmp_path):
+    path = tmp_path / "one.json"
+    make_calibration([1.0, 2.0], profiles=(("only", 1.0, 1),)).save(path)
+    result = CliRunner().invoke(main, ["calibrate", "validate", str(path)])
+    assert result.exit_code == 2
+    assert "at least two" in result.output
