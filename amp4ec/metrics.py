@@ -36,6 +36,7 @@ RECORD_SCHEMA = pa.schema(
         ("stage_start_s", pa.list_(pa.float64())),
         ("stage_end_s", pa.list_(pa.float64())),
         ("stage_exec_ms", pa.list_(pa.float64())),
+        ("retries", pa.int64()),
     ]
 )
 
@@ -60,6 +61,8 @@ class RequestRecord:
     stage_start_s: list[float] = field(default_factory=list)
     stage_end_s: list[float] = field(default_factory=list)
     stage_exec_ms: list[float] = field(default_factory=list)
+    retries: int = 0
+    """stage attempts repeated because a node failed or had left"""
 
     @property
     def latency_ms(self) -> float:

@@ -30,6 +30,9 @@ class NodeSpec(_Strict):
     cpus: float = Field(gt=0, description="CFS quota in CPUs (docker run --cpus)")
     memory_mb: float = Field(gt=0, description="memory limit in MiB (docker run --memory); no swap")
     threads: int | None = Field(default=None, ge=1, description="torch threads; default max(1, floor(cpus))")
+    bandwidth_mbps: float | None = Field(default=None, gt=0, description="this node's link; default network.bandwidth_mbps")
+    latency_ms: float | None = Field(default=None, ge=0, description="this node's per-hop cost; default network.latency_ms")
+    present: bool = Field(default=True, description="false: the node is absent until a join event")
 
     @property
     def torch_threads(self) -> int:
@@ -43,6 +46,11 @@ class NodeSpec(_Strict):
 class ModelSpec(_Strict):
     name: str = "mobilenet_v2"
     granularity: Literal["block", "leaf"] = "block"
+    service: Literal["calibrated", "exponential"] = Field(
+        default="calibrated",
+        description="calibrated: each stage costs its calibrated CPU time; exponential: that time is "
+        "the mean of an exponential draw per stage (for checks against M/M/k queueing formulas)",
+    )
 
 
 class PolicySpec(_Strict):
@@ -52,22 +60,46 @@ class PolicySpec(_Strict):
     cache: bool = Field(default=True, description="keep deployed segments resident on their nodes")
     scheduler_params: dict[str, Any] = Field(default_factory=dict)
     partitioner_params: dict[str, Any] = Field(default_factory=dict)
+    on_failure: Literal["fail", "retry"] = Field(
+        default="fail", description="a stage lost to a node failure: fail its request, or run it again elsewhere"
+    )
+    max_retries: int = Field(default=3, ge=0, description="retry: stage attempts after the first, per request")
+    dispatch: Literal["push", "pull"] = Field(
+        default="push",
+        description="push: the scheduler picks a node per stage; pull: stages wait in one coordinator "
+        "queue per segment and the first idle node takes the next (the scheduler is not consulted)",
+    )
 
 
 class WorkloadSpec(_Strict):
     """Request arrivals: the paper's closed loop (one client, back to back) or open-loop Poisson."""
 
-    kind: Literal["closed", "poisson"] = "closed"
+    kind: Literal["closed", "poisson", "bursty", "diurnal", "trace"] = "closed"
     requests: int = Field(default=100, ge=1)
     batch: int = Field(default=1, ge=1)
     clients: int = Field(default=1, ge=1, description="closed loop: requests in flight")
     think_time_ms: float = Field(default=0.0, ge=0, description="closed loop: pause between a reply and the next request")
     rate_rps: float | None = Field(default=None, gt=0, description="poisson: mean arrival rate in requests per second")
+    # bursty: a two-state Markov-modulated Poisson process (MMPP-2) that alternates between
+    # an "on" state at rate_rps and an "off" state at off_rate_rps, with exponential sojourns.
+    off_rate_rps: float = Field(default=0.0, ge=0, description="bursty: arrival rate while off")
+    on_s: float = Field(default=1.0, gt=0, description="bursty: mean length of an on period in seconds")
+    off_s: float = Field(default=1.0, gt=0, description="bursty: mean length of an off period in seconds")
+    # diurnal: rate(t) = rate_rps * (1 + amplitude * sin(2 pi (t + phase_s) / period_s)).
+    amplitude: float = Field(default=0.5, ge=0, le=1, description="diurnal: relative swing of the rate")
+    period_s: float = Field(default=86400.0, gt=0, description="diurnal: length of one cycle in seconds")
+    phase_s: float = Field(default=0.0, description="diurnal: shift of the cycle in seconds")
+    trace: str | None = Field(
+        default=None,
+        description="trace: CSV file with an arrival_s column (seconds, non-decreasing); relative to the scenario",
+    )
 
     @model_validator(mode="after")
     def _check_kind(self) -> "WorkloadSpec":
-        if self.kind == "poisson" and self.rate_rps is None:
-            raise ValueError("a poisson workload needs rate_rps (requests per second)")
+        if self.kind in ("poisson", "bursty", "diurnal") and self.rate_rps is None:
+            raise ValueError(f"a {self.kind} workload needs rate_rps (requests per second)")
+        if self.kind == "trace" and self.trace is None:
+            raise ValueError("a trace workload needs trace, the path of a CSV file with an arrival_s column")
         return self
 
 
@@ -85,6 +117,56 @@ class MonitorSpec(_Strict):
     delay_s: float = Field(default=0.0, ge=0, description="how long a sample takes to reach the scheduler")
 
 
+class NodeProfileMix(_Strict):
+    """One kind of node inside a group, drawn with probability proportional to ``weight``."""
+
+    cpus: float = Field(gt=0)
+    memory_mb: float = Field(gt=0)
+    threads: int | None = Field(default=None, ge=1)
+    bandwidth_mbps: float | None = Field(default=None, gt=0)
+    latency_ms: float | None = Field(default=None, ge=0)
+    weight: float = Field(default=1.0, gt=0)
+
+
+class NodeGroupSpec(_Strict):
+    """``count`` nodes named ``{prefix}{i}``, each drawn from ``profiles`` with the scenario seed.
+
+    A group expands into plain nodes before anything runs, so a 10,000-node cluster is a few
+    lines and the resolved scenario still lists every node.
+    """
+
+    prefix: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    count: int = Field(ge=1, le=1_000_000)
+    profiles: list[NodeProfileMix] = Field(min_length=1)
+
+
+class EventSpec(_Strict):
+    """One change to the cluster at ``time_s`` seconds of simulated time.
+
+    join / leave: the node starts or stops taking new stages (work in flight on a leaving
+    node finishes). fail: the node dies and the stages in flight on it are lost (see
+    policy.on_failure). recover: a failed node comes back, its segments deployed again.
+    background: ``cpus`` of the node's quota go to other work from then on (0 ends it).
+    bandwidth: the node's link changes to ``bandwidth_mbps`` (and ``latency_ms`` if given).
+    Changes of speed apply to stages that start after the event.
+    """
+
+    time_s: float = Field(ge=0)
+    kind: Literal["join", "leave", "fail", "recover", "background", "bandwidth"]
+    node: str
+    cpus: float | None = Field(default=None, ge=0, description="background: CPUs taken by other work")
+    bandwidth_mbps: float | None = Field(default=None, gt=0, description="bandwidth: the link's new bandwidth")
+    latency_ms: float | None = Field(default=None, ge=0, description="bandwidth: the link's new per-hop cost")
+
+    @model_validator(mode="after")
+    def _check_values(self) -> "EventSpec":
+        if self.kind == "background" and self.cpus is None:
+            raise ValueError("a background event needs cpus, the CPUs other work takes")
+        if self.kind == "bandwidth" and self.bandwidth_mbps is None and self.latency_ms is None:
+            raise ValueError("a bandwidth event needs bandwidth_mbps or latency_ms")
+        return self
+
+
 class Scenario(_Strict):
     name: str
     description: str = ""
@@ -95,7 +177,9 @@ class Scenario(_Strict):
     workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     monitor: MonitorSpec = Field(default_factory=MonitorSpec)
-    nodes: list[NodeSpec] = Field(min_length=1)
+    nodes: list[NodeSpec] = Field(default_factory=list)
+    node_groups: list[NodeGroupSpec] = Field(default_factory=list, description="generated nodes, appended to nodes")
+    events: list[EventSpec] = Field(default_factory=list, description="the dynamics timeline")
 
     @field_validator("nodes")
     @classmethod
@@ -106,6 +190,18 @@ class Scenario(_Strict):
                 raise ValueError(f"node name {node.name!r} appears twice")
             seen.add(node.name)
         return nodes
+
+    @model_validator(mode="after")
+    def _expand_and_check(self) -> "Scenario":
+        from amp4ec.cluster import check_events, expand_groups  # late import: cluster imports this module
+
+        if self.node_groups:
+            self.nodes = self.nodes + expand_groups(self.node_groups, self.seed, {n.name for n in self.nodes})
+            self.node_groups = []
+        if not self.nodes:
+            raise ValueError("the scenario has no nodes; add [[nodes]] or [[node_groups]]")
+        check_events(self)
+        return self
 
     def node(self, name: str) -> NodeSpec:
         for node in self.nodes:
@@ -132,6 +228,11 @@ def parse_scenario(data: dict[str, Any], *, source: str = "scenario") -> Scenari
     """Validate raw scenario data, turning pydantic's report into a UsageError naming the field."""
     try:
         scenario = Scenario.model_validate(data)
+    except UsageError as exc:
+        # Raised by the cross-field checks (events, node groups), which know the field but not the file.
+        if exc.source is None:
+            raise UsageError(str(exc), source=source) from exc
+        raise
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
@@ -171,4 +272,17 @@ def load_scenario(path: str | Path) -> Scenario:
         if not calibration_path.is_absolute():
             calibration_path = (path.parent / calibration_path).resolve()
         scenario = scenario.model_copy(update={"calibration": str(calibration_path)})
+    trace = scenario.workload.trace
+    if trace is not None:
+        trace_path = Path(trace)
+        if not trace_path.is_absolute():
+            trace_path = (path.parent / trace_path).resolve()
+        if not trace_path.is_file():
+            raise UsageError(
+                f"trace file {str(trace_path)!r} not found; give the path of a CSV file with an arrival_s column",
+                field="workload.trace",
+                source=str(path),
+            )
+        workload = scenario.workload.model_copy(update={"trace": str(trace_path)})
+        scenario = scenario.model_copy(update={"workload": workload})
     return scenario

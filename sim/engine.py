@@ -4,14 +4,24 @@ Each request's stages go through the coordinator, as in real mode: the coordinat
 stage's input over the node's link, the node runs the segment when its worker is free, and
 the output comes back over the same link. The scheduler picks the node of every stage from
 the monitor's snapshots only.
+
+Hot path: a node's uplink, worker and downlink are each a first-come-first-served single
+server, so instead of a SimPy resource per server the engine keeps the time each becomes
+free. A stage's input transfer, run and output transfer are then known the moment it is
+dispatched, and the stage costs one timeout. Stages reach a node's worker in the order they
+were dispatched to it (its uplink is FIFO), so this is the same queue a resource would give.
+Links are full duplex: an output transfer never waits behind an input transfer.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import simpy
 
 from amp4ec import policies
@@ -19,26 +29,44 @@ from amp4ec.costs import CostModel
 from amp4ec.metrics import RequestRecord, summarise
 from amp4ec.monitor import NodeState
 from amp4ec.partition import Plan
-from amp4ec.scenario import NodeSpec, Scenario
+from amp4ec.scenario import EventSpec, NodeSpec, Scenario
 from amp4ec.schedule import NoNodeAvailable, Scheduler, StageTask
-from amp4ec.workload import open_loop_arrivals_s, rng_for
 from amp4ec.sim.cfs import CfsCpu
+from amp4ec.workload import open_loop_arrivals_s, request_count, rng_for
 
 # CPUs a stage requests in the AMP4EC node filter. The published rule gives no value.
 DEFAULT_CPU_NEEDED = 0.1
+# The progress callback is called about this many times per run, not once per request.
+PROGRESS_STEPS = 1000
 
 
-@dataclass
+class NodeLost(Exception):
+    """Interrupt cause: the node running a stage failed."""
+
+    def __init__(self, node: str):
+        super().__init__(node)
+        self.node = node
+
+
+@dataclass(slots=True)
 class SimNode:
     spec: NodeSpec
     cpu: CfsCpu
-    worker: simpy.Resource
-    link: simpy.Resource
     memory_used_bytes: int
+    bandwidth_bps: float
+    latency_ms: float
     alive: bool = True
     failure: str = ""
     busy_cpu_ms: float = 0.0
     busy_cpu_ms_at_sample: float = 0.0
+    background_cpus: float = 0.0
+    up_free_s: float = 0.0
+    worker_free_s: float = 0.0
+    down_free_s: float = 0.0
+    epoch: int = 0
+    """incremented when the node fails, so a stage can tell it outlived its container"""
+    in_flight: dict = field(default_factory=dict)
+    """request id -> the request's process, for the stages dispatched to this node"""
 
 
 @dataclass
@@ -70,26 +98,60 @@ class Simulation:
         self.scheduler: Scheduler = policies.make_scheduler(scenario, rng_for(scenario.seed, "scheduler"))
         self.hop_latency_ms = costs.hop_latency_ms(scenario.network.latency_ms)
         self.bandwidth_bps = scenario.network.bandwidth_mbps * 1e6
+        self.total_requests = request_count(scenario.workload)
+        self._stages = self._stage_table()
+        self._deployed_bytes = costs.runtime_bytes + sum(
+            costs.segment_memory_bytes(s.start, s.stop) for s in self.plan.segments
+        )
         self.nodes = {spec.name: self._make_node(spec) for spec in scenario.nodes}
         self._published: dict[str, NodeState] = {}
         self.records: list[RequestRecord] = []
         self._done = 0
+        self._progress_step = max(1, self.total_requests // PROGRESS_STEPS)
+        self._exponential = scenario.model.service == "exponential"
+        self._service_rng = rng_for(scenario.seed, "service")
+        self._service_draws = np.empty(0)
+        self._service_next = 0
+        # Pull dispatch: idle nodes in the order they became idle, and stages waiting for one.
+        self._idle: deque[SimNode] = deque()
+        self._waiting: deque[simpy.Event] = deque()
+        # Little's law: the number in system integrated over time, kept apart from the records.
+        self._in_system = 0
+        self._area_s = 0.0
+        self._last_change_s = 0.0
+        self._first_arrival_s = math.nan
+        self.retries = 0
+
+    def _stage_table(self) -> list[tuple]:
+        """Per segment: its task, input and output bytes, computed once rather than per request."""
+        batch = self.scenario.workload.batch
+        table = []
+        for segment in self.plan.segments:
+            task = StageTask(
+                request_id=-1,
+                segment=segment,
+                cpu_needed=DEFAULT_CPU_NEEDED,
+                memory_needed_bytes=self.costs.segment_memory_bytes(segment.start, segment.stop),
+            )
+            in_bytes = self.graph.cut_bytes(segment.start) * batch
+            if not self.scenario.policy.cache:
+                in_bytes += self.graph.segment_param_bytes(segment.start, segment.stop)
+            out_bytes = self.graph.cut_bytes(segment.stop) * batch
+            table.append((segment, task, in_bytes, out_bytes))
+        return table
 
     def _make_node(self, spec: NodeSpec) -> SimNode:
         phase_ms = rng_for(self.scenario.seed, f"cfs-phase:{spec.name}").uniform(0.0, 100.0)
         cpu = CfsCpu(spec.cpus, cores=spec.torch_threads, phase_ms=phase_ms)
         # With the cache on, every segment is deployed on every node before the first request,
         # so any node can serve any stage; the weights and the largest activation stay resident.
-        memory_used = self.costs.runtime_bytes + sum(
-            self.costs.segment_memory_bytes(s.start, s.stop) for s in self.plan.segments
-        )
-        node = SimNode(
-            spec=spec,
-            cpu=cpu,
-            worker=simpy.Resource(self.env, capacity=1),
-            link=simpy.Resource(self.env, capacity=1),
-            memory_used_bytes=memory_used,
-        )
+        memory_used = self._deployed_bytes
+        bandwidth_bps = spec.bandwidth_mbps * 1e6 if spec.bandwidth_mbps is not None else self.bandwidth_bps
+        latency_ms = spec.latency_ms if spec.latency_ms is not None else self.hop_latency_ms
+        node = SimNode(spec=spec, cpu=cpu, memory_used_bytes=memory_used, bandwidth_bps=bandwidth_bps, latency_ms=latency_ms)
+        if not spec.present:
+            node.alive = False
+            node.failure = "not joined"
         if memory_used > spec.memory_bytes:
             node.alive = False
             node.failure = "oom"
@@ -103,18 +165,20 @@ class Simulation:
     # The monitor samples every period and publishes each sample after the reporting delay.
     def _sample(self, period_s: float) -> dict[str, NodeState]:
         states = {}
+        now = self.env.now
         for name, node in self.nodes.items():
             busy_ms = node.busy_cpu_ms - node.busy_cpu_ms_at_sample
             node.busy_cpu_ms_at_sample = node.busy_cpu_ms
-            utilisation = min(1.0, busy_ms / (node.spec.cpus * period_s * 1e3)) if self.env.now > 0 else 0.0
+            cpus = node.spec.cpus
+            utilisation = min(1.0, busy_ms / (cpus * period_s * 1e3) + node.background_cpus / cpus) if now > 0 else 0.0
             states[name] = NodeState(
                 name=name,
-                time_s=self.env.now,
-                cpus=node.spec.cpus,
+                time_s=now,
+                cpus=cpus,
                 memory_bytes=node.spec.memory_bytes,
                 cpu_utilisation=utilisation,
                 memory_used_bytes=min(node.memory_used_bytes, node.spec.memory_bytes),
-                link_latency_ms=self.hop_latency_ms,
+                link_latency_ms=node.latency_ms,
                 alive=node.alive,
             )
         return states
@@ -135,60 +199,179 @@ class Simulation:
         yield self.env.timeout(delay_s)
         self._published = sample
 
-    def _transfer(self, node: SimNode, n_bytes: int):
-        with node.link.request() as slot:
-            yield slot
-            yield self.env.timeout(CostModel.transfer_ms(n_bytes, self.bandwidth_bps, self.hop_latency_ms) / 1e3)
+    # The dynamics timeline.
+    def _timeline(self, events: list[EventSpec]):
+        for event in sorted(events, key=lambda e: e.time_s):
+            yield self.env.timeout(max(0.0, event.time_s - self.env.now))
+            self._apply(event)
+
+    def _fresh_container(self, node: SimNode) -> None:
+        now = self.env.now
+        node.cpu = CfsCpu(max(1e-6, node.spec.cpus - node.background_cpus), cores=node.spec.torch_threads, phase_ms=node.cpu.phase_ms)
+        node.up_free_s = node.worker_free_s = node.down_free_s = now
+
+    def _apply(self, event: EventSpec) -> None:
+        node = self.nodes[event.node]
+        kind = event.kind
+        if kind in ("join", "recover"):
+            if node.alive or node.failure == "oom":
+                return
+            node.alive = True
+            node.failure = ""
+            self._fresh_container(node)
+            if self.scenario.policy.dispatch == "pull":
+                self._release(node, node.epoch)
+        elif kind in ("leave", "fail"):
+            if not node.alive:
+                return
+            node.alive = False
+            node.failure = "left" if kind == "leave" else "failed"
+            if kind == "fail":
+                node.epoch += 1
+                lost = list(node.in_flight.values())
+                node.in_flight.clear()
+                for process in lost:
+                    if process.is_alive:
+                        process.interrupt(NodeLost(node.spec.name))
+                self._fresh_container(node)
+            if node in self._idle:
+                self._idle.remove(node)
+        elif kind == "background":
+            node.background_cpus = event.cpus
+            # The quota left for the worker changes from the next stage on.
+            node.cpu = CfsCpu(node.spec.cpus - event.cpus, cores=node.spec.torch_threads, phase_ms=node.cpu.phase_ms)
+        elif kind == "bandwidth":
+            if event.bandwidth_mbps is not None:
+                node.bandwidth_bps = event.bandwidth_mbps * 1e6
+            if event.latency_ms is not None:
+                node.latency_ms = event.latency_ms
+
+    def _work_ms(self, cpu_ms: float) -> float:
+        if not self._exponential:
+            return cpu_ms
+        if self._service_next >= len(self._service_draws):
+            self._service_draws = self._service_rng.exponential(1.0, size=65536)
+            self._service_next = 0
+        draw = self._service_draws[self._service_next]
+        self._service_next += 1
+        return cpu_ms * draw
+
+    def _dispatch(self, node: SimNode, in_bytes: int, out_bytes: int, work_ms: float, parallelism: float):
+        """Reserve the node's uplink, worker and downlink for one stage; return its times in s."""
+        now = self.env.now
+        in_end_s = max(now, node.up_free_s) + (node.latency_ms + in_bytes * 8e3 / node.bandwidth_bps) / 1e3
+        node.up_free_s = in_end_s
+        exec_start_s = max(in_end_s, node.worker_free_s)
+        exec_end_s = node.cpu.run(exec_start_s * 1e3, work_ms, parallelism) / 1e3
+        node.worker_free_s = exec_end_s
+        out_end_s = max(exec_end_s, node.down_free_s) + (node.latency_ms + out_bytes * 8e3 / node.bandwidth_bps) / 1e3
+        node.down_free_s = out_end_s
+        return exec_start_s, exec_end_s, out_end_s
+
+    def _pull(self):
+        """Pull dispatch: wait until a node is idle and return it."""
+        if self._idle:
+            return self._idle.popleft()
+        waiter = self.env.event()
+        self._waiting.append(waiter)
+        return (yield waiter)
+
+    def _release(self, node: SimNode, epoch: int) -> None:
+        if not node.alive or node.epoch != epoch:
+            return
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.triggered:
+                waiter.succeed(node)
+                return
+        self._idle.append(node)
+
+    def _arrive(self) -> None:
+        now = self.env.now
+        if self._in_system == 0 and math.isnan(self._first_arrival_s):
+            self._first_arrival_s = now
+            self._last_change_s = now
+        self._area_s += self._in_system * (now - self._last_change_s)
+        self._last_change_s = now
+        self._in_system += 1
+
+    def _leave(self) -> None:
+        now = self.env.now
+        self._area_s += self._in_system * (now - self._last_change_s)
+        self._last_change_s = now
+        self._in_system -= 1
+        self._done += 1
+        if self.progress and (self._done % self._progress_step == 0 or self._done == self.total_requests):
+            self.progress(self._done, self.total_requests)
 
     def _request(self, request_id: int):
-        record = RequestRecord(request_id=request_id, arrival_s=self.env.now)
+        env = self.env
+        record = RequestRecord(request_id=request_id, arrival_s=env.now)
         self.records.append(record)
-        batch = self.scenario.workload.batch
-        for segment in self.plan.segments:
-            task = StageTask(
-                request_id=request_id,
-                segment=segment,
-                cpu_needed=DEFAULT_CPU_NEEDED,
-                memory_needed_bytes=self.costs.segment_memory_bytes(segment.start, segment.stop),
-            )
-            try:
-                name = self.scheduler.select(task, self._published)
-            except NoNodeAvailable:
-                record.fail(self.env.now, "no live node")
-                return
-            node = self.nodes[name]
-            if not node.alive:
-                # The scheduler chose from a stale snapshot; the request fails as it would on a dead container.
-                record.fail(self.env.now, f"node {name} is down ({node.failure})")
-                return
-            in_bytes = self.graph.cut_bytes(segment.start) * batch
-            if not self.scenario.policy.cache:
-                in_bytes += self.graph.segment_param_bytes(segment.start, segment.stop)
-            out_bytes = self.graph.cut_bytes(segment.stop) * batch
-            stage_start_s = self.env.now
-            if math.isnan(record.start_s):
-                record.start_s = stage_start_s
-            yield from self._transfer(node, in_bytes)
-            cost = self.costs.segment_cost(segment.start, segment.stop, node.spec.torch_threads)
-            with node.worker.request() as slot:
-                yield slot
-                exec_start_s = self.env.now
-                work_ms = cost.cpu_ms * batch
-                end_ms = node.cpu.run(exec_start_s * 1e3, work_ms, cost.parallelism)
-                yield self.env.timeout(end_ms / 1e3 - exec_start_s)
-                node.busy_cpu_ms += work_ms
-            exec_ms = (self.env.now - exec_start_s) * 1e3
+        self._arrive()
+        policy = self.scenario.policy
+        pull = policy.dispatch == "pull"
+        retries_left = policy.max_retries if policy.on_failure == "retry" else 0
+        process = env.active_process
+        for segment, task, in_bytes, out_bytes in self._stages:
+            while True:
+                if pull:
+                    node = yield from self._pull()
+                    name = node.spec.name
+                else:
+                    try:
+                        name = self.scheduler.select(task, self._published)
+                    except NoNodeAvailable:
+                        record.fail(env.now, "no live node")
+                        self._leave()
+                        return
+                    node = self.nodes[name]
+                    if not node.alive:
+                        # The scheduler chose from a stale snapshot; the stage is refused as a dead
+                        # container would refuse it.
+                        if retries_left > 0:
+                            retries_left -= 1
+                            record.retries += 1
+                            self.retries += 1
+                            continue
+                        record.fail(env.now, f"node {name} is down ({node.failure})")
+                        self._leave()
+                        return
+                stage_start_s = env.now
+                if math.isnan(record.start_s):
+                    record.start_s = stage_start_s
+                cost = self.costs.segment_cost(segment.start, segment.stop, node.spec.torch_threads)
+                work_ms = self._work_ms(cost.cpu_ms * self.scenario.workload.batch)
+                exec_start_s, exec_end_s, out_end_s = self._dispatch(node, in_bytes, out_bytes, work_ms, cost.parallelism)
+                epoch = node.epoch
+                if pull:
+                    env.timeout(exec_end_s - stage_start_s).callbacks.append(lambda _, n=node, e=epoch: self._release(n, e))
+                node.in_flight[request_id] = process
+                try:
+                    yield env.timeout(out_end_s - stage_start_s)
+                except simpy.Interrupt as interrupt:
+                    if not isinstance(interrupt.cause, NodeLost):
+                        raise
+                    if retries_left > 0:
+                        retries_left -= 1
+                        record.retries += 1
+                        self.retries += 1
+                        continue
+                    record.fail(env.now, f"node {name} failed during stage {segment.id}")
+                    self._leave()
+                    return
+                node.in_flight.pop(request_id, None)
+                break
+            exec_ms = (exec_end_s - exec_start_s) * 1e3
+            node.busy_cpu_ms += work_ms
             self.scheduler.observe(name, exec_ms)
-            yield from self._transfer(node, out_bytes)
             record.stage_nodes.append(name)
             record.stage_start_s.append(stage_start_s)
-            record.stage_end_s.append(self.env.now)
+            record.stage_end_s.append(out_end_s)
             record.stage_exec_ms.append(exec_ms)
             record.bytes_moved += in_bytes + out_bytes
-        record.complete(self.env.now)
-        self._done += 1
-        if self.progress:
-            self.progress(self._done, self.scenario.workload.requests)
+        record.complete(env.now)
+        self._leave()
 
     def _closed_client(self, request_ids: range):
         think_s = self.scenario.workload.think_time_ms / 1e3
@@ -198,13 +381,20 @@ class Simulation:
                 yield self.env.timeout(think_s)
 
     def _open_source(self, arrivals_s, requests: list):
-        for request_id, arrival_s in enumerate(arrivals_s):
-            yield self.env.timeout(max(0.0, arrival_s - self.env.now))
-            requests.append(self.env.process(self._request(request_id)))
+        env = self.env
+        for request_id, arrival_s in enumerate(arrivals_s.tolist()):
+            if arrival_s > env.now:
+                yield env.timeout(arrival_s - env.now)
+            requests.append(env.process(self._request(request_id)))
 
     def run(self) -> SimResult:
         workload = self.scenario.workload
+        wall_start = time.perf_counter()
         self.env.process(self._monitor())
+        if self.scenario.events:
+            self.env.process(self._timeline(list(self.scenario.events)))
+        if self.scenario.policy.dispatch == "pull":
+            self._idle.extend(node for node in self.nodes.values() if node.alive)
         arrivals_s = open_loop_arrivals_s(workload, self.scenario.seed)
         if arrivals_s is None:
             clients = [
@@ -225,9 +415,33 @@ class Simulation:
         )
         summary["plan"] = {"partitioner": self.plan.partitioner, "bounds": self.plan.bounds}
         summary["warnings"] = list(self.warnings)
+        summary["retries"] = self.retries
+        summary["littles_law"] = self.littles_law()
+        summary["wall_time_s"] = time.perf_counter() - wall_start
         for name, node in self.nodes.items():
             summary["nodes"][name]["throttled_stages"] = node.cpu.throttled_jobs
         return SimResult(self.records, summary, self.warnings)
+
+    def littles_law(self) -> dict:
+        """L from the engine's own integral of the number in system; lambda and W from the records.
+
+        Over the span from the first arrival to the last departure, with every request gone
+        at the end, L = lambda * W holds exactly; the two sides are computed independently,
+        so a bookkeeping error in either shows as a difference.
+        """
+        span_s = self._last_change_s - self._first_arrival_s
+        if not span_s > 0 or not self.records:
+            return {"L": None, "lambda_W": None, "relative_error": None, "in_system_at_end": self._in_system}
+        time_average_l = self._area_s / span_s
+        sojourn_s = np.array([r.end_s - r.arrival_s for r in self.records])
+        arrival_rate = len(self.records) / span_s
+        lambda_w = arrival_rate * float(sojourn_s.mean())
+        return {
+            "L": time_average_l,
+            "lambda_W": lambda_w,
+            "relative_error": abs(time_average_l - lambda_w) / lambda_w if lambda_w > 0 else 0.0,
+            "in_system_at_end": self._in_system,
+        }
 
 
 def simulate(scenario: Scenario, costs: CostModel, *, progress: Callable[[int, int], None] | None = None) -> SimResult:
