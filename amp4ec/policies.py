@@ -12,7 +12,7 @@ import numpy as np
 
 from amp4ec.errors import UsageError
 from amp4ec.partition import Monolithic, Partitioner, Ralos
-from amp4ec.schedule import Amp4ecScheduler, RoundRobin, Scheduler
+from amp4ec.schedule import Amp4ecScheduler, Pinned, RoundRobin, Scheduler
 
 if TYPE_CHECKING:
     from amp4ec.scenario import Scenario
@@ -25,6 +25,7 @@ PARTITIONERS: dict[str, Callable[..., Partitioner]] = {
 SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
     "round_robin": RoundRobin,
     "amp4ec": Amp4ecScheduler,
+    "pinned": Pinned,
 }
 
 

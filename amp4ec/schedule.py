@@ -55,6 +55,31 @@ class RoundRobin:
         pass
 
 
+class Pinned:
+    """Segment ``i`` always goes to the ``i``-th live node (modulo their number): a fixed pipeline.
+
+    This is the layout the AMP4EC paper's plans describe, one segment per node, and it makes a
+    multi-stage run a tandem of queues.
+    """
+
+    name = "pinned"
+
+    def __init__(self, rng: np.random.Generator):
+        self._states: Mapping[str, NodeState] | None = None
+        self._live: list[str] = []
+
+    def select(self, task: StageTask, states: Mapping[str, NodeState]) -> str:
+        if states is not self._states:
+            self._states = states
+            self._live = [name for name, state in states.items() if state.alive]
+        if not self._live:
+            raise NoNodeAvailable(task)
+        return self._live[task.segment.index % len(self._live)]
+
+    def observe(self, node: str, exec_ms: float) -> None:
+        pass
+
+
 class NoNodeAvailable(RuntimeError):
     def __init__(self, task: StageTask):
         super().__init__(f"no live node for stage {task.segment.id} of request {task.request_id}")
