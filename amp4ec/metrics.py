@@ -102,6 +102,11 @@ def summarise(records: list[RequestRecord], node_busy_cpu_ms: dict[str, float], 
     def percentile(q: float) -> float | None:
         return float(np.percentile(latencies, q)) if len(latencies) else None
 
+    # Stage counts in one pass over the records, not one pass per node.
+    stages_per_node: dict[str, int] = {}
+    for record in records:
+        for name in record.stage_nodes:
+            stages_per_node[name] = stages_per_node.get(name, 0) + 1
     reasons: dict[str, int] = {}
     for record in failed:
         reasons[record.reason] = reasons.get(record.reason, 0) + 1
@@ -122,7 +127,7 @@ def summarise(records: list[RequestRecord], node_busy_cpu_ms: dict[str, float], 
                 "utilisation": (node_busy_cpu_ms.get(name, 0.0) / (node_cpus[name] * duration_s * 1e3))
                 if duration_s > 0
                 else None,
-                "stages": sum(r.stage_nodes.count(name) for r in records),
+                "stages": stages_per_node.get(name, 0),
             }
             for name in node_cpus
         },

@@ -6,6 +6,7 @@ through :meth:`Scheduler.observe`, so it behaves the same in simulation and on c
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Mapping, Protocol
@@ -42,9 +43,15 @@ class RoundRobin:
 
     def __init__(self, rng: np.random.Generator):
         self._next = 0
+        # The live names are rebuilt only when a new snapshot is published, not per stage.
+        self._states: Mapping[str, NodeState] | None = None
+        self._names: list[str] = []
 
     def select(self, task: StageTask, states: Mapping[str, NodeState]) -> str:
-        names = [name for name, state in states.items() if state.alive]
+        if states is not self._states:
+            self._states = states
+            self._names = [name for name, state in states.items() if state.alive]
+        names = self._names
         if not names:
             raise NoNodeAvailable(task)
         name = names[self._next % len(names)]
@@ -95,6 +102,12 @@ class Amp4ecScheduler:
     after up to ``noise`` relative random noise, wins. Load is the mean of the node's last five
     execution times in ms divided by 100, capped at 1. When every node is filtered out, the
     least loaded live node is chosen (the published rule does not say; this is a choice).
+
+    At scale the rule is applied to a sample: when more than ``max_candidates`` nodes are live,
+    each decision scores ``max_candidates`` live nodes drawn uniformly (with replacement,
+    duplicates dropped), in the manner of power-of-d-choices load balancing, and the fallback
+    looks only at that sample. Up to ``max_candidates`` live nodes, every one is scored, as
+    the authors' code does.
     """
 
     name = "amp4ec"
@@ -112,7 +125,13 @@ class Amp4ecScheduler:
         noise: float = 0.05,
         clamp: bool = True,
         history: int = 5,
+        max_candidates: int = 8,
     ):
+        if max_candidates < 1:
+            raise TypeError(f"max_candidates must be at least 1, got {max_candidates}")
+        self.max_candidates = max_candidates
+        self._states: Mapping[str, NodeState] | None = None
+        self._live: list[NodeState] = []
         self._rng = rng
         self.w_resources = w_resources
         self.w_load = w_load
@@ -125,12 +144,15 @@ class Amp4ecScheduler:
         self._exec_ms: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=history))
         self._all_exec_ms: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])  # sum, count
         self.tasks_assigned: dict[str, int] = defaultdict(int)
+        # Decisions are made once per stage of every request, so the terms that change only
+        # when a node reports (load, S_P) or when a snapshot arrives (filters, S_R) are kept
+        # ready instead of recomputed for every candidate.
+        self._load: dict[str, float] = {}
+        self._performance: dict[str, float] = {}
+        self._static: dict[tuple[float, int], list[tuple[str, float] | None]] = {}
 
     def load(self, node: str) -> float:
-        recent = self._exec_ms.get(node)
-        if not recent:
-            return 0.0
-        return min(1.0, sum(recent) / len(recent) / 100.0)
+        return self._load.get(node, 0.0)
 
     def _ratio(self, available: float, needed: float) -> float:
         if needed <= 0:
@@ -163,21 +185,81 @@ class Amp4ecScheduler:
             and state.memory_available_bytes >= task.memory_needed_bytes
         )
 
+    def _static_terms(self, task: StageTask) -> list[tuple[str, float] | None]:
+        """Per live node: None if the snapshot alone rules it out, else its name and S_R."""
+        key = (task.cpu_needed, task.memory_needed_bytes)
+        terms = self._static.get(key)
+        if terms is None:
+            terms = []
+            for state in self._live:
+                if (
+                    state.link_latency_ms <= self.max_latency_ms
+                    and state.cpu_available >= task.cpu_needed
+                    and state.memory_available_bytes >= task.memory_needed_bytes
+                ):
+                    s_resources = 0.5 * self._ratio(state.cpu_available, task.cpu_needed) + 0.5 * self._ratio(
+                        state.memory_available_bytes, task.memory_needed_bytes
+                    )
+                    terms.append((state.name, s_resources))
+                else:
+                    terms.append(None)
+            self._static[key] = terms
+        return terms
+
     def select(self, task: StageTask, states: Mapping[str, NodeState]) -> str:
-        live = [state for state in states.values() if state.alive]
+        if states is not self._states:
+            self._states = states
+            self._live = [state for state in states.values() if state.alive]
+            self._static = {}
+        live = self._live
         if not live:
             raise NoNodeAvailable(task)
-        candidates = [state for state in live if self.eligible(task, state)]
-        if candidates:
-            scores = [self.score(task, state) * (1.0 + self._rng.uniform(0.0, self.noise)) for state in candidates]
-            chosen = candidates[int(np.argmax(scores))].name
+        if len(live) > self.max_candidates:
+            indices = list(dict.fromkeys(self._rng.integers(0, len(live), size=self.max_candidates).tolist()))
         else:
-            chosen = min(live, key=lambda state: self.load(state.name)).name
-        self.tasks_assigned[chosen] += 1
+            indices = range(len(live))
+        terms = self._static_terms(task)
+        loads = self._load
+        performance = self._performance
+        assigned = self.tasks_assigned
+        names: list[str] = []
+        scores: list[float] = []
+        for i in indices:
+            term = terms[i]
+            if term is None:
+                continue
+            name, s_resources = term
+            load = loads.get(name, 0.0)
+            if load > self.max_load:
+                continue
+            # Same terms, in the same order, as score().
+            names.append(name)
+            scores.append(
+                self.w_resources * s_resources
+                + self.w_load * (1.0 - load)
+                + self.w_performance * performance.get(name, 0.5)
+                + self.w_balance * (1.0 / (1.0 + 2.0 * assigned[name]))
+            )
+        if names:
+            noise = self._rng.uniform(0.0, self.noise, size=len(names))
+            best = 0
+            best_score = -math.inf
+            for i, (score, draw) in enumerate(zip(scores, noise.tolist())):
+                noisy = score * (1.0 + draw)
+                if noisy > best_score:
+                    best, best_score = i, noisy
+            chosen = names[best]
+        else:
+            chosen = min((live[i] for i in indices), key=lambda state: loads.get(state.name, 0.0)).name
+        assigned[chosen] += 1
         return chosen
 
     def observe(self, node: str, exec_ms: float) -> None:
-        self._exec_ms[node].append(exec_ms)
+        recent = self._exec_ms[node]
+        recent.append(exec_ms)
+        self._load[node] = min(1.0, sum(recent) / len(recent) / 100.0)
         sums = self._all_exec_ms[node]
         sums[0] += exec_ms
         sums[1] += 1
+        # S_P takes the mean execution time in seconds.
+        self._performance[node] = 1.0 / (1.0 + sums[0] / sums[1] / 1e3)
