@@ -188,5 +188,52 @@ def clean(run_id: str | None) -> None:
     stdout.print(f"removed {counts}")
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks that print their figures against a reference measured in the same run."""
+
+
+@bench.command("sim")
+@click.option("--pipeline-requests", default=20_000, show_default=True, help="requests through the 3-stage pipeline")
+@click.option("--mm1-jobs", default=100_000, show_default=True, help="jobs through the bare SimPy M/M/1")
+@click.option("--scale-requests", default=1_000_000, show_default=True, help="requests in the 10,000-node run")
+@click.option("--small-requests", default=20_000, show_default=True, help="requests in the 10-node run")
+@click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
+def bench_sim_command(pipeline_requests: int, mm1_jobs: int, scale_requests: int, small_requests: int, as_json: bool) -> None:
+    """Engine speed against bare SimPy, and the wall time, memory and cost per request at 10,000 nodes."""
+    import json as json_module
+
+    from amp4ec.sim.bench import bench_sim
+
+    for option, value in (("--pipeline-requests", pipeline_requests), ("--mm1-jobs", mm1_jobs), ("--scale-requests", scale_requests), ("--small-requests", small_requests)):
+        if value < 1:
+            raise UsageError(f"{option} must be at least 1, got {value}")
+    figures = bench_sim(
+        pipeline_requests=pipeline_requests,
+        mm1_jobs=mm1_jobs,
+        scale_requests=scale_requests,
+        small_requests=small_requests,
+        log=lambda line: console.print(line, highlight=False),
+    )
+    if as_json:
+        stdout.print_json(json_module.dumps(figures))
+        return
+    scale = figures["scale"]
+    table = Table(title="amp4ec bench sim", show_header=True)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("target")
+    table.add_row("3-stage pipeline (simulated requests/s)", f"{figures['pipeline_requests_per_s']:,.0f}", "")
+    table.add_row("bare SimPy M/M/1 (jobs/s)", f"{figures['bare_simpy_mm1_jobs_per_s']:,.0f}", "")
+    table.add_row("pipeline / M/M/1", f"{figures['ratio']:.2f}", ">= 0.30")
+    table.add_row(f"{scale['nodes']:,} nodes, {scale['requests']:,} requests: wall (s)", f"{scale['wall_s']:.1f}", "< 60 at 1,000,000 requests")
+    table.add_row("  peak memory (GiB)", f"{scale['peak_rss_bytes'] / 2**30:.2f}", "< 4")
+    cost = figures["cost_per_request_us"]
+    table.add_row("cost per request at 10 nodes (us)", f"{cost['10_nodes']:,.1f}", "")
+    table.add_row("cost per request at 10,000 nodes (us)", f"{cost['10000_nodes']:,.1f}", "")
+    table.add_row("10,000-node / 10-node cost", f"{figures['cost_ratio']:.2f}", "<= 2")
+    stdout.print(table)
+
+
 if __name__ == "__main__":
     main()
