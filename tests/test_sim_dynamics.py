@@ -279,3 +279,13 @@ def test_scale_scenarios_validate():
         loaded = load_scenario(path)
         assert loaded.nodes, path
     assert len(load_scenario(ROOT / "scenarios" / "scale" / "10k-nodes.toml").nodes) == 10_000
+
+
+def test_workload_too_large_for_memory_is_refused(tmp_path):
+    path = tmp_path / "huge.toml"
+    path.write_text(SCENARIO.format(workload='kind = "poisson"\nrate_rps = 10.0\nrequests = 1_000_000_000_000', extra=""))
+    out = tmp_path / "out"
+    result = run_cli("simulate", str(path), "--out", str(out), "--quiet")
+    assert result.exit_code == 2, result.output
+    assert "workload.requests" in result.output and "GiB" in result.output
+    assert not out.exists()
