@@ -150,6 +150,8 @@ class Amp4ecScheduler:
         self._load: dict[str, float] = {}
         self._performance: dict[str, float] = {}
         self._static: dict[tuple[float, int], list[tuple[str, float] | None]] = {}
+        self._draws: list[float] = []
+        self._draw_next = 0
 
     def load(self, node: str) -> float:
         return self._load.get(node, 0.0)
@@ -185,6 +187,19 @@ class Amp4ecScheduler:
             and state.memory_available_bytes >= task.memory_needed_bytes
         )
 
+    def _uniform(self) -> float:
+        """Return the next uniform draw in [0, 1) of the scheduler's stream.
+
+        Draws are taken from the generator in blocks because one numpy call per draw costs more
+        than the rest of a decision; ``noise * draw`` equals ``rng.uniform(0, noise)`` bit for bit.
+        """
+        if self._draw_next >= len(self._draws):
+            self._draws = self._rng.random(4096).tolist()
+            self._draw_next = 0
+        draw = self._draws[self._draw_next]
+        self._draw_next += 1
+        return draw
+
     def _static_terms(self, task: StageTask) -> list[tuple[str, float] | None]:
         """Per live node: None if the snapshot alone rules it out, else its name and S_R."""
         key = (task.cpu_needed, task.memory_needed_bytes)
@@ -215,7 +230,8 @@ class Amp4ecScheduler:
         if not live:
             raise NoNodeAvailable(task)
         if len(live) > self.max_candidates:
-            indices = list(dict.fromkeys(self._rng.integers(0, len(live), size=self.max_candidates).tolist()))
+            n_live = len(live)
+            indices = list(dict.fromkeys(int(self._uniform() * n_live) for _ in range(self.max_candidates)))
         else:
             indices = range(len(live))
         terms = self._static_terms(task)
@@ -241,11 +257,10 @@ class Amp4ecScheduler:
                 + self.w_balance * (1.0 / (1.0 + 2.0 * assigned[name]))
             )
         if names:
-            noise = self._rng.uniform(0.0, self.noise, size=len(names))
             best = 0
             best_score = -math.inf
-            for i, (score, draw) in enumerate(zip(scores, noise.tolist())):
-                noisy = score * (1.0 + draw)
+            for i, score in enumerate(scores):
+                noisy = score * (1.0 + self.noise * self._uniform())
                 if noisy > best_score:
                     best, best_score = i, noisy
             chosen = names[best]
