@@ -42,6 +42,10 @@ def progress_bar(description: str, *, quiet: bool) -> Iterator[Callable[[int, in
         yield update
 
 
+# Nodes listed in the summary table; a 10,000-node run lists the rest only in summary.json.
+SUMMARY_NODE_ROWS = 20
+
+
 def _format_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -56,12 +60,15 @@ def summary_table(summary: dict[str, Any], title: str) -> Table:
     throughput = summary["throughput_rps"]
     table.add_row("throughput (requests/s)", "-" if throughput is None else f"{throughput:.2f}")
     table.add_row("completed / failed", f"{summary['requests']['completed']} / {summary['requests']['failed']}")
-    for name, node in summary["nodes"].items():
+    for name, node in list(summary["nodes"].items())[:SUMMARY_NODE_ROWS]:
         utilisation = node["utilisation"]
         table.add_row(
             f"node {name} utilisation ({node['cpus']:g} CPU)",
             "-" if utilisation is None else f"{utilisation:.1%}",
         )
+    hidden = len(summary["nodes"]) - SUMMARY_NODE_ROWS
+    if hidden > 0:
+        table.add_row(f"... {hidden:,} more nodes", "see summary.json")
     table.caption = f"latency: {summary['definitions']['latency']}; throughput: {summary['definitions']['throughput']}"
     return table
 
