@@ -64,6 +64,9 @@ class PolicySpec(_Strict):
         default="fail", description="a stage lost to a node failure: fail its request, or run it again elsewhere"
     )
     max_retries: int = Field(default=3, ge=0, description="retry: stage attempts after the first, per request")
+    load_time_ms: float = Field(
+        default=0.0, ge=0, description="time a worker takes to load its segments once their weights arrive"
+    )
     dispatch: Literal["push", "pull"] = Field(
         default="push",
         description="push: the scheduler picks a node per stage; pull: stages wait in one coordinator "

@@ -245,18 +245,35 @@ class Simulation:
         node.cpu = CfsCpu(max(1e-6, node.spec.cpus - node.background_cpus), cores=node.spec.torch_threads, phase_ms=node.cpu.phase_ms)
         node.up_free_s = node.worker_free_s = node.down_free_s = now
 
+    def _deploy(self, node: SimNode):
+        """Send every segment's weights over the node's link, load them, then take stages.
+
+        The deployment before the run starts is not timed: the first request finds every
+        node ready, as in the paper's experiments.
+        """
+        weight_bytes = sum(self.graph.segment_param_bytes(s.start, s.stop) for s in self.plan.segments)
+        deploy_ms = node.latency_ms + weight_bytes * 8e3 / node.bandwidth_bps + self.scenario.policy.load_time_ms
+        yield self.env.timeout(deploy_ms / 1e3)
+        if node.failure != "deploying":
+            return
+        node.alive = True
+        node.failure = ""
+        self._fresh_container(node)
+        if self.scenario.policy.dispatch == "pull":
+            self._release(node, node.epoch)
+
     def _apply(self, event: EventSpec) -> None:
         node = self.nodes[event.node]
         kind = event.kind
         if kind in ("join", "recover"):
-            if node.alive or node.failure == "oom":
+            if node.alive or node.failure in ("oom", "deploying"):
                 return
-            node.alive = True
-            node.failure = ""
-            self._fresh_container(node)
-            if self.scenario.policy.dispatch == "pull":
-                self._release(node, node.epoch)
+            node.failure = "deploying"
+            self.env.process(self._deploy(node))
         elif kind in ("leave", "fail"):
+            if node.failure == "deploying":
+                node.failure = "left" if kind == "leave" else "failed"
+                return
             if not node.alive:
                 return
             node.alive = False

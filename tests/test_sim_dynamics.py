@@ -289,3 +289,24 @@ def test_workload_too_large_for_memory_is_refused(tmp_path):
     assert result.exit_code == 2, result.output
     assert "workload.requests" in result.output and "GiB" in result.output
     assert not out.exists()
+
+
+def test_joining_node_waits_for_its_deployment():
+    # Weights: 4 bytes per cost unit, 2000 units -> 8000 bytes; at 8 Mbit/s 8 ms, plus 1 ms
+    # latency and 500 ms to load.
+    costs = CostModel(make_calibration([2.0]))
+    data = {
+        "name": "deploy",
+        "model": {"name": "synthetic"},
+        "policy": {"partitioner": "monolithic", "scheduler": "round_robin", "load_time_ms": 500.0},
+        "workload": {"kind": "poisson", "requests": 600, "rate_rps": 100.0},
+        "network": {"latency_ms": 1.0, "bandwidth_mbps": 8.0},
+        "monitor": {"period_s": 0.1},
+        "nodes": [node("a"), node("late", present=False)],
+        "events": [{"time_s": 1.0, "kind": "join", "node": "late"}],
+    }
+    result = simulate(parse_scenario(data), costs)
+    starts = [r.stage_start_s[0] for r in result.records if r.stage_nodes == ["late"]]
+    assert starts
+    assert min(starts) >= 1.0 + 0.509
+    assert min(starts) < 1.0 + 0.509 + 0.2
