@@ -242,5 +242,110 @@ def bench_sim_command(pipeline_requests: int, mm1_jobs: int, scale_requests: int
     stdout.print(table)
 
 
+@main.command()
+@click.argument("scenario", type=click.Path(path_type=Path))
+@click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,...", help="scenario key to vary, e.g. workload.rate_rps=10,20 or nodes[0].cpus=0.4,0.6; repeatable")
+@click.option("--seeds", default=5, show_default=True, help="seeds per grid point, starting at the scenario's seed")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="directory for runs.parquet (one row per run) and points.parquet (means and 95 % CIs)")
+@click.option("--workers", default=None, type=int, help="processes of the local pool; default: one per core")
+@click.option("--dask", "dask_address", default=None, help="address of a Dask distributed scheduler to run the sweep on instead")
+@click.option("--force", is_flag=True, help="replace --out if it already contains files")
+@click.option("--quiet", is_flag=True, help="no progress bar and no table")
+def sweep(scenario: Path, grid: tuple[str, ...], seeds: int, out: Path, workers: int | None, dask_address: str | None, force: bool, quiet: bool) -> None:
+    """Simulate every combination of --grid values over several seeds and tabulate the results."""
+    from amp4ec.rundir import check_output_dir, staged_output
+    from amp4ec.sim.sweep import METRICS, run_sweep
+
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}", field="--workers")
+    check_output_dir(out, force=force)
+    with progress_bar("sweeping", quiet=quiet) as update:
+        runs, points = run_sweep(scenario, grid, seeds, workers=workers, dask_address=dask_address, progress=update)
+    with staged_output(out, force=force) as staging:
+        runs.to_parquet(staging / "runs.parquet", index=False)
+        points.to_parquet(staging / "points.parquet", index=False)
+    failed = runs["error"].notna().sum()
+    if failed:
+        console.print(f"[yellow]warning:[/] {failed} of {len(runs)} runs failed; their errors are in runs.parquet")
+    if not quiet:
+        table = Table(title=f"sweep of {scenario} ({seeds} seeds per point, mean ± 95 % CI)")
+        # The table shows the headline metrics; points.parquet has all of them.
+        shown = ("seeds", "latency_mean_ms", "latency_p95_ms", "throughput_rps", "failed")
+        keys = [c for c in points.columns if c not in METRICS and c != "seeds" and not c.endswith("_ci95")]
+        columns = keys + list(shown)
+        for column in columns:
+            table.add_column(column, justify="right")
+        for _, row in points.iterrows():
+            cells = []
+            for column in columns:
+                value = row[column]
+                half_width = row.get(f"{column}_ci95")
+                if isinstance(value, float) and half_width is not None and half_width == half_width:
+                    cells.append(f"{value:.2f} ± {half_width:.2f}")
+                elif isinstance(value, float):
+                    cells.append(f"{value:.2f}")
+                else:
+                    cells.append(str(value))
+            table.add_row(*cells)
+        stdout.print(table)
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="directory for report.md and the PNG plots")
+@click.option("--force", is_flag=True, help="replace --out if it already contains files")
+def report(run_dirs: tuple[Path, ...], out: Path, force: bool) -> None:
+    """Plot latency CDFs, throughput, per-node utilisation and simulated against real for RUN_DIRS."""
+    from amp4ec.report import write_report
+    from amp4ec.rundir import staged_output
+
+    with staged_output(out, force=force) as staging:
+        written = write_report(list(run_dirs), staging)
+    for path in written:
+        stdout.print(str(out / path.name))
+
+
+@main.command()
+@click.option("--scenarios", "scenario_dir", default=Path("scenarios/paper"), show_default=True, type=click.Path(path_type=Path), help="folder of the paper's scenario files")
+@click.option("--runs", "runs_dir", default=Path("runs/paper"), show_default=True, type=click.Path(path_type=Path), help="folder for the run directories")
+@click.option("--doc", default=Path("docs/paper-reproduction.md"), show_default=True, type=click.Path(path_type=Path), help="Markdown page to write")
+@click.option("--requests", default=100, show_default=True, help="requests per run (the paper's benchmark sends 100)")
+@click.option("--real/--no-real", default=True, show_default=True, help="also replay on containers where this machine allows")
+@click.option("--quiet", is_flag=True, help="no progress messages")
+def paper(scenario_dir: Path, runs_dir: Path, doc: Path, requests: int, real: bool, quiet: bool) -> None:
+    """Reproduce the AMP4EC paper's 2-, 3- and 4-node experiments and write a Markdown page."""
+    from amp4ec.paper import CONFIGURATIONS, run_paper
+
+    if requests < 1:
+        raise UsageError(f"--requests must be at least 1, got {requests}", field="--requests")
+    for name in CONFIGURATIONS:
+        for suffix in ("", "-monolithic"):
+            if not (scenario_dir / f"{name}{suffix}.toml").is_file():
+                raise UsageError(f"{name}{suffix}.toml not found; give the folder of the paper scenarios", source=str(scenario_dir), field="--scenarios")
+    run_paper(
+        scenario_dir,
+        runs_dir,
+        doc,
+        requests=requests,
+        real=real,
+        log=(lambda message: None) if quiet else (lambda message: console.print(message, highlight=False)),
+    )
+    stdout.print(doc.read_text())
+
+
+@main.command("scenario-reference")
+@click.option("--out", "out", default=None, type=click.Path(path_type=Path), help="file to write; default: print to standard output")
+def scenario_reference_command(out: Path | None) -> None:
+    """Print the scenario file reference generated from the schema (docs/scenario-reference.md)."""
+    from amp4ec.graph import write_text_atomic
+    from amp4ec.reference import scenario_reference
+
+    text = scenario_reference()
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        write_text_atomic(out, text)
+
+
 if __name__ == "__main__":
     main()

@@ -44,8 +44,12 @@ class NodeSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    name: str = "mobilenet_v2"
-    granularity: Literal["block", "leaf"] = "block"
+    """The model to split; it must match the calibration's model and granularity."""
+
+    name: str = Field(default="mobilenet_v2", description="torchvision model name or package.module:factory")
+    granularity: Literal["block", "leaf"] = Field(
+        default="block", description="units: feature blocks and head, or single leaf modules"
+    )
     service: Literal["calibrated", "exponential"] = Field(
         default="calibrated",
         description="calibrated: each stage costs its calibrated CPU time; exponential: that time is "
@@ -54,12 +58,14 @@ class ModelSpec(_Strict):
 
 
 class PolicySpec(_Strict):
-    partitioner: str = "ralos"
-    scheduler: str = "amp4ec"
+    """How the model is split and where each stage runs."""
+
+    partitioner: str = Field(default="ralos", description="name of a registered partitioner")
+    scheduler: str = Field(default="amp4ec", description="name of a registered scheduler")
     partitions: int | None = Field(default=None, ge=1, description="number of segments; default one per node")
     cache: bool = Field(default=True, description="keep deployed segments resident on their nodes")
-    scheduler_params: dict[str, Any] = Field(default_factory=dict)
-    partitioner_params: dict[str, Any] = Field(default_factory=dict)
+    scheduler_params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the scheduler")
+    partitioner_params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the partitioner")
     on_failure: Literal["fail", "retry"] = Field(
         default="fail", description="a stage lost to a node failure: fail its request, or run it again elsewhere"
     )
@@ -70,7 +76,7 @@ class PolicySpec(_Strict):
     dispatch: Literal["push", "pull"] = Field(
         default="push",
         description="push: the scheduler picks a node per stage; pull: stages wait in one coordinator "
-        "queue per segment and the first idle node takes the next (the scheduler is not consulted)",
+        "queue and the first idle node takes the next (the scheduler is not consulted)",
     )
 
 
@@ -116,6 +122,8 @@ class NetworkSpec(_Strict):
 
 
 class MonitorSpec(_Strict):
+    """How schedulers see node state: sampled, and late."""
+
     period_s: float = Field(default=1.0, gt=0, description="how often node state is sampled")
     delay_s: float = Field(default=0.0, ge=0, description="how long a sample takes to reach the scheduler")
 
@@ -171,16 +179,18 @@ class EventSpec(_Strict):
 
 
 class Scenario(_Strict):
-    name: str
-    description: str = ""
-    seed: int = 0
+    """A cluster, a workload and a policy: everything one run needs."""
+
+    name: str = Field(description="label of the run in summaries and reports")
+    description: str = Field(default="", description="free text")
+    seed: int = Field(default=0, description="seed of every random stream (arrivals, scheduler noise, inputs)")
     calibration: str = Field(default="default", description="'default' for the shipped file, or a path")
     model: ModelSpec = Field(default_factory=ModelSpec)
     policy: PolicySpec = Field(default_factory=PolicySpec)
     workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     monitor: MonitorSpec = Field(default_factory=MonitorSpec)
-    nodes: list[NodeSpec] = Field(default_factory=list)
+    nodes: list[NodeSpec] = Field(default_factory=list, description="the edge nodes, one container each")
     node_groups: list[NodeGroupSpec] = Field(default_factory=list, description="generated nodes, appended to nodes")
     events: list[EventSpec] = Field(default_factory=list, description="the dynamics timeline")
 
@@ -256,8 +266,8 @@ def parse_scenario(data: dict[str, Any], *, source: str = "scenario") -> Scenari
     return scenario
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate a scenario TOML file; relative calibration paths resolve against it."""
+def read_scenario_data(path: str | Path) -> dict[str, Any]:
+    """Read a scenario TOML file as raw data, with relative calibration and trace paths made absolute."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -269,23 +279,23 @@ def load_scenario(path: str | Path) -> Scenario:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"not valid TOML: {exc}", source=str(path)) from exc
-    scenario = parse_scenario(data, source=str(path))
-    if scenario.calibration != "default":
-        calibration_path = Path(scenario.calibration)
-        if not calibration_path.is_absolute():
-            calibration_path = (path.parent / calibration_path).resolve()
-        scenario = scenario.model_copy(update={"calibration": str(calibration_path)})
+    calibration = data.get("calibration", "default")
+    if isinstance(calibration, str) and calibration != "default" and not Path(calibration).is_absolute():
+        data["calibration"] = str((path.parent / calibration).resolve())
+    workload = data.get("workload")
+    if isinstance(workload, dict) and isinstance(workload.get("trace"), str) and not Path(workload["trace"]).is_absolute():
+        workload["trace"] = str((path.parent / workload["trace"]).resolve())
+    return data
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario TOML file; relative calibration and trace paths resolve against it."""
+    scenario = parse_scenario(read_scenario_data(path), source=str(path))
     trace = scenario.workload.trace
-    if trace is not None:
-        trace_path = Path(trace)
-        if not trace_path.is_absolute():
-            trace_path = (path.parent / trace_path).resolve()
-        if not trace_path.is_file():
-            raise UsageError(
-                f"trace file {str(trace_path)!r} not found; give the path of a CSV file with an arrival_s column",
-                field="workload.trace",
-                source=str(path),
-            )
-        workload = scenario.workload.model_copy(update={"trace": str(trace_path)})
-        scenario = scenario.model_copy(update={"workload": workload})
+    if scenario.workload.kind == "trace" and trace is not None and not Path(trace).is_file():
+        raise UsageError(
+            f"trace file {trace!r} not found; give the path of a CSV file with an arrival_s column",
+            field="workload.trace",
+            source=str(path),
+        )
     return scenario

@@ -159,6 +159,7 @@ def run_calibration(
     out: Path,
     base_image: str | None,
     log: Callable[[str], None],
+    run_id: str | None = None,
 ) -> Calibration:
     """Measure the model in every profile and write the calibration file ``out`` atomically."""
     from amp4ec.torchgraph import example_inputs, load_model, trace_model
@@ -182,7 +183,7 @@ def run_calibration(
 
     client = docker_client()
     image = ensure_worker_image(client, base_image=base_image, log=log)
-    run_id = f"calibrate-{uuid.uuid4().hex[:8]}"
+    run_id = run_id or f"calibrate-{uuid.uuid4().hex[:8]}"
     echo_blob = export_echo()
     measured: list[ProfileCalibration] = []
     link = None

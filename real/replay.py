@@ -132,8 +132,12 @@ def run_replay(
     base_image: str | None = None,
     progress: ContextManager[Callable[[int, int], None]] | None = None,
     log: Callable[[str], None] = print,
+    run_id: str | None = None,
 ) -> dict:
-    """Replay a scenario file on containers and write records.parquet, summary.json and run.json."""
+    """Replay a scenario file on containers and write records.parquet, summary.json and run.json.
+
+    ``run_id`` labels the run's containers and network; a random one is made when it is None.
+    """
     check_output_dir(out, force=force)
     prepared = prepare_run(scenario_path, calibration)
     scenario = prepared.scenario
@@ -172,16 +176,21 @@ def run_replay(
     client = docker_client()
     image = ensure_worker_image(client, base_image=base_image, log=log)
     containers = [ContainerSpec(n.name, n.cpus, n.memory_bytes, n.torch_threads) for n in scenario.nodes]
-    run_id = f"replay-{uuid.uuid4().hex[:8]}"
+    run_id = run_id or f"replay-{uuid.uuid4().hex[:8]}"
     warnings: list[str] = []
     if scenario.network.bandwidth_mbps < 1000 or scenario.network.latency_ms:
         warnings.append("network.bandwidth_mbps and latency_ms are not shaped in real mode yet; the Docker bridge ran unshaped")
 
     with staged_output(out, force=force) as staging, WorkerCluster(client, containers, image=image, run_id=run_id) as cluster:
         log(f"run {run_id}: {len(containers)} workers ready; deploying {len(blobs)} segments on each")
+        # One untimed call per segment and worker takes lazy initialisation out of the
+        # measurement; without it the first request on each node looks many times slower, and
+        # a scheduler that remembers execution times (AMP4EC's load) may never pick that node again.
         for node in scenario.nodes:
-            for segment_id, blob in blobs.items():
-                cluster[node.name].load(segment_id, blob)
+            for segment in plan.segments:
+                cluster[node.name].load(segment.id, blobs[segment.id])
+                zeros = [np.zeros(t.shape, dtype=t.dtype) for t in graph.cuts[segment.start].tensors]
+                cluster[node.name].run(segment.id, zeros)
         monitor = StatsMonitor(prepared, dict(cluster.addresses), hop_latency_ms)
         monitor.start()
         records: list[RequestRecord] = []

@@ -18,8 +18,12 @@ PAPER = ROOT / "scenarios" / "paper"
 pytestmark = [pytest.mark.docker, pytest.mark.torch]
 
 
-def labelled_containers(client) -> set[str]:
-    return {c.name for c in client.containers.list(all=True, filters={"label": "amp4ec.project=amp4ec"})}
+def run_resources(client, run_id: str) -> list[str]:
+    """Return the containers and networks left whose run label starts with ``run_id``."""
+    label = {"label": "amp4ec.project=amp4ec"}
+    left = [(c.name, c.labels) for c in client.containers.list(all=True, filters=label)]
+    left += [(n.name, n.attrs.get("Labels") or {}) for n in client.networks.list(filters=label)]
+    return [name for name, labels in left if labels.get("amp4ec.run", "").startswith(run_id)]
 
 
 def short_scenario(tmp_path: Path, name: str, requests: int) -> Path:
@@ -29,11 +33,10 @@ def short_scenario(tmp_path: Path, name: str, requests: int) -> Path:
     return path
 
 
-def test_calibrate_writes_measured_file(tmp_path, docker_client, worker_image):
+def test_calibrate_writes_measured_file(tmp_path, docker_client, worker_image, run_id):
     require_torch()
     from amp4ec.calibrate.run import parse_profiles, run_calibration
 
-    before = labelled_containers(docker_client)
     out = tmp_path / "calibration.json"
     run_calibration(
         model="mobilenet_v2",
@@ -45,6 +48,7 @@ def test_calibrate_writes_measured_file(tmp_path, docker_client, worker_image):
         out=out,
         base_image=None,
         log=print,
+        run_id=run_id,
     )
     calibration = load_calibration(out)
     assert [p.name for p in calibration.profiles] == ["low", "high"]
@@ -56,19 +60,19 @@ def test_calibrate_writes_measured_file(tmp_path, docker_client, worker_image):
     # The whole model costs more CPU than its cheapest unit and less than all units run one by one.
     high = calibration.profile("high")
     assert max(u.warm_cpu_ms for u in high.units) < high.model.warm_cpu_ms < sum(u.cpu_ms for u in high.units)
-    assert calibration.link is not None and calibration.link.bandwidth_bps > 1e8
-    assert labelled_containers(docker_client) == before
+    assert calibration.link is not None
+    assert calibration.link.bandwidth_bps > 1e8
+    assert run_resources(docker_client, run_id) == []
 
 
-def test_replay_and_simulate_share_schema(tmp_path, docker_client, worker_image):
+def test_replay_and_simulate_share_schema(tmp_path, docker_client, worker_image, run_id):
     require_torch()
     from amp4ec.real.replay import run_replay
     from amp4ec.sim.run import run_simulation
 
-    before = labelled_containers(docker_client)
     scenario = short_scenario(tmp_path, "3-node.toml", 20)
     sim_summary = run_simulation(scenario, tmp_path / "sim")
-    real_summary = run_replay(scenario, tmp_path / "real", log=print)
+    real_summary = run_replay(scenario, tmp_path / "real", log=print, run_id=run_id)
 
     assert pq.read_schema(tmp_path / "real" / "records.parquet").equals(RECORD_SCHEMA)
     assert pq.read_schema(tmp_path / "sim" / "records.parquet").equals(RECORD_SCHEMA)
@@ -81,17 +85,16 @@ def test_replay_and_simulate_share_schema(tmp_path, docker_client, worker_image)
     assert real_summary["output_check"]["passed"], real_summary["output_check"]
     run = json.loads((tmp_path / "real" / "run.json").read_text())
     assert run["mode"] == "real"
-    assert labelled_containers(docker_client) == before
+    assert run_resources(docker_client, run_id) == []
 
 
-def test_replay_bad_scenario_starts_nothing(tmp_path, docker_client):
+def test_replay_bad_scenario_starts_nothing(tmp_path, docker_client, run_id):
     from amp4ec.errors import UsageError
     from amp4ec.real.replay import run_replay
 
-    before = labelled_containers(docker_client)
     scenario = tmp_path / "bad.toml"
     scenario.write_text('name = "x"\n[policy]\nscheduler = "fastest"\n[[nodes]]\nname = "a"\ncpus = 1.0\nmemory_mb = 512\n')
     with pytest.raises(UsageError, match="unknown scheduler 'fastest'"):
-        run_replay(scenario, tmp_path / "out", log=print)
+        run_replay(scenario, tmp_path / "out", log=print, run_id=run_id)
     assert not (tmp_path / "out").exists()
-    assert labelled_containers(docker_client) == before
+    assert run_resources(docker_client, run_id) == []
