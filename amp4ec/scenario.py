@@ -88,7 +88,7 @@ class WorkloadSpec(_Strict):
     batch: int = Field(default=1, ge=1)
     clients: int = Field(default=1, ge=1, description="closed loop: requests in flight")
     think_time_ms: float = Field(default=0.0, ge=0, description="closed loop: pause between a reply and the next request")
-    rate_rps: float | None = Field(default=None, gt=0, description="poisson: mean arrival rate in requests per second")
+    rate_rps: float | None = Field(default=None, gt=0, description="poisson: mean arrival rate in requests per second; bursty: rate while on; diurnal: mean rate")
     # bursty: a two-state Markov-modulated Poisson process (MMPP-2) that alternates between
     # an "on" state at rate_rps and an "off" state at off_rate_rps, with exponential sojourns.
     off_rate_rps: float = Field(default=0.0, ge=0, description="bursty: arrival rate while off")
