@@ -52,7 +52,8 @@ def assert_every_fate_recorded_once(result, total):
 def test_bursty_mean_rate_is_the_mmpp_average():
     workload = WorkloadSpec(kind="bursty", requests=100_000, rate_rps=100.0, off_rate_rps=10.0, on_s=1.0, off_s=3.0)
     arrivals = open_loop_arrivals_s(workload, seed=3)
-    assert len(arrivals) == 100_000 and np.all(np.diff(arrivals) >= 0)
+    assert len(arrivals) == 100_000
+    assert np.all(np.diff(arrivals) >= 0)
     assert len(arrivals) / arrivals[-1] == pytest.approx((100 * 1 + 10 * 3) / 4, rel=0.05)
     # Bursts make the counts per second overdispersed: a Poisson stream has variance = mean.
     counts = np.bincount(arrivals.astype(int))
@@ -64,7 +65,7 @@ def test_diurnal_rate_follows_the_sine():
     arrivals = open_loop_arrivals_s(workload, seed=4)
     phase = (arrivals % 100.0) / 100.0
     cycles = arrivals[-1] / 100.0
-    # The first quarter of each cycle holds the peak, the third quarter the trough.
+    # The peak falls in the first quarter of each cycle, the trough in the third.
     peak = np.mean((phase > 0.2) & (phase < 0.3)) * len(arrivals) / cycles / 10.0
     trough = np.mean((phase > 0.7) & (phase < 0.8)) * len(arrivals) / cycles / 10.0
     assert peak == pytest.approx(100 * (1 + 0.8 * np.sin(np.pi / 2)), rel=0.1)

@@ -1,8 +1,8 @@
 """The engine against queueing theory, each check at a stated confidence.
 
-Batch means turn correlated per-request latencies into near-independent batch averages, so a
-Student t interval on them is honest; every check uses 99% intervals, so each test fails by
-chance about once in a hundred runs of a new seed, and never with the fixed seeds below.
+Batch means turn correlated per-request latencies into nearly independent batch averages, so a
+Student t interval on them is valid. Every check uses a 99% interval, so with a new seed each
+test fails by chance about once in a hundred runs.
 """
 
 import math
