@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -11,6 +14,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from amp4ec import __version__
 from amp4ec.errors import Amp4ecError, UsageError
@@ -73,18 +77,39 @@ def summary_table(summary: dict[str, Any], title: str) -> Table:
     return table
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    # Unwinding through SystemExit runs every cleanup (partial output, containers) on SIGTERM too.
+    raise SystemExit(128 + signum)
+
+
+def require_extras(command: str) -> None:
+    """Raise a UsageError naming the install command when torch or the Docker extras are missing."""
+    missing = [name for name in ("torch", "torchvision", "docker", "zmq") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(
+            f"{command} needs {', '.join(missing)}, which this installation lacks; "
+            "install them with pip install 'amp4ec[torch,docker]'"
+        )
+
+
 class Amp4ecGroup(click.Group):
     """Turns amp4ec errors into one-line messages with the error's exit status."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
         except Amp4ecError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            console.print(Text("error: ", style="bold red") + Text(str(exc)), highlight=False, soft_wrap=True)
             sys.exit(exc.exit_status)
         except KeyboardInterrupt:
             console.print("interrupted; partial output removed")
             sys.exit(130)
+        except SystemExit as exc:
+            if exc.code == 128 + signal.SIGTERM:
+                console.print("terminated; partial output removed")
+            raise
 
 
 @click.group(cls=Amp4ecGroup)
@@ -107,7 +132,7 @@ def simulate(scenario: Path, out: Path, force: bool, quiet: bool, calibration: P
     if not quiet:
         stdout.print(summary_table(summary, f"simulated: {scenario}"))
         for warning in summary.get("warnings", []):
-            console.print(f"[yellow]warning:[/] {warning}")
+            console.print(Text("warning: ", style="yellow") + Text(warning))
 
 
 @main.command()
@@ -119,6 +144,7 @@ def simulate(scenario: Path, out: Path, force: bool, quiet: bool, calibration: P
 @click.option("--base-image", default=None, help="base image for the worker image, e.g. python:3.11-slim; default: a debootstrap rootfs")
 def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Path | None, base_image: str | None) -> None:
     """Replay SCENARIO on real Docker containers and write the run to --out."""
+    require_extras("replay")
     from amp4ec.real.replay import run_replay
 
     summary = run_replay(
@@ -133,17 +159,17 @@ def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Pat
     if not quiet:
         stdout.print(summary_table(summary, f"replayed on containers: {scenario}"))
         for warning in summary.get("warnings", []):
-            console.print(f"[yellow]warning:[/] {warning}")
+            console.print(Text("warning: ", style="yellow") + Text(warning))
 
 
 @main.command()
 @click.option("--model", default="mobilenet_v2", show_default=True, help="torchvision model name or package.module:factory")
-@click.option("--granularity", type=click.Choice(["block", "leaf"]), default="block", show_default=True)
+@click.option("--granularity", type=click.Choice(["block", "leaf"]), default="block", show_default=True, help="units: feature blocks and head, or single leaf modules")
 @click.option(
     "--profile",
     "profiles",
     multiple=True,
-    metavar="NAME:CPUS:MEMORY_MB",
+    metavar="NAME:CPUS:MEMORY_MB[:THREADS]",
     help="container profile to measure, repeatable; default high:1.0:1024 medium:0.6:512 low:0.4:512",
 )
 @click.option("--repeats", default=20, show_default=True, help="timed runs per unit and profile")
@@ -164,6 +190,7 @@ def calibrate(
     quiet: bool,
 ) -> None:
     """Measure each unit of a model inside CPU- and memory-limited containers and write a calibration file."""
+    require_extras("calibrate")
     from amp4ec.calibrate.run import parse_profiles, run_calibration
 
     if repeats < 1:
@@ -186,13 +213,22 @@ def calibrate(
 
 
 @main.command()
-@click.option("--run", "run_id", default=None, help="remove only the containers and networks of this run id")
-def clean(run_id: str | None) -> None:
-    """Remove containers and networks that amp4ec left behind, found by their label."""
-    from amp4ec.real.containers import docker_client, remove_labelled
+@click.option("--run", "run_id", default=None, help="remove the containers and networks of this run id, whatever its state")
+@click.option("--all", "remove_all", is_flag=True, help="remove every amp4ec container and network on the engine, live runs included")
+def clean(run_id: str | None, remove_all: bool) -> None:
+    """Remove containers and networks that amp4ec runs left behind, found by their label.
 
-    counts = remove_labelled(docker_client(), run_id=run_id)
-    stdout.print(f"removed {counts}")
+    Without options, only runs whose coordinator process no longer exists on this machine
+    are removed, so runs in progress are left alone.
+    """
+    try:
+        from amp4ec.real.containers import docker_client, remove_labelled
+    except ImportError as exc:
+        raise UsageError(f"clean needs the Docker SDK and pyzmq ({exc}); install them with pip install 'amp4ec[docker]'") from exc
+    if run_id is not None and remove_all:
+        raise UsageError("give --run or --all, not both")
+    counts = remove_labelled(docker_client(), run_id=run_id, only_orphans=run_id is None and not remove_all)
+    stdout.print(f"removed {counts['containers']} containers and {counts['networks']} networks")
 
 
 @main.group()
@@ -266,7 +302,7 @@ def sweep(scenario: Path, grid: tuple[str, ...], seeds: int, out: Path, workers:
         points.to_parquet(staging / "points.parquet", index=False)
     failed = runs["error"].notna().sum()
     if failed:
-        console.print(f"[yellow]warning:[/] {failed} of {len(runs)} runs failed; their errors are in runs.parquet")
+        console.print(Text("warning: ", style="yellow") + Text(f"{failed} of {len(runs)} runs failed; their errors are in runs.parquet"))
     if not quiet:
         table = Table(title=f"sweep of {scenario} ({seeds} seeds per point, mean ± 95 % CI)")
         # The table shows the headline metrics; points.parquet has all of them.
@@ -345,6 +381,88 @@ def scenario_reference_command(out: Path | None) -> None:
         click.echo(text, nl=False)
     else:
         write_text_atomic(out, text)
+
+
+def wide_stdout() -> Console:
+    """Return a console for wide tables: the terminal's width, or 200 columns when output is piped."""
+    return stdout if stdout.is_terminal else Console(width=200)
+
+
+@main.command()
+@click.argument("scenario", type=click.Path(path_type=Path))
+@click.option("--calibration", type=click.Path(path_type=Path), help="calibration file; overrides the scenario's")
+def partition(scenario: Path, calibration: Path | None) -> None:
+    """Print the plan the scenario's partitioner makes: segments, units, FLOPs, weights, cuts, predicted times."""
+    from amp4ec import policies
+    from amp4ec.policy_report import plan_rows
+    from amp4ec.runs import prepare_run
+
+    prepared = prepare_run(scenario, calibration)
+    plan = policies.build_plan(prepared.scenario, prepared.costs.graph, prepared.costs, source=str(scenario))
+    network = prepared.scenario.network
+    rows = plan_rows(plan, prepared.scenario, prepared.costs)
+    table = Table(title=f"plan of {plan.partitioner!r} for {scenario}", show_header=True)
+    for column in ("segment", "units", "first unit", "last unit", "MFLOPs", "params (MB)", "memory (MB)", "in cut (bytes)", "out cut (bytes)", "node", "predicted (ms)"):
+        table.add_column(column, justify="right" if column in ("units", "MFLOPs", "params (MB)", "memory (MB)", "in cut (bytes)", "out cut (bytes)", "predicted (ms)") else "left")
+    for row in rows:
+        # One line per node that may run the segment; the segment's figures only on the first.
+        for i, (name, ms) in enumerate(row.predicted_ms.items()):
+            figures = (
+                [row.segment, f"{row.start}-{row.stop - 1}", row.first_unit, row.last_unit, f"{row.flops / 1e6:.1f}",
+                 f"{row.param_mb:.2f}", f"{row.memory_mb:.2f}", str(row.in_cut_bytes), str(row.out_cut_bytes)]
+                if i == 0
+                else [""] * 9
+            )
+            table.add_row(*figures, name, f"{ms:.2f}")
+    if plan.assigned:
+        # With one node per segment the stages' predicted times add up to the request's.
+        first_choice = [next(iter(row.predicted_ms.values())) for row in rows]
+        assigned = f"nodes chosen by the partitioner; predicted latency of one request {sum(first_choice):.2f} ms"
+    else:
+        assigned = "no node assignment: any node may run a segment"
+    table.caption = (
+        f"{assigned}. Predicted ms = CPU time / min(CPU quota, parallelism) plus input and output transfer "
+        f"at {network.bandwidth_mbps:g} Mbit/s and {prepared.costs.hop_latency_ms(network.latency_ms):.3g} ms per hop; "
+        "MB = 10^6 bytes; memory = weights + peak activations, without the runtime"
+    )
+    wide_stdout().print(table)
+
+
+@main.command("compare-policies")
+@click.argument("scenario", type=click.Path(path_type=Path))
+@click.option("--requests", type=click.IntRange(min=1), default=None, help="requests per run; default: the scenario's")
+@click.option("--calibration", type=click.Path(path_type=Path), help="calibration file; overrides the scenario's")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def compare_policies_command(scenario: Path, requests: int | None, calibration: Path | None, quiet: bool) -> None:
+    """Simulate every partitioner with every scheduler on SCENARIO and print them, lowest mean latency first."""
+    from amp4ec.sim.compare import compare_policies
+    from amp4ec.runs import prepare_run
+
+    prepared = prepare_run(scenario, calibration)
+    with progress_bar("simulating policy pairs", quiet=quiet) as update:
+        results = compare_policies(prepared.scenario, prepared.costs, requests=requests, progress=update)
+    table = Table(title=f"policies compared in simulation: {scenario}", show_header=True)
+    for column in ("rank", "partitioner", "scheduler", "bounds", "latency mean (ms)", "latency p95 (ms)", "throughput (requests/s)", "failed"):
+        table.add_column(column, justify="right" if column not in ("partitioner", "scheduler", "bounds") else "left")
+    for rank, pair in enumerate(results, start=1):
+        if pair.error is not None:
+            table.add_row(str(rank), pair.partitioner, pair.scheduler, "-", "-", "-", "-", f"not run: {pair.error}")
+            continue
+        table.add_row(
+            str(rank),
+            pair.partitioner,
+            pair.scheduler,
+            " ".join(map(str, pair.bounds or [])),
+            _format_ms(pair.latency_mean_ms),
+            _format_ms(pair.latency_p95_ms),
+            "-" if pair.throughput_rps is None else f"{pair.throughput_rps:.2f}",
+            str(pair.failed),
+        )
+    table.caption = (
+        "latency: arrival to completion of each completed request; throughput: completed requests over the "
+        "time from the first arrival to the last completion; both from the simulator with the scenario's workload"
+    )
+    wide_stdout().print(table)
 
 
 if __name__ == "__main__":

@@ -63,9 +63,27 @@ def check_events(scenario: "Scenario") -> None:
                 "one such as the first of a group ({prefix}0)",
                 field=f"events[{i}].node",
             )
-        if event.kind == "background" and event.cpus is not None and event.cpus >= node.cpus:
-            raise UsageError(
-                f"background cpus = {event.cpus:g} would take all of node {node.name}'s {node.cpus:g} CPUs; "
-                "give less than the node's cpus (use a fail event to stop a node)",
-                field=f"events[{i}].cpus",
-            )
+    # Background work takes CPUs out of the node's quota, and capacity changes may lower that
+    # quota. The engine applies both on one timeline, capacity changes first at equal times;
+    # the same order is replayed here, and every state along it must leave the worker some quota.
+    changes: dict[str, list[tuple[float, int, int, float]]] = {}
+    for j, change in enumerate(scenario.adaptation.capacity_changes):
+        changes.setdefault(change.node, []).append((change.time_s, 0, j, change.cpus))
+    for i, event in enumerate(scenario.events):
+        if event.kind == "background" and event.cpus is not None:
+            changes.setdefault(event.node, []).append((event.time_s, 1, i, event.cpus))
+    for name, timeline in changes.items():
+        quota_cpus = by_name[name].cpus
+        background_cpus = 0.0
+        for _, is_event, index, cpus in sorted(timeline):
+            if is_event:
+                background_cpus = cpus
+            else:
+                quota_cpus = cpus
+            if background_cpus >= quota_cpus:
+                field = f"events[{index}].cpus" if is_event else f"adaptation.capacity_changes[{index}].cpus"
+                raise UsageError(
+                    f"background cpus = {background_cpus:g} would take all of node {name}'s {quota_cpus:g} CPUs "
+                    "at that time; give less than the node's quota (use a fail event to stop a node)",
+                    field=field,
+                )

@@ -148,6 +148,10 @@ def read_json(path: Path) -> dict:
         text = path.read_text()
     except FileNotFoundError as exc:
         raise FileFormatError("file not found", source=str(path)) from exc
+    except IsADirectoryError as exc:
+        raise FileFormatError("is a directory; give the path of a JSON file", source=str(path)) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FileFormatError(f"cannot read the file: {exc}", source=str(path)) from exc
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

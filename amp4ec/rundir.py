@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import shutil
 import sys
@@ -17,12 +18,33 @@ from typing import Any, Iterator
 from amp4ec.errors import UsageError
 
 
+RUN_MARKERS = ("run.json", "runs.parquet", "report.md")
+
+
 def check_output_dir(out: Path, *, force: bool) -> None:
-    """Reject an output directory that already holds files, unless ``force`` is set."""
+    """Reject an output directory that already contains files, unless ``force`` is set.
+
+    Even with ``force``, only a directory that amp4ec wrote (it contains run.json, runs.parquet
+    or report.md) is replaced, and never the current directory or one of its parents.
+    """
     if out.exists() and not out.is_dir():
         raise UsageError("exists and is not a directory; choose another --out", source=str(out))
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UsageError("output directory is not empty; choose another --out or pass --force to replace it", source=str(out))
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise UsageError(
+            "output directory is not empty; choose another --out, or pass --force to replace an earlier amp4ec run",
+            source=str(out),
+        )
+    resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise UsageError("is the current directory or one of its parents; choose a new directory for --out", source=str(out))
+    if not any((out / marker).is_file() for marker in RUN_MARKERS):
+        raise UsageError(
+            "contains files that amp4ec did not write (no run.json, runs.parquet or report.md), "
+            "so --force does not replace it; choose a new directory for --out",
+            source=str(out),
+        )
 
 
 @contextlib.contextmanager
@@ -33,8 +55,15 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
     as it was.
     """
     check_output_dir(out, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise UsageError(f"cannot create the output directory: {exc.strerror or exc}; choose another --out", source=str(out)) from exc
+    # mkdtemp makes the directory private to its owner; give it the usual umask mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
     try:
         yield staging
     except BaseException:

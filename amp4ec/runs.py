@@ -35,4 +35,9 @@ def prepare_run(scenario_path: Path, calibration: Path | None = None) -> Prepare
                 field=f"nodes.{node.name}.memory_mb",
                 source=str(scenario_path),
             )
+    # Build the plan once here so a plan that cannot be built or cannot fit the nodes' memory
+    # is reported with the scenario's path before any output or container exists.
+    from amp4ec import policies  # late import: the registry imports the policy modules
+
+    policies.build_plan(scenario, costs.graph, costs, source=str(scenario_path))
     return PreparedRun(scenario, scenario_path, calibration_path, loaded, costs)

@@ -19,8 +19,9 @@ MIB = 1024 * 1024
 
 
 class _Strict(BaseModel):
-    # Unknown keys are rejected so a typo in a scenario never passes silently.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys, strings where numbers belong, booleans where integers belong and
+    # infinite or NaN numbers are rejected, so a typo in a scenario never passes silently.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class NodeSpec(_Strict):
@@ -109,6 +110,12 @@ class WorkloadSpec(_Strict):
             raise ValueError(f"a {self.kind} workload needs rate_rps (requests per second)")
         if self.kind == "trace" and self.trace is None:
             raise ValueError("a trace workload needs trace, the path of a CSV file with an arrival_s column")
+        if self.kind == "closed" and self.rate_rps is not None:
+            raise ValueError(
+                "rate_rps applies to open-loop workloads; remove it or set kind = \"poisson\" (or \"bursty\", \"diurnal\")"
+            )
+        if self.kind != "closed" and ("clients" in self.model_fields_set or "think_time_ms" in self.model_fields_set):
+            raise ValueError("clients and think_time_ms apply to closed loops; remove them or set kind = \"closed\"")
         return self
 
 
@@ -178,12 +185,33 @@ class EventSpec(_Strict):
         return self
 
 
+class CapacityChange(_Strict):
+    """A node's CPU quota changing during a simulated run, as the monitor then reports it."""
+
+    time_s: float = Field(ge=0, description="simulated time of the change")
+    node: str
+    cpus: float = Field(gt=0, description="new CFS quota in CPUs")
+
+
+class AdaptationSpec(_Strict):
+    """Repartitioning when the monitor shows a node's capacity changing (simulation only so far)."""
+
+    enabled: bool = False
+    threshold: float = Field(
+        default=0.2, gt=0, description="relative change of a node's CPU quota since the last partitioning that triggers a new one"
+    )
+    load_ms_per_mb: float = Field(
+        default=0.0, ge=0, description="time to load 10^6 bytes of weights into a worker after they arrive, in ms"
+    )
+    capacity_changes: list[CapacityChange] = Field(default_factory=list)
+
+
 class Scenario(_Strict):
     """A cluster, a workload and a policy: everything one run needs."""
 
-    name: str = Field(description="label of the run in summaries and reports")
+    name: str = Field(min_length=1, description="label of the run in summaries and reports")
     description: str = Field(default="", description="free text")
-    seed: int = Field(default=0, description="seed of every random stream (arrivals, scheduler noise, inputs)")
+    seed: int = Field(default=0, ge=0, description="seed of every random stream (arrivals, scheduler noise, inputs)")
     calibration: str = Field(default="default", description="'default' for the shipped file, or a path")
     model: ModelSpec = Field(default_factory=ModelSpec)
     policy: PolicySpec = Field(default_factory=PolicySpec)
@@ -193,6 +221,7 @@ class Scenario(_Strict):
     nodes: list[NodeSpec] = Field(default_factory=list, description="the edge nodes, one container each")
     node_groups: list[NodeGroupSpec] = Field(default_factory=list, description="generated nodes, appended to nodes")
     events: list[EventSpec] = Field(default_factory=list, description="the dynamics timeline")
+    adaptation: AdaptationSpec = Field(default_factory=AdaptationSpec)
 
     @field_validator("nodes")
     @classmethod
@@ -213,6 +242,11 @@ class Scenario(_Strict):
             self.node_groups = []
         if not self.nodes:
             raise ValueError("the scenario has no nodes; add [[nodes]] or [[node_groups]]")
+        names = {node.name for node in self.nodes}
+        for change in self.adaptation.capacity_changes:
+            if change.node not in names:
+                shown = sorted(names) if len(names) <= 20 else sorted(names)[:20] + ["..."]
+                raise ValueError(f"adaptation.capacity_changes names unknown node {change.node!r}; nodes are {shown}")
         check_events(self)
         return self
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -28,6 +28,48 @@ class StageTask:
     memory_needed_bytes: int
 
 
+def plan_candidates(task: StageTask, states: Mapping[str, NodeState]) -> list[NodeState]:
+    """Return the live nodes that may run the stage: the segment's assigned nodes, if it has any."""
+    live = [state for state in states.values() if state.alive]
+    if task.segment.nodes:
+        live = [state for state in live if state.name in task.segment.nodes]
+    return live
+
+
+class LiveCandidates:
+    """The live nodes of the last snapshot, and for each node assignment the live nodes it allows.
+
+    Both are rebuilt only when a new snapshot is published, not per stage: with thousands of
+    nodes a scan per stage costs more than the rest of a decision. The nodes keep the
+    snapshot's order, so the result is the same as :func:`plan_candidates`.
+    """
+
+    def __init__(self) -> None:
+        self._states: Mapping[str, NodeState] | None = None
+        self.live: list[NodeState] = []
+        self._assigned: dict[tuple[str, ...], list[int]] = {}
+
+    def refresh(self, states: Mapping[str, NodeState]) -> bool:
+        """Take a snapshot; return whether it is a new one."""
+        if states is self._states:
+            return False
+        self._states = states
+        self.live = [state for state in states.values() if state.alive]
+        self._assigned = {}
+        return True
+
+    def indices(self, segment: Segment) -> Sequence[int]:
+        """Positions in ``live`` of the nodes that may run ``segment``."""
+        if not segment.nodes:
+            return range(len(self.live))
+        found = self._assigned.get(segment.nodes)
+        if found is None:
+            allowed = set(segment.nodes)
+            found = [i for i, state in enumerate(self.live) if state.name in allowed]
+            self._assigned[segment.nodes] = found
+        return found
+
+
 class Scheduler(Protocol):
     name: str
 
@@ -37,24 +79,20 @@ class Scheduler(Protocol):
 
 
 class RoundRobin:
-    """Stages go to the live nodes in turn, in the scenario's node order."""
+    """Stages go to the live nodes in turn, in the scenario's node order (only the assigned ones, if any)."""
 
     name = "round_robin"
 
     def __init__(self, rng: np.random.Generator):
         self._next = 0
-        # The live names are rebuilt only when a new snapshot is published, not per stage.
-        self._states: Mapping[str, NodeState] | None = None
-        self._names: list[str] = []
+        self._candidates = LiveCandidates()
 
     def select(self, task: StageTask, states: Mapping[str, NodeState]) -> str:
-        if states is not self._states:
-            self._states = states
-            self._names = [name for name, state in states.items() if state.alive]
-        names = self._names
-        if not names:
+        self._candidates.refresh(states)
+        indices = self._candidates.indices(task.segment)
+        if not indices:
             raise NoNodeAvailable(task)
-        name = names[self._next % len(names)]
+        name = self._candidates.live[indices[self._next % len(indices)]].name
         self._next += 1
         return name
 
@@ -66,22 +104,21 @@ class Pinned:
     """Segment ``i`` always goes to the ``i``-th live node (modulo their number): a fixed pipeline.
 
     This is the layout the AMP4EC paper's plans describe, one segment per node, and it makes a
-    multi-stage run a tandem of queues.
+    multi-stage run a tandem of queues. When the plan assigns the segment to nodes, the count
+    runs over the live ones among them.
     """
 
     name = "pinned"
 
     def __init__(self, rng: np.random.Generator):
-        self._states: Mapping[str, NodeState] | None = None
-        self._live: list[str] = []
+        self._candidates = LiveCandidates()
 
     def select(self, task: StageTask, states: Mapping[str, NodeState]) -> str:
-        if states is not self._states:
-            self._states = states
-            self._live = [name for name, state in states.items() if state.alive]
-        if not self._live:
+        self._candidates.refresh(states)
+        indices = self._candidates.indices(task.segment)
+        if not indices:
             raise NoNodeAvailable(task)
-        return self._live[task.segment.index % len(self._live)]
+        return self._candidates.live[indices[task.segment.index % len(indices)]].name
 
     def observe(self, node: str, exec_ms: float) -> None:
         pass
@@ -89,7 +126,8 @@ class Pinned:
 
 class NoNodeAvailable(RuntimeError):
     def __init__(self, task: StageTask):
-        super().__init__(f"no live node for stage {task.segment.id} of request {task.request_id}")
+        where = f" among its assigned nodes {', '.join(task.segment.nodes)}" if task.segment.nodes else ""
+        super().__init__(f"no live node{where} for stage {task.segment.id} of request {task.request_id}")
         self.task = task
 
 
@@ -103,11 +141,12 @@ class Amp4ecScheduler:
     execution times in ms divided by 100, capped at 1. When every node is filtered out, the
     least loaded live node is chosen (the published rule does not say; this is a choice).
 
-    At scale the rule is applied to a sample: when more than ``max_candidates`` nodes are live,
-    each decision scores ``max_candidates`` live nodes drawn uniformly (with replacement,
-    duplicates dropped), in the manner of power-of-d-choices load balancing, and the fallback
-    looks only at that sample. Up to ``max_candidates`` live nodes, every one is scored, as
-    the authors' code does.
+    When the plan assigns the segment to nodes, only the live ones among them are candidates.
+    At scale the rule is applied to a sample: when there are more than ``max_candidates``
+    candidates, each decision scores ``max_candidates`` of them drawn uniformly (with
+    replacement, duplicates dropped), in the manner of power-of-d-choices load balancing, and
+    the fallback looks only at that sample. Up to ``max_candidates`` candidates, every one is
+    scored, as the authors' code does.
     """
 
     name = "amp4ec"
@@ -127,19 +166,34 @@ class Amp4ecScheduler:
         history: int = 5,
         max_candidates: int = 8,
     ):
-        if max_candidates < 1:
-            raise TypeError(f"max_candidates must be at least 1, got {max_candidates}")
+        if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 1:
+            raise ValueError(f"max_candidates must be an integer >= 1, got {max_candidates!r}")
         self.max_candidates = max_candidates
-        self._states: Mapping[str, NodeState] | None = None
-        self._live: list[NodeState] = []
+        self._candidates = LiveCandidates()
         self._rng = rng
-        self.w_resources = w_resources
-        self.w_load = w_load
-        self.w_performance = w_performance
-        self.w_balance = w_balance
-        self.max_load = max_load
-        self.max_latency_ms = max_latency_ms
-        self.noise = noise
+        numbers = {
+            "w_resources": w_resources,
+            "w_load": w_load,
+            "w_performance": w_performance,
+            "w_balance": w_balance,
+            "max_load": max_load,
+            "max_latency_ms": max_latency_ms,
+            "noise": noise,
+        }
+        for name, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(clamp, bool):
+            raise ValueError(f"clamp must be true or false, got {clamp!r}")
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ValueError(f"history must be an integer >= 1, got {history!r}")
+        self.w_resources = float(w_resources)
+        self.w_load = float(w_load)
+        self.w_performance = float(w_performance)
+        self.w_balance = float(w_balance)
+        self.max_load = float(max_load)
+        self.max_latency_ms = float(max_latency_ms)
+        self.noise = float(noise)
         self.clamp = clamp
         self._exec_ms: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=history))
         self._all_exec_ms: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])  # sum, count
@@ -206,7 +260,7 @@ class Amp4ecScheduler:
         terms = self._static.get(key)
         if terms is None:
             terms = []
-            for state in self._live:
+            for state in self._candidates.live:
                 if (
                     state.link_latency_ms <= self.max_latency_ms
                     and state.cpu_available >= task.cpu_needed
@@ -222,18 +276,19 @@ class Amp4ecScheduler:
         return terms
 
     def select(self, task: StageTask, states: Mapping[str, NodeState]) -> str:
-        if states is not self._states:
-            self._states = states
-            self._live = [state for state in states.values() if state.alive]
+        if self._candidates.refresh(states):
             self._static = {}
-        live = self._live
-        if not live:
+        live = self._candidates.live
+        candidates = self._candidates.indices(task.segment)
+        if not candidates:
             raise NoNodeAvailable(task)
-        if len(live) > self.max_candidates:
-            n_live = len(live)
-            indices = list(dict.fromkeys(int(self._uniform() * n_live) for _ in range(self.max_candidates)))
+        if len(candidates) > self.max_candidates:
+            n_candidates = len(candidates)
+            indices = list(
+                dict.fromkeys(candidates[int(self._uniform() * n_candidates)] for _ in range(self.max_candidates))
+            )
         else:
-            indices = range(len(live))
+            indices = candidates
         terms = self._static_terms(task)
         loads = self._load
         performance = self._performance

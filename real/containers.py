@@ -29,6 +29,9 @@ PROJECT_LABEL = "amp4ec.project"
 PROJECT_LABEL_VALUE = "amp4ec"
 RUN_LABEL = "amp4ec.run"
 NODE_LABEL = "amp4ec.node"
+# The coordinator that owns a run, as "<boot id>:<pid>", so `amp4ec clean` can tell a
+# run whose process died from one that is still going.
+OWNER_LABEL = "amp4ec.owner"
 
 WORKER_PORT = 5555
 WORKER_USER = "10001:10001"
@@ -172,7 +175,7 @@ class WorkerCluster:
             )
         self.startup_timeout_s = startup_timeout_s
         self.request_timeout_s = request_timeout_s
-        self.labels = {**(labels or {}), PROJECT_LABEL: PROJECT_LABEL_VALUE, RUN_LABEL: self.run_id}
+        self.labels = {**(labels or {}), PROJECT_LABEL: PROJECT_LABEL_VALUE, RUN_LABEL: self.run_id, OWNER_LABEL: owner_id()}
         self.handle_signals = handle_signals
         self.network_name = f"amp4ec-{self.run_id}"
         self.network = None
@@ -252,7 +255,7 @@ class WorkerCluster:
         except docker.errors.APIError as error:
             raise DockerError(
                 f"cannot create network {self.network_name} for run {self.run_id}: {error}. "
-                f"A run with this id may still exist; remove it with `amp4ec clean`."
+                f"A run with this id may still exist; remove it with `amp4ec clean --run {self.run_id}`."
             ) from error
 
     def container_name(self, node) -> str:
@@ -386,6 +389,9 @@ class WorkerCluster:
                 remove_container(container, name)
             if self.network is not None:
                 remove_network(self.network)
+            # A signal can arrive while a create call is in flight: the engine then has a
+            # container or network this object never recorded, found only by its label.
+            remove_labelled(self.client, run_id=self.run_id)
         finally:
             self._closed = True
             self._restore_signal_handlers()
@@ -446,10 +452,48 @@ def remove_network(network) -> bool:
     return True
 
 
-def remove_labelled(client, run_id: str | None = None, *, run_id_prefix: str | None = None) -> dict[str, int]:
+def owner_id() -> str:
+    """Return "<boot id>:<pid>" of this process, the value of the owner label."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot_id = f.read().strip()
+    except OSError:
+        boot_id = "unknown"
+    return f"{boot_id}:{os.getpid()}"
+
+
+def owner_alive(labels: dict | None) -> bool:
+    """Tell whether the process that owns a labelled run still runs on this machine.
+
+    A run without an owner label, or owned by a process of another boot, counts as dead.
+
+    NOTE: a coordinator on another machine that shares this engine also has another boot id,
+    so its live runs count as dead here.
+    """
+    owner = (labels or {}).get(OWNER_LABEL, "")
+    boot_id, _, pid = owner.rpartition(":")
+    if not pid.isdigit() or boot_id != owner_id().rpartition(":")[0]:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_labelled(
+    client,
+    run_id: str | None = None,
+    *,
+    run_id_prefix: str | None = None,
+    only_orphans: bool = False,
+) -> dict[str, int]:
     """Remove the containers, then the networks, labelled amp4ec.project=amp4ec.
 
-    run_id limits the removal to one run, run_id_prefix to runs whose id starts with it.
+    run_id limits the removal to one run, run_id_prefix to runs whose id starts with it, and
+    only_orphans to runs whose coordinator process no longer exists.
     Returns {"containers": n, "networks": m}, the numbers removed.
     """
     filters = [f"{PROJECT_LABEL}={PROJECT_LABEL_VALUE}"]
@@ -457,6 +501,8 @@ def remove_labelled(client, run_id: str | None = None, *, run_id_prefix: str | N
         filters.append(f"{RUN_LABEL}={run_id}")
 
     def selected(labels: dict) -> bool:
+        if only_orphans and owner_alive(labels):
+            return False
         if run_id_prefix is None:
             return True
         return (labels or {}).get(RUN_LABEL, "").startswith(run_id_prefix)

@@ -1,8 +1,8 @@
 """`amp4ec replay`: a scenario and its policies on real worker containers.
 
 The coordinator runs on the host. It builds the same plan and scheduler the simulator builds,
-exports the plan's segments with torch.export, deploys every segment on every worker (the
-cache-on choice the simulator makes too), and drives the requests through the stages,
+exports the plan's segments with torch.export and deploys them where the plan puts them, as
+the simulator does: on the assigned nodes, or on every worker when the plan assigns none. It drives the requests through the stages,
 relaying each activation through itself. A monitor thread samples each worker's own cgroup
 counters every ``monitor.period_s``; the scheduler sees only those samples.
 """
@@ -165,9 +165,7 @@ def run_replay(
     traced = trace_model(model, scenario.model.name, input_shape=tuple(input_shape), granularity=scenario.model.granularity)
     _check_graph(prepared, traced.graph)
     graph = traced.graph
-    parts = scenario.policy.partitions or len(scenario.nodes)
-    plan = policies.make_partitioner(scenario).partition(graph, scenario.nodes, prepared.costs, parts)
-    plan.validate(graph.n_units)
+    plan = policies.build_plan(scenario, graph, prepared.costs, source=str(scenario_path))
     blobs = {segment.id: traced.export_segment(segment.start, segment.stop) for segment in plan.segments}
     scheduler = policies.make_scheduler(scenario, rng_for(scenario.seed, "scheduler"))
     hop_latency_ms = prepared.costs.hop_latency_ms(scenario.network.latency_ms)
@@ -182,12 +180,12 @@ def run_replay(
         warnings.append("network.bandwidth_mbps and latency_ms are not shaped in real mode yet; the Docker bridge ran unshaped")
 
     with staged_output(out, force=force) as staging, WorkerCluster(client, containers, image=image, run_id=run_id) as cluster:
-        log(f"run {run_id}: {len(containers)} workers ready; deploying {len(blobs)} segments on each")
+        log(f"run {run_id}: {len(containers)} workers ready; deploying {len(blobs)} segments where the plan puts them")
         # One untimed call per segment and worker takes lazy initialisation out of the
         # measurement; without it the first request on each node looks many times slower, and
         # a scheduler that remembers execution times (AMP4EC's load) may never pick that node again.
         for node in scenario.nodes:
-            for segment in plan.segments:
+            for segment in plan.segments_on(node.name):
                 cluster[node.name].load(segment.id, blobs[segment.id])
                 zeros = [np.zeros(t.shape, dtype=t.dtype) for t in graph.cuts[segment.start].tensors]
                 cluster[node.name].run(segment.id, zeros)
@@ -218,6 +216,8 @@ def run_replay(
         }
         summary = summarise(records, busy_cpu_ms, {n.name: n.cpus for n in scenario.nodes})
         summary["plan"] = {"partitioner": plan.partitioner, "bounds": plan.bounds}
+        if any(s.nodes for s in plan.segments):
+            summary["plan"]["nodes"] = [list(s.nodes) for s in plan.segments]
         summary["output_check"] = {
             "max_abs_error": output_error,
             "atol": OUTPUT_ATOL,

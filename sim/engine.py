@@ -26,12 +26,13 @@ import numpy as np
 import simpy
 
 from amp4ec import policies
+from amp4ec.adapt import Adapter
 from amp4ec.costs import CostModel
 from amp4ec.errors import UsageError
 from amp4ec.metrics import RequestRecord, summarise
 from amp4ec.monitor import NodeState
 from amp4ec.partition import Plan
-from amp4ec.scenario import EventSpec, NodeSpec, Scenario
+from amp4ec.scenario import CapacityChange, EventSpec, NodeSpec, Scenario
 from amp4ec.schedule import NoNodeAvailable, Scheduler, StageTask
 from amp4ec.sim.cfs import CfsCpu
 from amp4ec.workload import open_loop_arrivals_s, request_count, rng_for
@@ -92,6 +93,8 @@ class SimNode:
     busy_cpu_ms: float = 0.0
     busy_cpu_ms_at_sample: float = 0.0
     background_cpus: float = 0.0
+    quota_cpus: float = 0.0
+    """the container's CFS quota: the spec's, until a capacity change; background work takes a share"""
     up_free_s: float = 0.0
     worker_free_s: float = 0.0
     down_free_s: float = 0.0
@@ -124,19 +127,20 @@ class Simulation:
         self.env = simpy.Environment()
         self.warnings: list[str] = []
         self.graph = costs.graph
-        parts = scenario.policy.partitions or len(scenario.nodes)
-        self.plan: Plan = policies.make_partitioner(scenario).partition(self.graph, scenario.nodes, costs, parts)
-        self.plan.validate(self.graph.n_units)
+        self.plan: Plan = policies.build_plan(scenario, self.graph, costs)
         self.scheduler: Scheduler = policies.make_scheduler(scenario, rng_for(scenario.seed, "scheduler"))
         self.hop_latency_ms = costs.hop_latency_ms(scenario.network.latency_ms)
         self.bandwidth_bps = scenario.network.bandwidth_mbps * 1e6
         self.total_requests = request_count(scenario.workload)
         check_fits_in_memory(self.total_requests, len(self.plan.segments))
         self._stages = self._stage_table()
-        self._deployed_bytes = costs.runtime_bytes + sum(
-            costs.segment_memory_bytes(s.start, s.stop) for s in self.plan.segments
-        )
         self.nodes = {spec.name: self._make_node(spec) for spec in scenario.nodes}
+        self.adapter = (
+            Adapter(scenario, costs, self.plan, bandwidth_bps=self.bandwidth_bps, hop_latency_ms=self.hop_latency_ms)
+            if scenario.adaptation.enabled
+            else None
+        )
+        self.adaptations: list[dict] = []
         self._published: dict[str, NodeState] = {}
         self.records: list[RequestRecord] = []
         self._done = 0
@@ -147,7 +151,7 @@ class Simulation:
         self._service_next = 0
         # Pull dispatch: idle nodes in the order they became idle, and stages waiting for one.
         self._idle: deque[SimNode] = deque()
-        self._waiting: deque[simpy.Event] = deque()
+        self._waiting: deque[tuple[simpy.Event, frozenset[str] | None]] = deque()
         # Little's law: the number in system integrated over time, kept apart from the records.
         self._in_system = 0
         self._area_s = 0.0
@@ -156,7 +160,10 @@ class Simulation:
         self.retries = 0
 
     def _stage_table(self) -> list[tuple]:
-        """Per segment: its task, input and output bytes, computed once rather than per request."""
+        """Per segment: its task, input and output bytes and assigned nodes, computed once per plan.
+
+        Built at the start and again after each adaptation, rather than per request.
+        """
         batch = self.scenario.workload.batch
         table = []
         for segment in self.plan.segments:
@@ -170,20 +177,34 @@ class Simulation:
             if not self.scenario.policy.cache:
                 in_bytes += self.graph.segment_param_bytes(segment.start, segment.stop)
             out_bytes = self.graph.cut_bytes(segment.stop) * batch
-            table.append((segment, task, in_bytes, out_bytes))
+            allowed = frozenset(segment.nodes) if segment.nodes else None
+            table.append((segment, task, in_bytes, out_bytes, allowed))
         return table
+
+    def _deployed_bytes(self, name: str) -> int:
+        """Memory the current plan keeps resident on node ``name``: the runtime and its segments."""
+        return self.costs.runtime_bytes + sum(
+            self.costs.segment_memory_bytes(s.start, s.stop) for s in self.plan.segments_on(name)
+        )
 
     def _make_node(self, spec: NodeSpec) -> SimNode:
         # A node's CFS phase depends on the seed and its name only, so adding nodes leaves the
         # others' phases alone; a hash is used because a generator per node is slow at 10,000 nodes.
         phase_ms = zlib.crc32(f"{self.scenario.seed}:cfs-phase:{spec.name}".encode()) / 2**32 * 100.0
         cpu = CfsCpu(spec.cpus, cores=spec.torch_threads, phase_ms=phase_ms)
-        # With the cache on, every segment is deployed on every node before the first request,
-        # so any node can serve any stage; the weights and the largest activation stay resident.
-        memory_used = self._deployed_bytes
+        # Before the first request each segment is deployed on the nodes the plan assigns it to,
+        # or on every node when it assigns none. Its weights and largest activation stay resident.
+        memory_used = self._deployed_bytes(spec.name)
         bandwidth_bps = spec.bandwidth_mbps * 1e6 if spec.bandwidth_mbps is not None else self.bandwidth_bps
         latency_ms = spec.latency_ms if spec.latency_ms is not None else self.hop_latency_ms
-        node = SimNode(spec=spec, cpu=cpu, memory_used_bytes=memory_used, bandwidth_bps=bandwidth_bps, latency_ms=latency_ms)
+        node = SimNode(
+            spec=spec,
+            cpu=cpu,
+            memory_used_bytes=memory_used,
+            bandwidth_bps=bandwidth_bps,
+            latency_ms=latency_ms,
+            quota_cpus=spec.cpus,
+        )
         if not spec.present:
             node.alive = False
             node.failure = "not joined"
@@ -204,7 +225,9 @@ class Simulation:
         for name, node in self.nodes.items():
             busy_ms = node.busy_cpu_ms - node.busy_cpu_ms_at_sample
             node.busy_cpu_ms_at_sample = node.busy_cpu_ms
-            cpus = node.spec.cpus
+            # The monitor reports the container's quota, which a capacity change alters; CPUs
+            # taken by background work show as utilisation, as docker stats would show them.
+            cpus = node.quota_cpus
             utilisation = min(1.0, busy_ms / (cpus * period_s * 1e3) + node.background_cpus / cpus) if now > 0 else 0.0
             states[name] = NodeState(
                 name=name,
@@ -229,20 +252,73 @@ class Simulation:
                 self.env.process(self._publish_later(sample, delay_s))
             else:
                 self._published = sample
+                self._adapt()
 
     def _publish_later(self, sample: dict[str, NodeState], delay_s: float):
         yield self.env.timeout(delay_s)
         self._published = sample
+        self._adapt()
 
-    # The dynamics timeline.
-    def _timeline(self, events: list[EventSpec]):
-        for event in sorted(events, key=lambda e: e.time_s):
-            yield self.env.timeout(max(0.0, event.time_s - self.env.now))
-            self._apply(event)
+    def _adapt(self) -> None:
+        """Repartition when the published snapshot shows a quota change beyond the threshold."""
+        if self.adapter is None:
+            return
+        decision = self.adapter.check(self._published, self.env.now)
+        if decision is None:
+            return
+        self.adaptations.append(decision.to_dict())
+        if decision.error is not None:
+            self.warnings.append(f"adaptation at {self.env.now:.3f} s kept the old plan: {decision.error}")
+            return
+        # Requests already in flight keep the stage table they started with, so they finish on
+        # the old plan's segments; new requests take the new table.
+        self.plan = self.adapter.plan
+        self._stages = self._stage_table()
+        for name, node in self.nodes.items():
+            node.memory_used_bytes = self._deployed_bytes(name)
+            if name in decision.redeploy_ms:
+                self._redeploy(node, decision.redeploy_ms[name])
+
+    def _redeploy(self, node: SimNode, duration_ms: float) -> None:
+        """Book the node's uplink and worker for shipping and loading the weights it newly hosts.
+
+        The redeploy starts when both are free and keeps both busy until it ends, so stages dispatched
+        afterwards queue behind it; stages already booked keep their times.
+        """
+        start_s = max(self.env.now, node.up_free_s, node.worker_free_s)
+        node.up_free_s = node.worker_free_s = start_s + duration_ms / 1e3
+
+    # The dynamics timeline: [[events]] and the capacity changes of [adaptation], one process so
+    # that changes at the same time apply in a fixed order (capacity changes first), the order
+    # the scenario checks replay.
+    def _timeline(self, events: list[EventSpec], changes: list[CapacityChange]):
+        items = [(c.time_s, 0, i, c) for i, c in enumerate(changes)] + [(e.time_s, 1, i, e) for i, e in enumerate(events)]
+        for time_s, is_event, _, item in sorted(items, key=lambda entry: entry[:3]):
+            yield self.env.timeout(max(0.0, time_s - self.env.now))
+            if is_event:
+                self._apply(item)
+            else:
+                node = self.nodes[item.node]
+                node.quota_cpus = item.cpus
+                self._set_worker_quota(node)
+
+    def _set_worker_quota(self, node: SimNode) -> None:
+        """Give the worker the container's quota less the CPUs background work takes.
+
+        The quota changes in place, as a cgroup's does: the current period's accounting and the
+        throttle count carry on, and stages that start afterwards run at the new quota.
+        """
+        cpus = max(1e-6, node.quota_cpus - node.background_cpus)
+        node.cpu.cpus = cpus
+        node.cpu.quota_ms = cpus * node.cpu.period_ms
 
     def _fresh_container(self, node: SimNode) -> None:
         now = self.env.now
-        node.cpu = CfsCpu(max(1e-6, node.spec.cpus - node.background_cpus), cores=node.spec.torch_threads, phase_ms=node.cpu.phase_ms)
+        throttled_jobs = node.cpu.throttled_jobs
+        node.cpu = CfsCpu(
+            max(1e-6, node.quota_cpus - node.background_cpus), cores=node.spec.torch_threads, phase_ms=node.cpu.phase_ms
+        )
+        node.cpu.throttled_jobs = throttled_jobs
         node.up_free_s = node.worker_free_s = node.down_free_s = now
 
     def _deploy(self, node: SimNode):
@@ -251,13 +327,15 @@ class Simulation:
         The deployment before the run starts is not timed: the first request finds every
         node ready, as in the paper's experiments.
         """
-        weight_bytes = sum(self.graph.segment_param_bytes(s.start, s.stop) for s in self.plan.segments)
+        weight_bytes = sum(self.graph.segment_param_bytes(s.start, s.stop) for s in self.plan.segments_on(node.spec.name))
         deploy_ms = node.latency_ms + weight_bytes * 8e3 / node.bandwidth_bps + self.scenario.policy.load_time_ms
         yield self.env.timeout(deploy_ms / 1e3)
         if node.failure != "deploying":
             return
         node.alive = True
         node.failure = ""
+        # The plan may have changed while the node was away; it is deployed as the plan is now.
+        node.memory_used_bytes = self._deployed_bytes(node.spec.name)
         self._fresh_container(node)
         if self.scenario.policy.dispatch == "pull":
             self._release(node, node.epoch)
@@ -291,7 +369,7 @@ class Simulation:
         elif kind == "background":
             node.background_cpus = event.cpus
             # The quota left for the worker changes from the next stage on.
-            node.cpu = CfsCpu(node.spec.cpus - event.cpus, cores=node.spec.torch_threads, phase_ms=node.cpu.phase_ms)
+            self._set_worker_quota(node)
         elif kind == "bandwidth":
             if event.bandwidth_mbps is not None:
                 node.bandwidth_bps = event.bandwidth_mbps * 1e6
@@ -320,20 +398,31 @@ class Simulation:
         node.down_free_s = out_end_s
         return exec_start_s, exec_end_s, out_end_s
 
-    def _pull(self):
-        """Pull dispatch: wait until a node is idle and return it."""
-        if self._idle:
-            return self._idle.popleft()
+    def _pull(self, allowed: frozenset[str] | None):
+        """Pull dispatch: wait until a node is idle and return it.
+
+        ``allowed`` lists the nodes the plan assigns the stage to (None: any node); an idle
+        node outside it is left for other stages.
+        """
+        if allowed is None:
+            if self._idle:
+                return self._idle.popleft()
+        else:
+            for node in self._idle:
+                if node.spec.name in allowed:
+                    self._idle.remove(node)
+                    return node
         waiter = self.env.event()
-        self._waiting.append(waiter)
+        self._waiting.append((waiter, allowed))
         return (yield waiter)
 
     def _release(self, node: SimNode, epoch: int) -> None:
         if not node.alive or node.epoch != epoch:
             return
-        while self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.triggered:
+        name = node.spec.name
+        for i, (waiter, allowed) in enumerate(self._waiting):
+            if allowed is None or name in allowed:
+                del self._waiting[i]
                 waiter.succeed(node)
                 return
         self._idle.append(node)
@@ -365,10 +454,18 @@ class Simulation:
         pull = policy.dispatch == "pull"
         retries_left = policy.max_retries if policy.on_failure == "retry" else 0
         process = env.active_process
-        for segment, task, in_bytes, out_bytes in self._stages:
+        for segment, task, in_bytes, out_bytes, allowed in self._stages:
             while True:
                 if pull:
-                    node = yield from self._pull()
+                    if allowed is not None and not any(
+                        self.nodes[n].alive or self.nodes[n].failure == "deploying" for n in allowed
+                    ):
+                        # No assigned node can take the stage now or after a deployment under way,
+                        # as a push scheduler finds no live node among them.
+                        record.fail(env.now, "no live node")
+                        self._leave()
+                        return
+                    node = yield from self._pull(allowed)
                     name = node.spec.name
                 else:
                     try:
@@ -443,8 +540,8 @@ class Simulation:
         workload = self.scenario.workload
         wall_start = time.perf_counter()
         self.env.process(self._monitor())
-        if self.scenario.events:
-            self.env.process(self._timeline(list(self.scenario.events)))
+        if self.scenario.events or self.scenario.adaptation.capacity_changes:
+            self.env.process(self._timeline(list(self.scenario.events), list(self.scenario.adaptation.capacity_changes)))
         if self.scenario.policy.dispatch == "pull":
             self._idle.extend(node for node in self.nodes.values() if node.alive)
         arrivals_s = open_loop_arrivals_s(workload, self.scenario.seed)
@@ -466,7 +563,11 @@ class Simulation:
             {name: node.spec.cpus for name, node in self.nodes.items()},
         )
         summary["plan"] = {"partitioner": self.plan.partitioner, "bounds": self.plan.bounds}
+        if any(s.nodes for s in self.plan.segments):
+            summary["plan"]["nodes"] = [list(s.nodes) for s in self.plan.segments]
         summary["warnings"] = list(self.warnings)
+        if self.adapter is not None:
+            summary["adaptations"] = self.adaptations
         summary["retries"] = self.retries
         summary["littles_law"] = self.littles_law()
         error = summary["littles_law"]["relative_error"]

@@ -2,8 +2,10 @@
 
 import ast
 import json
+import signal
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -168,3 +170,91 @@ def test_scenario_reference_is_current():
     committed = (ROOT / "docs" / "scenario-reference.md").read_text()
     assert result.output == committed, "run `amp4ec scenario-reference --out docs/scenario-reference.md`"
     assert "| `cpus` | float | required | > 0 |" in committed
+
+
+@pytest.mark.parametrize(
+    ("snippet", "expected"),
+    [
+        ("cpus = inf", "nodes[0].cpus: Input should be a finite number"),
+        ('cpus = "1.0"', "nodes[0].cpus: Input should be a valid number"),
+        ("cpus = 1.0\nthreads = true", "nodes[0].threads: Input should be a valid integer"),
+    ],
+)
+def test_simulate_rejects_wrong_types(tmp_path, snippet, expected):
+    scenario = write_scenario(tmp_path, f'name = "x"\n[[nodes]]\nname = "a"\nmemory_mb = 1024\n{snippet}\n')
+    result = run_cli("simulate", str(scenario), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2
+    assert expected in result.output
+
+
+def test_simulate_rejects_contradictory_workload(tmp_path):
+    scenario = write_scenario(
+        tmp_path, 'name = "x"\n[workload]\nrate_rps = 5.0\n[[nodes]]\nname = "a"\ncpus = 1.0\nmemory_mb = 1024\n'
+    )
+    result = run_cli("simulate", str(scenario), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2
+    assert "rate_rps applies to open-loop workloads" in result.output
+
+
+def test_simulate_rejects_bad_scheduler_parameter(tmp_path):
+    scenario = write_scenario(
+        tmp_path,
+        'name = "x"\n[policy]\nscheduler_params = {w_balance = "x"}\n[[nodes]]\nname = "a"\ncpus = 1.0\nmemory_mb = 1024\n',
+    )
+    result = run_cli("simulate", str(scenario), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2
+    assert "w_balance must be a finite number" in result.output
+
+
+def test_force_replaces_only_amp4ec_runs(tmp_path, monkeypatch):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    result = run_cli("simulate", str(PAPER / "2-node.toml"), "--out", str(precious), "--force")
+    assert result.exit_code == 2
+    assert "did not write" in result.output
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+    monkeypatch.chdir(precious)
+    result = run_cli("simulate", str(PAPER / "2-node.toml"), "--out", ".", "--force")
+    assert result.exit_code == 2
+    assert (precious / "thesis.tex").is_file()
+
+    run = tmp_path / "run"
+    assert run_cli("simulate", str(PAPER / "2-node.toml"), "--out", str(run), "--quiet").exit_code == 0
+    assert run_cli("simulate", str(PAPER / "2-node.toml"), "--out", str(run), "--quiet", "--force").exit_code == 0
+    assert (run / "run.json").is_file()
+
+
+def test_calibration_directory_rejected(tmp_path):
+    result = run_cli("simulate", str(PAPER / "2-node.toml"), "--out", str(tmp_path / "run"), "--calibration", str(tmp_path))
+    assert result.exit_code == 2
+    assert "is a directory" in result.output
+
+
+def test_sigterm_removes_partial_output(tmp_path):
+    scenario = write_scenario(
+        tmp_path,
+        (PAPER / "2-node.toml").read_text().replace("requests = 100", "requests = 3000000"),
+    )
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "amp4ec.cli", "simulate", str(scenario), "--out", str(out), "--quiet"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".run.partial-*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(tmp_path.glob(".run.partial-*")), "the run never started"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 143
+    assert "terminated; partial output removed" in stderr
+    assert not out.exists()
+    assert list(tmp_path.glob(".run.partial-*")) == []

@@ -98,3 +98,26 @@ def test_replay_bad_scenario_starts_nothing(tmp_path, docker_client, run_id):
         run_replay(scenario, tmp_path / "out", log=print, run_id=run_id)
     assert not (tmp_path / "out").exists()
     assert run_resources(docker_client, run_id) == []
+
+
+STARTUP_SCRIPT = """
+import sys
+from amp4ec.real.containers import NodeSpec, WorkerCluster, docker_client
+nodes = [NodeSpec("a", 0.5, 512 * 2**20, 1), NodeSpec("b", 0.5, 512 * 2**20, 1)]
+with WorkerCluster(docker_client(), nodes, image=sys.argv[1], run_id=sys.argv[2]):
+    print("ready", flush=True)
+"""
+
+
+@pytest.mark.parametrize("delay_s", [0.2, 0.6, 1.2])
+def test_interrupt_during_startup_leaves_nothing(docker_client, worker_image, run_id, delay_s):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-c", STARTUP_SCRIPT, worker_image, run_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(delay_s)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    assert run_resources(docker_client, run_id) == []
