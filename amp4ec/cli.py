@@ -47,6 +47,10 @@ def progress_bar(description: str, *, quiet: bool) -> Iterator[Callable[[int, in
         yield update
 
 
+# Nodes listed in the summary table; a 10,000-node run lists the rest only in summary.json.
+SUMMARY_NODE_ROWS = 20
+
+
 def _format_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -61,12 +65,15 @@ def summary_table(summary: dict[str, Any], title: str) -> Table:
     throughput = summary["throughput_rps"]
     table.add_row("throughput (requests/s)", "-" if throughput is None else f"{throughput:.2f}")
     table.add_row("completed / failed", f"{summary['requests']['completed']} / {summary['requests']['failed']}")
-    for name, node in summary["nodes"].items():
+    for name, node in list(summary["nodes"].items())[:SUMMARY_NODE_ROWS]:
         utilisation = node["utilisation"]
         table.add_row(
             f"node {name} utilisation ({node['cpus']:g} CPU)",
             "-" if utilisation is None else f"{utilisation:.1%}",
         )
+    hidden = len(summary["nodes"]) - SUMMARY_NODE_ROWS
+    if hidden > 0:
+        table.add_row(f"... {hidden:,} more nodes", "see summary.json")
     table.caption = f"latency: {summary['definitions']['latency']}; throughput: {summary['definitions']['throughput']}"
     return table
 
@@ -263,6 +270,53 @@ def clean(run_id: str | None, remove_all: bool) -> None:
         raise UsageError("give --run or --all, not both")
     counts = remove_labelled(docker_client(), run_id=run_id, only_orphans=run_id is None and not remove_all)
     stdout.print(f"removed {counts['containers']} containers and {counts['networks']} networks")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print their figures as ratios against a reference measured in the same run."""
+
+
+@bench.command("sim")
+@click.option("--pipeline-requests", default=20_000, show_default=True, help="requests through the 3-stage pipeline")
+@click.option("--mm1-jobs", default=100_000, show_default=True, help="jobs through the bare SimPy M/M/1")
+@click.option("--scale-requests", default=1_000_000, show_default=True, help="requests in the 10,000-node run")
+@click.option("--small-requests", default=20_000, show_default=True, help="requests in the 10-node run")
+@click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
+def bench_sim_command(pipeline_requests: int, mm1_jobs: int, scale_requests: int, small_requests: int, as_json: bool) -> None:
+    """Engine speed against bare SimPy, and the wall time, memory and cost per request at 10,000 nodes."""
+    import json as json_module
+
+    from amp4ec.sim.bench import bench_sim
+
+    for option, value in (("--pipeline-requests", pipeline_requests), ("--mm1-jobs", mm1_jobs), ("--scale-requests", scale_requests), ("--small-requests", small_requests)):
+        if value < 1:
+            raise UsageError(f"{option} must be at least 1, got {value}")
+    figures = bench_sim(
+        pipeline_requests=pipeline_requests,
+        mm1_jobs=mm1_jobs,
+        scale_requests=scale_requests,
+        small_requests=small_requests,
+        log=lambda line: console.print(line, highlight=False),
+    )
+    if as_json:
+        stdout.print_json(json_module.dumps(figures))
+        return
+    scale = figures["scale"]
+    table = Table(title="amp4ec bench sim", show_header=True)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("target")
+    table.add_row("3-stage pipeline (simulated requests/s)", f"{figures['pipeline_requests_per_s']:,.0f}", "")
+    table.add_row("bare SimPy M/M/1 (jobs/s)", f"{figures['bare_simpy_mm1_jobs_per_s']:,.0f}", "")
+    table.add_row("pipeline / M/M/1", f"{figures['ratio']:.2f}", ">= 0.30")
+    table.add_row(f"{scale['nodes']:,} nodes, {scale['requests']:,} requests: wall (s)", f"{scale['wall_s']:.1f}", "< 60 at 1,000,000 requests")
+    table.add_row("  peak memory (GiB)", f"{scale['peak_rss_bytes'] / 2**30:.2f}", "< 4")
+    cost = figures["cost_per_request_us"]
+    table.add_row("cost per request at 10 nodes (us)", f"{cost['10_nodes']:,.1f}", "")
+    table.add_row("cost per request at 10,000 nodes (us)", f"{cost['10000_nodes']:,.1f}", "")
+    table.add_row("10,000-node / 10-node cost", f"{figures['cost_ratio']:.2f}", "<= 2")
+    stdout.print(table)
 
 
 @main.command()
@@ -528,16 +582,7 @@ def compare(
         sys.exit(1)
 
 
-# Other modules may have registered the `bench` group already; real mode adds a subcommand.
-bench_group = main.commands.get("bench")
-if bench_group is None:
-
-    @main.group("bench")
-    def bench_group() -> None:
-        """Benchmarks that print their figures against a reference measured in the same run."""
-
-
-@bench_group.command("real")
+@bench.command("real")
 @click.option("--scenario", "scenario", default=Path("scenarios/bench/pipeline-2-node.toml"), show_default=True, type=click.Path(path_type=Path), help="scenario whose pipelined throughput is measured")
 @click.option("--requests", default=60, show_default=True, help="requests of the pipelined replay")
 @click.option("--clients", default=None, type=int, help="closed-loop clients; default two per node")
@@ -619,11 +664,6 @@ def calibrate_plot(file: Path, out: Path | None) -> None:
     out = out or file.with_suffix(".png")
     plot_calibration(load_calibration(file), out)
     stdout.print(f"wrote {out}")
-
-
-@main.group()
-def bench() -> None:
-    """Benchmarks that print their figures as ratios against a reference measured in the same run."""
 
 
 @bench.command("calibrate")

@@ -36,6 +36,7 @@ RECORD_SCHEMA = pa.schema(
         ("stage_start_s", pa.list_(pa.float64())),
         ("stage_end_s", pa.list_(pa.float64())),
         ("stage_exec_ms", pa.list_(pa.float64())),
+        ("retries", pa.int64()),
     ]
 )
 
@@ -60,6 +61,8 @@ class RequestRecord:
     stage_start_s: list[float] = field(default_factory=list)
     stage_end_s: list[float] = field(default_factory=list)
     stage_exec_ms: list[float] = field(default_factory=list)
+    retries: int = 0
+    """stage attempts repeated because a node failed or had left"""
 
     @property
     def latency_ms(self) -> float:
@@ -99,6 +102,11 @@ def summarise(records: list[RequestRecord], node_busy_cpu_ms: dict[str, float], 
     def percentile(q: float) -> float | None:
         return float(np.percentile(latencies, q)) if len(latencies) else None
 
+    # Stage counts in one pass over the records, not one pass per node.
+    stages_per_node: dict[str, int] = {}
+    for record in records:
+        for name in record.stage_nodes:
+            stages_per_node[name] = stages_per_node.get(name, 0) + 1
     reasons: dict[str, int] = {}
     for record in failed:
         reasons[record.reason] = reasons.get(record.reason, 0) + 1
@@ -119,7 +127,7 @@ def summarise(records: list[RequestRecord], node_busy_cpu_ms: dict[str, float], 
                 "utilisation": (node_busy_cpu_ms.get(name, 0.0) / (node_cpus[name] * duration_s * 1e3))
                 if duration_s > 0
                 else None,
-                "stages": sum(r.stage_nodes.count(name) for r in records),
+                "stages": stages_per_node.get(name, 0),
             }
             for name in node_cpus
         },

@@ -14,7 +14,7 @@ import numpy as np
 from amp4ec.errors import UsageError
 from amp4ec.partition import Monolithic, Partitioner, Plan, Ralos, Uniform
 from amp4ec.placement import Hybrid, Optimal, Replicate, check_plan_fits
-from amp4ec.schedule import Amp4ecScheduler, RoundRobin, Scheduler
+from amp4ec.schedule import Amp4ecScheduler, Pinned, RoundRobin, Scheduler
 from amp4ec.schedule_baselines import CacheAware, LeastLoaded, RandomScheduler, ShortestExpectedCompletion
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ PARTITIONERS: dict[str, Callable[..., Partitioner]] = {
 SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
     "round_robin": RoundRobin,
     "amp4ec": Amp4ecScheduler,
+    "pinned": Pinned,
     "random": RandomScheduler,
     "least_loaded": LeastLoaded,
     "shortest_expected_completion": ShortestExpectedCompletion,

@@ -31,6 +31,9 @@ class NodeSpec(_Strict):
     cpus: float = Field(gt=0, description="CFS quota in CPUs (docker run --cpus)")
     memory_mb: float = Field(gt=0, description="memory limit in MiB (docker run --memory); no swap")
     threads: int | None = Field(default=None, ge=1, description="torch threads; default max(1, floor(cpus))")
+    bandwidth_mbps: float | None = Field(default=None, gt=0, description="this node's link; default network.bandwidth_mbps")
+    latency_ms: float | None = Field(default=None, ge=0, description="this node's per-hop cost; default network.latency_ms")
+    present: bool = Field(default=True, description="false: the node is absent until a join event")
 
     @property
     def torch_threads(self) -> int:
@@ -48,6 +51,11 @@ class ModelSpec(_Strict):
     granularity: Literal["block", "leaf"] = Field(
         default="block", description="units: feature blocks and head, or single leaf modules"
     )
+    service: Literal["calibrated", "exponential"] = Field(
+        default="calibrated",
+        description="calibrated: each stage costs its calibrated CPU time; exponential: that time is "
+        "the mean of an exponential draw per stage (for checks against M/M/k queueing formulas)",
+    )
 
 
 class PolicySpec(_Strict):
@@ -59,27 +67,58 @@ class PolicySpec(_Strict):
     cache: bool = Field(default=True, description="keep deployed segments resident on their nodes")
     scheduler_params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the scheduler")
     partitioner_params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the partitioner")
+    # NOTE: replay reads retries and [[dynamics]]; the simulator reads on_failure, max_retries and
+    # [[events]]. The two timelines overlap and are not yet unified.
     retries: int = Field(
-        default=0, ge=0, description="times a stage whose node failed is retried on another node before the request fails"
+        default=0, ge=0, description="replay only: times a stage whose node failed is retried on another node before the request fails"
+    )
+    on_failure: Literal["fail", "retry"] = Field(
+        default="fail", description="simulation only: a stage lost to a node failure fails its request, or runs again elsewhere"
+    )
+    max_retries: int = Field(default=3, ge=0, description="retry: stage attempts after the first, per request")
+    load_time_ms: float = Field(
+        default=0.0, ge=0, description="time a worker takes to load its segments once their weights arrive"
+    )
+    dispatch: Literal["push", "pull"] = Field(
+        default="push",
+        description="push: the scheduler picks a node per stage; pull: stages wait in one coordinator "
+        "queue and the first idle node takes the next (the scheduler is not consulted)",
     )
 
 
 class WorkloadSpec(_Strict):
     """Request arrivals: the paper's closed loop (one client, back to back) or open-loop Poisson."""
 
-    kind: Literal["closed", "poisson"] = "closed"
+    kind: Literal["closed", "poisson", "bursty", "diurnal", "trace"] = "closed"
     requests: int = Field(default=100, ge=1)
     batch: int = Field(default=1, ge=1)
     clients: int = Field(default=1, ge=1, description="closed loop: requests in flight")
     think_time_ms: float = Field(default=0.0, ge=0, description="closed loop: pause between a reply and the next request")
-    rate_rps: float | None = Field(default=None, gt=0, description="poisson: mean arrival rate in requests per second")
+    rate_rps: float | None = Field(default=None, gt=0, description="poisson: mean arrival rate in requests per second; bursty: rate while on; diurnal: mean rate")
+    # bursty: a two-state Markov-modulated Poisson process (MMPP-2) that alternates between
+    # an "on" state at rate_rps and an "off" state at off_rate_rps, with exponential sojourns.
+    off_rate_rps: float = Field(default=0.0, ge=0, description="bursty: arrival rate while off")
+    on_s: float = Field(default=1.0, gt=0, description="bursty: mean length of an on period in seconds")
+    off_s: float = Field(default=1.0, gt=0, description="bursty: mean length of an off period in seconds")
+    # diurnal: rate(t) = rate_rps * (1 + amplitude * sin(2 pi (t + phase_s) / period_s)).
+    amplitude: float = Field(default=0.5, ge=0, le=1, description="diurnal: relative swing of the rate")
+    period_s: float = Field(default=86400.0, gt=0, description="diurnal: length of one cycle in seconds")
+    phase_s: float = Field(default=0.0, description="diurnal: shift of the cycle in seconds")
+    trace: str | None = Field(
+        default=None,
+        description="trace: CSV file with an arrival_s column (seconds, non-decreasing); relative to the scenario",
+    )
 
     @model_validator(mode="after")
     def _check_kind(self) -> "WorkloadSpec":
-        if self.kind == "poisson" and self.rate_rps is None:
-            raise ValueError("a poisson workload needs rate_rps (requests per second)")
+        if self.kind in ("poisson", "bursty", "diurnal") and self.rate_rps is None:
+            raise ValueError(f"a {self.kind} workload needs rate_rps (requests per second)")
+        if self.kind == "trace" and self.trace is None:
+            raise ValueError("a trace workload needs trace, the path of a CSV file with an arrival_s column")
         if self.kind == "closed" and self.rate_rps is not None:
-            raise ValueError("rate_rps applies to open-loop workloads; remove it or set kind = \"poisson\"")
+            raise ValueError(
+                "rate_rps applies to open-loop workloads; remove it or set kind = \"poisson\" (or \"bursty\", \"diurnal\")"
+            )
         if self.kind != "closed" and ("clients" in self.model_fields_set or "think_time_ms" in self.model_fields_set):
             raise ValueError("clients and think_time_ms apply to closed loops; remove them or set kind = \"closed\"")
         return self
@@ -126,6 +165,56 @@ class DynamicsEvent(_Strict):
         return self
 
 
+class NodeProfileMix(_Strict):
+    """One kind of node inside a group, drawn with probability proportional to ``weight``."""
+
+    cpus: float = Field(gt=0)
+    memory_mb: float = Field(gt=0)
+    threads: int | None = Field(default=None, ge=1)
+    bandwidth_mbps: float | None = Field(default=None, gt=0)
+    latency_ms: float | None = Field(default=None, ge=0)
+    weight: float = Field(default=1.0, gt=0)
+
+
+class NodeGroupSpec(_Strict):
+    """``count`` nodes named ``{prefix}{i}``, each drawn from ``profiles`` with the scenario seed.
+
+    A group expands into plain nodes before anything runs, so a 10,000-node cluster is a few
+    lines and the resolved scenario still lists every node.
+    """
+
+    prefix: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    count: int = Field(ge=1, le=1_000_000)
+    profiles: list[NodeProfileMix] = Field(min_length=1)
+
+
+class EventSpec(_Strict):
+    """One change to the cluster at ``time_s`` seconds of simulated time.
+
+    join / leave: the node starts or stops taking new stages (work in flight on a leaving
+    node finishes). fail: the node dies and the stages in flight on it are lost (see
+    policy.on_failure). recover: a failed node comes back, its segments deployed again.
+    background: ``cpus`` of the node's quota go to other work from then on (0 ends it).
+    bandwidth: the node's link changes to ``bandwidth_mbps`` (and ``latency_ms`` if given).
+    Changes of speed apply to stages that start after the event.
+    """
+
+    time_s: float = Field(ge=0)
+    kind: Literal["join", "leave", "fail", "recover", "background", "bandwidth"]
+    node: str
+    cpus: float | None = Field(default=None, ge=0, description="background: CPUs taken by other work")
+    bandwidth_mbps: float | None = Field(default=None, gt=0, description="bandwidth: the link's new bandwidth")
+    latency_ms: float | None = Field(default=None, ge=0, description="bandwidth: the link's new per-hop cost")
+
+    @model_validator(mode="after")
+    def _check_values(self) -> "EventSpec":
+        if self.kind == "background" and self.cpus is None:
+            raise ValueError("a background event needs cpus, the CPUs other work takes")
+        if self.kind == "bandwidth" and self.bandwidth_mbps is None and self.latency_ms is None:
+            raise ValueError("a bandwidth event needs bandwidth_mbps or latency_ms")
+        return self
+
+
 class CapacityChange(_Strict):
     """A node's CPU quota changing during a simulated run, as the monitor then reports it."""
 
@@ -159,8 +248,12 @@ class Scenario(_Strict):
     workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     monitor: MonitorSpec = Field(default_factory=MonitorSpec)
-    nodes: list[NodeSpec] = Field(min_length=1, description="the edge nodes, one container each")
-    dynamics: list[DynamicsEvent] = Field(default_factory=list, description="node failures, recoveries and limit changes over time")
+    nodes: list[NodeSpec] = Field(default_factory=list, description="the edge nodes, one container each")
+    node_groups: list[NodeGroupSpec] = Field(default_factory=list, description="generated nodes, appended to nodes")
+    events: list[EventSpec] = Field(default_factory=list, description="simulation only: the dynamics timeline")
+    dynamics: list[DynamicsEvent] = Field(
+        default_factory=list, description="replay only: node failures, recoveries and limit changes over time"
+    )
     adaptation: AdaptationSpec = Field(default_factory=AdaptationSpec)
 
     @field_validator("nodes")
@@ -174,19 +267,23 @@ class Scenario(_Strict):
         return nodes
 
     @model_validator(mode="after")
-    def _check_dynamics_nodes(self) -> "Scenario":
+    def _expand_and_check(self) -> "Scenario":
+        from amp4ec.cluster import check_events, expand_groups  # late import: cluster imports this module
+
+        if self.node_groups:
+            self.nodes = self.nodes + expand_groups(self.node_groups, self.seed, {n.name for n in self.nodes})
+            self.node_groups = []
+        if not self.nodes:
+            raise ValueError("the scenario has no nodes; add [[nodes]] or [[node_groups]]")
         names = {node.name for node in self.nodes}
         for index, event in enumerate(self.dynamics):
             if event.node not in names:
                 raise ValueError(f"dynamics[{index}].node {event.node!r} is not a node of this scenario; nodes: {', '.join(sorted(names))}")
-        return self
-
-    @model_validator(mode="after")
-    def _check_capacity_changes(self) -> "Scenario":
-        names = {node.name for node in self.nodes}
         for change in self.adaptation.capacity_changes:
             if change.node not in names:
-                raise ValueError(f"adaptation.capacity_changes names unknown node {change.node!r}; nodes are {sorted(names)}")
+                shown = sorted(names) if len(names) <= 20 else sorted(names)[:20] + ["..."]
+                raise ValueError(f"adaptation.capacity_changes names unknown node {change.node!r}; nodes are {shown}")
+        check_events(self)
         return self
 
     def node(self, name: str) -> NodeSpec:
@@ -214,6 +311,11 @@ def parse_scenario(data: dict[str, Any], *, source: str = "scenario") -> Scenari
     """Validate raw scenario data, turning pydantic's report into a UsageError naming the field."""
     try:
         scenario = Scenario.model_validate(data)
+    except UsageError as exc:
+        # Raised by the cross-field checks (events, node groups), which know the field but not the file.
+        if exc.source is None:
+            raise UsageError(str(exc), source=source) from exc
+        raise
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
@@ -235,7 +337,7 @@ def parse_scenario(data: dict[str, Any], *, source: str = "scenario") -> Scenari
 
 
 def read_scenario_data(path: str | Path) -> dict[str, Any]:
-    """Read a scenario TOML file as raw data, with a relative calibration path made absolute."""
+    """Read a scenario TOML file as raw data, with relative calibration and trace paths made absolute."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -250,9 +352,20 @@ def read_scenario_data(path: str | Path) -> dict[str, Any]:
     calibration = data.get("calibration", "default")
     if isinstance(calibration, str) and calibration != "default" and not Path(calibration).is_absolute():
         data["calibration"] = str((path.parent / calibration).resolve())
+    workload = data.get("workload")
+    if isinstance(workload, dict) and isinstance(workload.get("trace"), str) and not Path(workload["trace"]).is_absolute():
+        workload["trace"] = str((path.parent / workload["trace"]).resolve())
     return data
 
 
 def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate a scenario TOML file; relative calibration paths resolve against it."""
-    return parse_scenario(read_scenario_data(path), source=str(path))
+    """Read and validate a scenario TOML file; relative calibration and trace paths resolve against it."""
+    scenario = parse_scenario(read_scenario_data(path), source=str(path))
+    trace = scenario.workload.trace
+    if scenario.workload.kind == "trace" and trace is not None and not Path(trace).is_file():
+        raise UsageError(
+            f"trace file {trace!r} not found; give the path of a CSV file with an arrival_s column",
+            field="workload.trace",
+            source=str(path),
+        )
+    return scenario

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -36,6 +36,40 @@ def plan_candidates(task: StageTask, states: Mapping[str, NodeState]) -> list[No
     return live
 
 
+class LiveCandidates:
+    """The live nodes of the last snapshot, and for each node assignment the live nodes it allows.
+
+    Both are rebuilt only when a new snapshot is published, not per stage: with thousands of
+    nodes a scan per stage costs more than the rest of a decision. The nodes keep the
+    snapshot's order, so the result is the same as :func:`plan_candidates`.
+    """
+
+    def __init__(self) -> None:
+        self._states: Mapping[str, NodeState] | None = None
+        self.live: list[NodeState] = []
+        self._assigned: dict[tuple[str, ...], list[int]] = {}
+
+    def refresh(self, states: Mapping[str, NodeState]) -> bool:
+        """Take a snapshot; return whether it is a new one."""
+        if states is self._states:
+            return False
+        self._states = states
+        self.live = [state for state in states.values() if state.alive]
+        self._assigned = {}
+        return True
+
+    def indices(self, segment: Segment) -> Sequence[int]:
+        """Positions in ``live`` of the nodes that may run ``segment``."""
+        if not segment.nodes:
+            return range(len(self.live))
+        found = self._assigned.get(segment.nodes)
+        if found is None:
+            allowed = set(segment.nodes)
+            found = [i for i, state in enumerate(self.live) if state.name in allowed]
+            self._assigned[segment.nodes] = found
+        return found
+
+
 class Scheduler(Protocol):
     name: str
 
@@ -51,14 +85,40 @@ class RoundRobin:
 
     def __init__(self, rng: np.random.Generator):
         self._next = 0
+        self._candidates = LiveCandidates()
 
     def select(self, task: StageTask, states: Mapping[str, NodeState]) -> str:
-        names = [state.name for state in plan_candidates(task, states)]
-        if not names:
+        self._candidates.refresh(states)
+        indices = self._candidates.indices(task.segment)
+        if not indices:
             raise NoNodeAvailable(task)
-        name = names[self._next % len(names)]
+        name = self._candidates.live[indices[self._next % len(indices)]].name
         self._next += 1
         return name
+
+    def observe(self, node: str, exec_ms: float) -> None:
+        pass
+
+
+class Pinned:
+    """Segment ``i`` always goes to the ``i``-th live node (modulo their number): a fixed pipeline.
+
+    This is the layout the AMP4EC paper's plans describe, one segment per node, and it makes a
+    multi-stage run a tandem of queues. When the plan assigns the segment to nodes, the count
+    runs over the live ones among them.
+    """
+
+    name = "pinned"
+
+    def __init__(self, rng: np.random.Generator):
+        self._candidates = LiveCandidates()
+
+    def select(self, task: StageTask, states: Mapping[str, NodeState]) -> str:
+        self._candidates.refresh(states)
+        indices = self._candidates.indices(task.segment)
+        if not indices:
+            raise NoNodeAvailable(task)
+        return self._candidates.live[indices[task.segment.index % len(indices)]].name
 
     def observe(self, node: str, exec_ms: float) -> None:
         pass
@@ -80,7 +140,13 @@ class Amp4ecScheduler:
     after up to ``noise`` relative random noise, wins. Load is the mean of the node's last five
     execution times in ms divided by 100, capped at 1. When every node is filtered out, the
     least loaded live node is chosen (the published rule does not say; this is a choice).
-    When the plan assigns the segment to nodes, only those nodes are candidates.
+
+    When the plan assigns the segment to nodes, only the live ones among them are candidates.
+    At scale the rule is applied to a sample: when there are more than ``max_candidates``
+    candidates, each decision scores ``max_candidates`` of them drawn uniformly (with
+    replacement, duplicates dropped), in the manner of power-of-d-choices load balancing, and
+    the fallback looks only at that sample. Up to ``max_candidates`` candidates, every one is
+    scored, as the authors' code does.
     """
 
     name = "amp4ec"
@@ -98,7 +164,12 @@ class Amp4ecScheduler:
         noise: float = 0.05,
         clamp: bool = True,
         history: int = 5,
+        max_candidates: int = 8,
     ):
+        if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 1:
+            raise ValueError(f"max_candidates must be an integer >= 1, got {max_candidates!r}")
+        self.max_candidates = max_candidates
+        self._candidates = LiveCandidates()
         self._rng = rng
         numbers = {
             "w_resources": w_resources,
@@ -127,12 +198,17 @@ class Amp4ecScheduler:
         self._exec_ms: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=history))
         self._all_exec_ms: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])  # sum, count
         self.tasks_assigned: dict[str, int] = defaultdict(int)
+        # Decisions are made once per stage of every request, so the terms that change only
+        # when a node reports (load, S_P) or when a snapshot arrives (filters, S_R) are kept
+        # ready instead of recomputed for every candidate.
+        self._load: dict[str, float] = {}
+        self._performance: dict[str, float] = {}
+        self._static: dict[tuple[float, int], list[tuple[str, float] | None]] = {}
+        self._draws: list[float] = []
+        self._draw_next = 0
 
     def load(self, node: str) -> float:
-        recent = self._exec_ms.get(node)
-        if not recent:
-            return 0.0
-        return min(1.0, sum(recent) / len(recent) / 100.0)
+        return self._load.get(node, 0.0)
 
     def _ratio(self, available: float, needed: float) -> float:
         if needed <= 0:
@@ -165,21 +241,95 @@ class Amp4ecScheduler:
             and state.memory_available_bytes >= task.memory_needed_bytes
         )
 
+    def _uniform(self) -> float:
+        """Return the next uniform draw in [0, 1) of the scheduler's stream.
+
+        Draws are taken from the generator in blocks because one numpy call per draw costs more
+        than the rest of a decision; ``noise * draw`` equals ``rng.uniform(0, noise)`` bit for bit.
+        """
+        if self._draw_next >= len(self._draws):
+            self._draws = self._rng.random(4096).tolist()
+            self._draw_next = 0
+        draw = self._draws[self._draw_next]
+        self._draw_next += 1
+        return draw
+
+    def _static_terms(self, task: StageTask) -> list[tuple[str, float] | None]:
+        """Per live node: None if the snapshot alone rules it out, else its name and S_R."""
+        key = (task.cpu_needed, task.memory_needed_bytes)
+        terms = self._static.get(key)
+        if terms is None:
+            terms = []
+            for state in self._candidates.live:
+                if (
+                    state.link_latency_ms <= self.max_latency_ms
+                    and state.cpu_available >= task.cpu_needed
+                    and state.memory_available_bytes >= task.memory_needed_bytes
+                ):
+                    s_resources = 0.5 * self._ratio(state.cpu_available, task.cpu_needed) + 0.5 * self._ratio(
+                        state.memory_available_bytes, task.memory_needed_bytes
+                    )
+                    terms.append((state.name, s_resources))
+                else:
+                    terms.append(None)
+            self._static[key] = terms
+        return terms
+
     def select(self, task: StageTask, states: Mapping[str, NodeState]) -> str:
-        live = plan_candidates(task, states)
-        if not live:
+        if self._candidates.refresh(states):
+            self._static = {}
+        live = self._candidates.live
+        candidates = self._candidates.indices(task.segment)
+        if not candidates:
             raise NoNodeAvailable(task)
-        candidates = [state for state in live if self.eligible(task, state)]
-        if candidates:
-            scores = [self.score(task, state) * (1.0 + self._rng.uniform(0.0, self.noise)) for state in candidates]
-            chosen = candidates[int(np.argmax(scores))].name
+        if len(candidates) > self.max_candidates:
+            n_candidates = len(candidates)
+            indices = list(
+                dict.fromkeys(candidates[int(self._uniform() * n_candidates)] for _ in range(self.max_candidates))
+            )
         else:
-            chosen = min(live, key=lambda state: self.load(state.name)).name
-        self.tasks_assigned[chosen] += 1
+            indices = candidates
+        terms = self._static_terms(task)
+        loads = self._load
+        performance = self._performance
+        assigned = self.tasks_assigned
+        names: list[str] = []
+        scores: list[float] = []
+        for i in indices:
+            term = terms[i]
+            if term is None:
+                continue
+            name, s_resources = term
+            load = loads.get(name, 0.0)
+            if load > self.max_load:
+                continue
+            # Same terms, in the same order, as score().
+            names.append(name)
+            scores.append(
+                self.w_resources * s_resources
+                + self.w_load * (1.0 - load)
+                + self.w_performance * performance.get(name, 0.5)
+                + self.w_balance * (1.0 / (1.0 + 2.0 * assigned[name]))
+            )
+        if names:
+            best = 0
+            best_score = -math.inf
+            for i, score in enumerate(scores):
+                noisy = score * (1.0 + self.noise * self._uniform())
+                if noisy > best_score:
+                    best, best_score = i, noisy
+            chosen = names[best]
+        else:
+            chosen = min((live[i] for i in indices), key=lambda state: loads.get(state.name, 0.0)).name
+        assigned[chosen] += 1
         return chosen
 
     def observe(self, node: str, exec_ms: float) -> None:
-        self._exec_ms[node].append(exec_ms)
+        recent = self._exec_ms[node]
+        recent.append(exec_ms)
+        self._load[node] = min(1.0, sum(recent) / len(recent) / 100.0)
         sums = self._all_exec_ms[node]
         sums[0] += exec_ms
         sums[1] += 1
+        # S_P takes the mean execution time in seconds.
+        self._performance[node] = 1.0 / (1.0 + sums[0] / sums[1] / 1e3)

@@ -4,42 +4,104 @@ Each request's stages go through the coordinator, as in real mode: the coordinat
 stage's input over the node's link, the node runs the segment when its worker is free, and
 the output comes back over the same link. The scheduler picks the node of every stage from
 the monitor's snapshots only.
+
+Hot path: a node's uplink, worker and downlink are each a first-come-first-served single
+server, so instead of a SimPy resource per server the engine keeps the time each becomes
+free. A stage's input transfer, run and output transfer are then known the moment it is
+dispatched, and the stage costs one timeout. Stages reach a node's worker in the order they
+were dispatched to it (its uplink is FIFO), so this is the same queue a resource would give.
+Links are full duplex: an output transfer never waits behind an input transfer.
 """
 
 from __future__ import annotations
 
 import math
+import time
+import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import simpy
 
 from amp4ec import policies
 from amp4ec.adapt import Adapter
 from amp4ec.costs import CostModel
+from amp4ec.errors import UsageError
 from amp4ec.metrics import RequestRecord, summarise
 from amp4ec.monitor import NodeState
 from amp4ec.partition import Plan
-from amp4ec.scenario import NodeSpec, Scenario
+from amp4ec.scenario import CapacityChange, EventSpec, NodeSpec, Scenario
 from amp4ec.schedule import NoNodeAvailable, Scheduler, StageTask
-from amp4ec.workload import open_loop_arrivals_s, rng_for
 from amp4ec.sim.cfs import CfsCpu
+from amp4ec.workload import open_loop_arrivals_s, request_count, rng_for
 
 # CPUs a stage requests in the AMP4EC node filter. The published rule gives no value.
 DEFAULT_CPU_NEEDED = 0.1
+# The progress callback is called about this many times per run, not once per request.
+PROGRESS_STEPS = 1000
 
 
-@dataclass
+class NodeLost(Exception):
+    """Interrupt cause: the node running a stage failed."""
+
+    def __init__(self, node: str):
+        super().__init__(node)
+        self.node = node
+
+
+# Measured with tracemalloc on a 3-stage run: about 1.4 kB per request record, most of it
+# the four per-stage lists; the parquet table written at the end adds about 60 bytes per stage.
+RECORD_BYTES = 500
+RECORD_STAGE_BYTES = 320
+
+
+def available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits_in_memory(requests: int, stages: int) -> None:
+    """Refuse, before the run, a workload whose records would not fit in the memory available."""
+    needed_bytes = requests * (RECORD_BYTES + RECORD_STAGE_BYTES * stages)
+    available_bytes = available_memory_bytes()
+    if available_bytes is not None and needed_bytes > available_bytes:
+        raise UsageError(
+            f"{requests:,} requests of {stages} stages need about {needed_bytes / 2**30:.1f} GiB for their "
+            f"records but {available_bytes / 2**30:.1f} GiB of memory is available; lower requests or "
+            "split the run into several seeds",
+            field="workload.requests",
+        )
+
+
+@dataclass(slots=True)
 class SimNode:
     spec: NodeSpec
     cpu: CfsCpu
-    worker: simpy.Resource
-    link: simpy.Resource
     memory_used_bytes: int
+    bandwidth_bps: float
+    latency_ms: float
     alive: bool = True
     failure: str = ""
     busy_cpu_ms: float = 0.0
     busy_cpu_ms_at_sample: float = 0.0
+    background_cpus: float = 0.0
+    quota_cpus: float = 0.0
+    """the container's CFS quota: the spec's, until a capacity change; background work takes a share"""
+    up_free_s: float = 0.0
+    worker_free_s: float = 0.0
+    down_free_s: float = 0.0
+    epoch: int = 0
+    """incremented when the node fails, so a stage can tell it outlived its container"""
+    in_flight: dict = field(default_factory=dict)
+    """request id -> the request's process, for the stages dispatched to this node"""
 
 
 @dataclass
@@ -69,6 +131,9 @@ class Simulation:
         self.scheduler: Scheduler = policies.make_scheduler(scenario, rng_for(scenario.seed, "scheduler"))
         self.hop_latency_ms = costs.hop_latency_ms(scenario.network.latency_ms)
         self.bandwidth_bps = scenario.network.bandwidth_mbps * 1e6
+        self.total_requests = request_count(scenario.workload)
+        check_fits_in_memory(self.total_requests, len(self.plan.segments))
+        self._stages = self._stage_table()
         self.nodes = {spec.name: self._make_node(spec) for spec in scenario.nodes}
         self.adapter = (
             Adapter(scenario, costs, self.plan, bandwidth_bps=self.bandwidth_bps, hop_latency_ms=self.hop_latency_ms)
@@ -79,22 +144,70 @@ class Simulation:
         self._published: dict[str, NodeState] = {}
         self.records: list[RequestRecord] = []
         self._done = 0
+        self._progress_step = max(1, self.total_requests // PROGRESS_STEPS)
+        self._exponential = scenario.model.service == "exponential"
+        self._service_rng = rng_for(scenario.seed, "service")
+        self._service_draws = np.empty(0)
+        self._service_next = 0
+        # Pull dispatch: idle nodes in the order they became idle, and stages waiting for one.
+        self._idle: deque[SimNode] = deque()
+        self._waiting: deque[tuple[simpy.Event, frozenset[str] | None]] = deque()
+        # Little's law: the number in system integrated over time, kept apart from the records.
+        self._in_system = 0
+        self._area_s = 0.0
+        self._last_change_s = 0.0
+        self._first_arrival_s = math.nan
+        self.retries = 0
+
+    def _stage_table(self) -> list[tuple]:
+        """Per segment: its task, input and output bytes and assigned nodes, computed once per plan.
+
+        Built at the start and again after each adaptation, rather than per request.
+        """
+        batch = self.scenario.workload.batch
+        table = []
+        for segment in self.plan.segments:
+            task = StageTask(
+                request_id=-1,
+                segment=segment,
+                cpu_needed=DEFAULT_CPU_NEEDED,
+                memory_needed_bytes=self.costs.segment_memory_bytes(segment.start, segment.stop),
+            )
+            in_bytes = self.graph.cut_bytes(segment.start) * batch
+            if not self.scenario.policy.cache:
+                in_bytes += self.graph.segment_param_bytes(segment.start, segment.stop)
+            out_bytes = self.graph.cut_bytes(segment.stop) * batch
+            allowed = frozenset(segment.nodes) if segment.nodes else None
+            table.append((segment, task, in_bytes, out_bytes, allowed))
+        return table
+
+    def _deployed_bytes(self, name: str) -> int:
+        """Memory the current plan keeps resident on node ``name``: the runtime and its segments."""
+        return self.costs.runtime_bytes + sum(
+            self.costs.segment_memory_bytes(s.start, s.stop) for s in self.plan.segments_on(name)
+        )
 
     def _make_node(self, spec: NodeSpec) -> SimNode:
-        phase_ms = rng_for(self.scenario.seed, f"cfs-phase:{spec.name}").uniform(0.0, 100.0)
+        # A node's CFS phase depends on the seed and its name only, so adding nodes leaves the
+        # others' phases alone; a hash is used because a generator per node is slow at 10,000 nodes.
+        phase_ms = zlib.crc32(f"{self.scenario.seed}:cfs-phase:{spec.name}".encode()) / 2**32 * 100.0
         cpu = CfsCpu(spec.cpus, cores=spec.torch_threads, phase_ms=phase_ms)
         # Before the first request each segment is deployed on the nodes the plan assigns it to,
         # or on every node when it assigns none. Its weights and largest activation stay resident.
-        memory_used = self.costs.runtime_bytes + sum(
-            self.costs.segment_memory_bytes(s.start, s.stop) for s in self.plan.segments_on(spec.name)
-        )
+        memory_used = self._deployed_bytes(spec.name)
+        bandwidth_bps = spec.bandwidth_mbps * 1e6 if spec.bandwidth_mbps is not None else self.bandwidth_bps
+        latency_ms = spec.latency_ms if spec.latency_ms is not None else self.hop_latency_ms
         node = SimNode(
             spec=spec,
             cpu=cpu,
-            worker=simpy.Resource(self.env, capacity=1),
-            link=simpy.Resource(self.env, capacity=1),
             memory_used_bytes=memory_used,
+            bandwidth_bps=bandwidth_bps,
+            latency_ms=latency_ms,
+            quota_cpus=spec.cpus,
         )
+        if not spec.present:
+            node.alive = False
+            node.failure = "not joined"
         if memory_used > spec.memory_bytes:
             node.alive = False
             node.failure = "oom"
@@ -108,19 +221,22 @@ class Simulation:
     # The monitor samples every period and publishes each sample after the reporting delay.
     def _sample(self, period_s: float) -> dict[str, NodeState]:
         states = {}
+        now = self.env.now
         for name, node in self.nodes.items():
             busy_ms = node.busy_cpu_ms - node.busy_cpu_ms_at_sample
             node.busy_cpu_ms_at_sample = node.busy_cpu_ms
-            # node.cpu.cpus is the current quota; it differs from the spec after a capacity change.
-            utilisation = min(1.0, busy_ms / (node.cpu.cpus * period_s * 1e3)) if self.env.now > 0 else 0.0
+            # The monitor reports the container's quota, which a capacity change alters; CPUs
+            # taken by background work show as utilisation, as docker stats would show them.
+            cpus = node.quota_cpus
+            utilisation = min(1.0, busy_ms / (cpus * period_s * 1e3) + node.background_cpus / cpus) if now > 0 else 0.0
             states[name] = NodeState(
                 name=name,
-                time_s=self.env.now,
-                cpus=node.cpu.cpus,
+                time_s=now,
+                cpus=cpus,
                 memory_bytes=node.spec.memory_bytes,
                 cpu_utilisation=utilisation,
                 memory_used_bytes=min(node.memory_used_bytes, node.spec.memory_bytes),
-                link_latency_ms=self.hop_latency_ms,
+                link_latency_ms=node.latency_ms,
                 alive=node.alive,
             )
         return states
@@ -154,80 +270,257 @@ class Simulation:
         if decision.error is not None:
             self.warnings.append(f"adaptation at {self.env.now:.3f} s kept the old plan: {decision.error}")
             return
-        # Requests already in flight finish on the old plan's segments; new requests use the new one.
+        # Requests already in flight keep the stage table they started with, so they finish on
+        # the old plan's segments; new requests take the new table.
         self.plan = self.adapter.plan
+        self._stages = self._stage_table()
         for name, node in self.nodes.items():
-            node.memory_used_bytes = self.adapter.memory_bytes(name)
+            node.memory_used_bytes = self._deployed_bytes(name)
             if name in decision.redeploy_ms:
-                self.env.process(self._redeploy(node, decision.redeploy_ms[name]))
+                self._redeploy(node, decision.redeploy_ms[name])
 
-    def _redeploy(self, node: SimNode, duration_ms: float):
-        # Shipping and loading weights occupies the node's link and its worker.
-        with node.link.request() as link_slot, node.worker.request() as worker_slot:
-            yield link_slot & worker_slot
-            yield self.env.timeout(duration_ms / 1e3)
+    def _redeploy(self, node: SimNode, duration_ms: float) -> None:
+        """Book the node's uplink and worker for shipping and loading the weights it newly hosts.
 
-    def _capacity_changes(self):
-        for change in sorted(self.scenario.adaptation.capacity_changes, key=lambda c: c.time_s):
-            yield self.env.timeout(max(0.0, change.time_s - self.env.now))
-            cpu = self.nodes[change.node].cpu
-            cpu.cpus = change.cpus
-            cpu.quota_ms = change.cpus * cpu.period_ms
+        The redeploy starts when both are free and keeps both busy until it ends, so stages dispatched
+        afterwards queue behind it; stages already booked keep their times.
+        """
+        start_s = max(self.env.now, node.up_free_s, node.worker_free_s)
+        node.up_free_s = node.worker_free_s = start_s + duration_ms / 1e3
 
-    def _transfer(self, node: SimNode, n_bytes: int):
-        with node.link.request() as slot:
-            yield slot
-            yield self.env.timeout(CostModel.transfer_ms(n_bytes, self.bandwidth_bps, self.hop_latency_ms) / 1e3)
+    # The dynamics timeline: [[events]] and the capacity changes of [adaptation], one process so
+    # that changes at the same time apply in a fixed order (capacity changes first), the order
+    # the scenario checks replay.
+    def _timeline(self, events: list[EventSpec], changes: list[CapacityChange]):
+        items = [(c.time_s, 0, i, c) for i, c in enumerate(changes)] + [(e.time_s, 1, i, e) for i, e in enumerate(events)]
+        for time_s, is_event, _, item in sorted(items, key=lambda entry: entry[:3]):
+            yield self.env.timeout(max(0.0, time_s - self.env.now))
+            if is_event:
+                self._apply(item)
+            else:
+                node = self.nodes[item.node]
+                node.quota_cpus = item.cpus
+                self._set_worker_quota(node)
+
+    def _set_worker_quota(self, node: SimNode) -> None:
+        """Give the worker the container's quota less the CPUs background work takes.
+
+        The quota changes in place, as a cgroup's does: the current period's accounting and the
+        throttle count carry on, and stages that start afterwards run at the new quota.
+        """
+        cpus = max(1e-6, node.quota_cpus - node.background_cpus)
+        node.cpu.cpus = cpus
+        node.cpu.quota_ms = cpus * node.cpu.period_ms
+
+    def _fresh_container(self, node: SimNode) -> None:
+        now = self.env.now
+        throttled_jobs = node.cpu.throttled_jobs
+        node.cpu = CfsCpu(
+            max(1e-6, node.quota_cpus - node.background_cpus), cores=node.spec.torch_threads, phase_ms=node.cpu.phase_ms
+        )
+        node.cpu.throttled_jobs = throttled_jobs
+        node.up_free_s = node.worker_free_s = node.down_free_s = now
+
+    def _deploy(self, node: SimNode):
+        """Send every segment's weights over the node's link, load them, then take stages.
+
+        The deployment before the run starts is not timed: the first request finds every
+        node ready, as in the paper's experiments.
+        """
+        weight_bytes = sum(self.graph.segment_param_bytes(s.start, s.stop) for s in self.plan.segments_on(node.spec.name))
+        deploy_ms = node.latency_ms + weight_bytes * 8e3 / node.bandwidth_bps + self.scenario.policy.load_time_ms
+        yield self.env.timeout(deploy_ms / 1e3)
+        if node.failure != "deploying":
+            return
+        node.alive = True
+        node.failure = ""
+        # The plan may have changed while the node was away; it is deployed as the plan is now.
+        node.memory_used_bytes = self._deployed_bytes(node.spec.name)
+        self._fresh_container(node)
+        if self.scenario.policy.dispatch == "pull":
+            self._release(node, node.epoch)
+
+    def _apply(self, event: EventSpec) -> None:
+        node = self.nodes[event.node]
+        kind = event.kind
+        if kind in ("join", "recover"):
+            if node.alive or node.failure in ("oom", "deploying"):
+                return
+            node.failure = "deploying"
+            self.env.process(self._deploy(node))
+        elif kind in ("leave", "fail"):
+            if node.failure == "deploying":
+                node.failure = "left" if kind == "leave" else "failed"
+                return
+            if not node.alive:
+                return
+            node.alive = False
+            node.failure = "left" if kind == "leave" else "failed"
+            if kind == "fail":
+                node.epoch += 1
+                lost = list(node.in_flight.values())
+                node.in_flight.clear()
+                for process in lost:
+                    if process.is_alive:
+                        process.interrupt(NodeLost(node.spec.name))
+                self._fresh_container(node)
+            if node in self._idle:
+                self._idle.remove(node)
+        elif kind == "background":
+            node.background_cpus = event.cpus
+            # The quota left for the worker changes from the next stage on.
+            self._set_worker_quota(node)
+        elif kind == "bandwidth":
+            if event.bandwidth_mbps is not None:
+                node.bandwidth_bps = event.bandwidth_mbps * 1e6
+            if event.latency_ms is not None:
+                node.latency_ms = event.latency_ms
+
+    def _work_ms(self, cpu_ms: float) -> float:
+        if not self._exponential:
+            return cpu_ms
+        if self._service_next >= len(self._service_draws):
+            self._service_draws = self._service_rng.exponential(1.0, size=65536)
+            self._service_next = 0
+        draw = self._service_draws[self._service_next]
+        self._service_next += 1
+        return cpu_ms * draw
+
+    def _dispatch(self, node: SimNode, in_bytes: int, out_bytes: int, work_ms: float, parallelism: float):
+        """Reserve the node's uplink, worker and downlink for one stage; return its times in s."""
+        now = self.env.now
+        in_end_s = max(now, node.up_free_s) + (node.latency_ms + in_bytes * 8e3 / node.bandwidth_bps) / 1e3
+        node.up_free_s = in_end_s
+        exec_start_s = max(in_end_s, node.worker_free_s)
+        exec_end_s = node.cpu.run(exec_start_s * 1e3, work_ms, parallelism) / 1e3
+        node.worker_free_s = exec_end_s
+        out_end_s = max(exec_end_s, node.down_free_s) + (node.latency_ms + out_bytes * 8e3 / node.bandwidth_bps) / 1e3
+        node.down_free_s = out_end_s
+        return exec_start_s, exec_end_s, out_end_s
+
+    def _pull(self, allowed: frozenset[str] | None):
+        """Pull dispatch: wait until a node is idle and return it.
+
+        ``allowed`` lists the nodes the plan assigns the stage to (None: any node); an idle
+        node outside it is left for other stages.
+        """
+        if allowed is None:
+            if self._idle:
+                return self._idle.popleft()
+        else:
+            for node in self._idle:
+                if node.spec.name in allowed:
+                    self._idle.remove(node)
+                    return node
+        waiter = self.env.event()
+        self._waiting.append((waiter, allowed))
+        return (yield waiter)
+
+    def _release(self, node: SimNode, epoch: int) -> None:
+        if not node.alive or node.epoch != epoch:
+            return
+        name = node.spec.name
+        for i, (waiter, allowed) in enumerate(self._waiting):
+            if allowed is None or name in allowed:
+                del self._waiting[i]
+                waiter.succeed(node)
+                return
+        self._idle.append(node)
+
+    def _arrive(self) -> None:
+        now = self.env.now
+        if self._in_system == 0 and math.isnan(self._first_arrival_s):
+            self._first_arrival_s = now
+            self._last_change_s = now
+        self._area_s += self._in_system * (now - self._last_change_s)
+        self._last_change_s = now
+        self._in_system += 1
+
+    def _leave(self) -> None:
+        now = self.env.now
+        self._area_s += self._in_system * (now - self._last_change_s)
+        self._last_change_s = now
+        self._in_system -= 1
+        self._done += 1
+        if self.progress and (self._done % self._progress_step == 0 or self._done == self.total_requests):
+            self.progress(self._done, self.total_requests)
 
     def _request(self, request_id: int):
-        record = RequestRecord(request_id=request_id, arrival_s=self.env.now)
+        env = self.env
+        record = RequestRecord(request_id=request_id, arrival_s=env.now)
         self.records.append(record)
-        batch = self.scenario.workload.batch
-        for segment in self.plan.segments:
-            task = StageTask(
-                request_id=request_id,
-                segment=segment,
-                cpu_needed=DEFAULT_CPU_NEEDED,
-                memory_needed_bytes=self.costs.segment_memory_bytes(segment.start, segment.stop),
-            )
-            try:
-                name = self.scheduler.select(task, self._published)
-            except NoNodeAvailable:
-                record.fail(self.env.now, "no live node")
-                return
-            node = self.nodes[name]
-            if not node.alive:
-                # The scheduler chose from a stale snapshot; the request fails as it would on a dead container.
-                record.fail(self.env.now, f"node {name} is down ({node.failure})")
-                return
-            in_bytes = self.graph.cut_bytes(segment.start) * batch
-            if not self.scenario.policy.cache:
-                in_bytes += self.graph.segment_param_bytes(segment.start, segment.stop)
-            out_bytes = self.graph.cut_bytes(segment.stop) * batch
-            stage_start_s = self.env.now
-            if math.isnan(record.start_s):
-                record.start_s = stage_start_s
-            yield from self._transfer(node, in_bytes)
-            cost = self.costs.segment_cost(segment.start, segment.stop, node.spec.torch_threads)
-            with node.worker.request() as slot:
-                yield slot
-                exec_start_s = self.env.now
-                work_ms = cost.cpu_ms * batch
-                end_ms = node.cpu.run(exec_start_s * 1e3, work_ms, cost.parallelism)
-                yield self.env.timeout(end_ms / 1e3 - exec_start_s)
-                node.busy_cpu_ms += work_ms
-            exec_ms = (self.env.now - exec_start_s) * 1e3
+        self._arrive()
+        policy = self.scenario.policy
+        pull = policy.dispatch == "pull"
+        retries_left = policy.max_retries if policy.on_failure == "retry" else 0
+        process = env.active_process
+        for segment, task, in_bytes, out_bytes, allowed in self._stages:
+            while True:
+                if pull:
+                    if allowed is not None and not any(
+                        self.nodes[n].alive or self.nodes[n].failure == "deploying" for n in allowed
+                    ):
+                        # No assigned node can take the stage now or after a deployment under way,
+                        # as a push scheduler finds no live node among them.
+                        record.fail(env.now, "no live node")
+                        self._leave()
+                        return
+                    node = yield from self._pull(allowed)
+                    name = node.spec.name
+                else:
+                    try:
+                        name = self.scheduler.select(task, self._published)
+                    except NoNodeAvailable:
+                        record.fail(env.now, "no live node")
+                        self._leave()
+                        return
+                    node = self.nodes[name]
+                    if not node.alive:
+                        # The scheduler chose from a stale snapshot; the stage is refused as a dead
+                        # container would refuse it.
+                        if retries_left > 0:
+                            retries_left -= 1
+                            record.retries += 1
+                            self.retries += 1
+                            continue
+                        record.fail(env.now, f"node {name} is down ({node.failure})")
+                        self._leave()
+                        return
+                stage_start_s = env.now
+                if math.isnan(record.start_s):
+                    record.start_s = stage_start_s
+                cost = self.costs.segment_cost(segment.start, segment.stop, node.spec.torch_threads)
+                work_ms = self._work_ms(cost.cpu_ms * self.scenario.workload.batch)
+                exec_start_s, exec_end_s, out_end_s = self._dispatch(node, in_bytes, out_bytes, work_ms, cost.parallelism)
+                epoch = node.epoch
+                if pull:
+                    env.timeout(exec_end_s - stage_start_s).callbacks.append(lambda _, n=node, e=epoch: self._release(n, e))
+                node.in_flight[request_id] = process
+                try:
+                    yield env.timeout(out_end_s - stage_start_s)
+                except simpy.Interrupt as interrupt:
+                    if not isinstance(interrupt.cause, NodeLost):
+                        raise
+                    if retries_left > 0:
+                        retries_left -= 1
+                        record.retries += 1
+                        self.retries += 1
+                        continue
+                    record.fail(env.now, f"node {name} failed during stage {segment.id}")
+                    self._leave()
+                    return
+                node.in_flight.pop(request_id, None)
+                break
+            exec_ms = (exec_end_s - exec_start_s) * 1e3
+            node.busy_cpu_ms += work_ms
             self.scheduler.observe(name, exec_ms)
-            yield from self._transfer(node, out_bytes)
             record.stage_nodes.append(name)
             record.stage_start_s.append(stage_start_s)
-            record.stage_end_s.append(self.env.now)
+            record.stage_end_s.append(out_end_s)
             record.stage_exec_ms.append(exec_ms)
             record.bytes_moved += in_bytes + out_bytes
-        record.complete(self.env.now)
-        self._done += 1
-        if self.progress:
-            self.progress(self._done, self.scenario.workload.requests)
+        record.complete(env.now)
+        self._leave()
 
     def _closed_client(self, request_ids: range):
         think_s = self.scenario.workload.think_time_ms / 1e3
@@ -237,15 +530,20 @@ class Simulation:
                 yield self.env.timeout(think_s)
 
     def _open_source(self, arrivals_s, requests: list):
-        for request_id, arrival_s in enumerate(arrivals_s):
-            yield self.env.timeout(max(0.0, arrival_s - self.env.now))
-            requests.append(self.env.process(self._request(request_id)))
+        env = self.env
+        for request_id, arrival_s in enumerate(arrivals_s.tolist()):
+            if arrival_s > env.now:
+                yield env.timeout(arrival_s - env.now)
+            requests.append(env.process(self._request(request_id)))
 
     def run(self) -> SimResult:
         workload = self.scenario.workload
+        wall_start = time.perf_counter()
         self.env.process(self._monitor())
-        if self.scenario.adaptation.capacity_changes:
-            self.env.process(self._capacity_changes())
+        if self.scenario.events or self.scenario.adaptation.capacity_changes:
+            self.env.process(self._timeline(list(self.scenario.events), list(self.scenario.adaptation.capacity_changes)))
+        if self.scenario.policy.dispatch == "pull":
+            self._idle.extend(node for node in self.nodes.values() if node.alive)
         arrivals_s = open_loop_arrivals_s(workload, self.scenario.seed)
         if arrivals_s is None:
             clients = [
@@ -270,9 +568,38 @@ class Simulation:
         summary["warnings"] = list(self.warnings)
         if self.adapter is not None:
             summary["adaptations"] = self.adaptations
+        summary["retries"] = self.retries
+        summary["littles_law"] = self.littles_law()
+        error = summary["littles_law"]["relative_error"]
+        if self._in_system != 0 or (error is not None and error > 1e-6):
+            # Both sides are computed independently, so a gap is a bookkeeping bug in the engine.
+            self.warnings.append(f"Little's law check failed: {summary['littles_law']}")
+            summary["warnings"] = list(self.warnings)
+        summary["wall_time_s"] = time.perf_counter() - wall_start
         for name, node in self.nodes.items():
             summary["nodes"][name]["throttled_stages"] = node.cpu.throttled_jobs
         return SimResult(self.records, summary, self.warnings)
+
+    def littles_law(self) -> dict:
+        """L from the engine's own integral of the number in system; lambda and W from the records.
+
+        Over the span from the first arrival to the last departure, with every request gone
+        at the end, L = lambda * W holds exactly; the two sides are computed independently,
+        so a bookkeeping error in either shows as a difference.
+        """
+        span_s = self._last_change_s - self._first_arrival_s
+        if not span_s > 0 or not self.records:
+            return {"L": None, "lambda_W": None, "relative_error": None, "in_system_at_end": self._in_system}
+        time_average_l = self._area_s / span_s
+        sojourn_s = np.array([r.end_s - r.arrival_s for r in self.records])
+        arrival_rate = len(self.records) / span_s
+        lambda_w = arrival_rate * float(sojourn_s.mean())
+        return {
+            "L": time_average_l,
+            "lambda_W": lambda_w,
+            "relative_error": abs(time_average_l - lambda_w) / lambda_w if lambda_w > 0 else 0.0,
+            "in_system_at_end": self._in_system,
+        }
 
 
 def simulate(scenario: Scenario, costs: CostModel, *, progress: Callable[[int, int], None] | None = None) -> SimResult:

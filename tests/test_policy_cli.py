@@ -64,8 +64,9 @@ def test_compare_policies_ranks_pairs(tmp_path):
     result = run_cli("compare-policies", str(write(tmp_path)), "--requests", "5", "--quiet")
     assert result.exit_code == 0, result.output
     rows = [line for line in result.output.splitlines() if line.startswith("│")]
-    assert len(rows) == 10 * 6
+    # Ten partitioner configurations, each with the seven registered schedulers.
+    assert len(rows) == 10 * 7
     latencies = [float(row.split("│")[5]) for row in rows]
     assert latencies == sorted(latencies)
-    for name in ("optimal objective=bottleneck", "replicate", "hybrid", "ralos cost=time", "shortest_expected_completion", "cache_aware"):
+    for name in ("optimal objective=bottleneck", "replicate", "hybrid", "ralos cost=time", "shortest_expected_completion", "cache_aware", "pinned"):
         assert name in result.output

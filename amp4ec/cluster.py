@@ -1,0 +1,89 @@
+"""Cluster generators and checks of the dynamics timeline, run while a scenario is validated.
+
+Node groups expand into plain nodes with a random stream derived from the scenario seed, so
+the same scenario always yields the same cluster, and a changed seed a different mix.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from amp4ec.errors import UsageError
+
+if TYPE_CHECKING:
+    from amp4ec.scenario import NodeGroupSpec, NodeSpec, Scenario
+
+
+def expand_groups(groups: list["NodeGroupSpec"], seed: int, taken: set[str]) -> list["NodeSpec"]:
+    """Return the nodes of every group, profiles drawn by weight; names must not clash."""
+    from amp4ec.scenario import NodeSpec
+    from amp4ec.workload import rng_for
+
+    nodes: list[NodeSpec] = []
+    names = set(taken)
+    for g, group in enumerate(groups):
+        weights = np.array([p.weight for p in group.profiles], dtype=float)
+        rng = rng_for(seed, f"node-group:{group.prefix}")
+        choices = rng.choice(len(group.profiles), size=group.count, p=weights / weights.sum())
+        # Validating 10,000 nodes one by one is slow in pydantic; the profile was validated
+        # once and the generated name follows the node-name pattern by construction.
+        for i, choice in enumerate(choices.tolist()):
+            name = f"{group.prefix}{i}"
+            if name in names:
+                raise UsageError(
+                    f"generated node name {name!r} is already taken; choose another prefix",
+                    field=f"node_groups[{g}].prefix",
+                )
+            names.add(name)
+            profile = group.profiles[choice]
+            nodes.append(
+                NodeSpec.model_construct(
+                    name=name,
+                    cpus=profile.cpus,
+                    memory_mb=profile.memory_mb,
+                    threads=profile.threads,
+                    bandwidth_mbps=profile.bandwidth_mbps,
+                    latency_ms=profile.latency_ms,
+                    present=True,
+                )
+            )
+    return nodes
+
+
+def check_events(scenario: "Scenario") -> None:
+    """Reject events that name unknown nodes or ask for impossible changes, before the run."""
+    by_name = {node.name: node for node in scenario.nodes}
+    for i, event in enumerate(scenario.events):
+        node = by_name.get(event.node)
+        if node is None:
+            raise UsageError(
+                f"unknown node {event.node!r}; events must name a node of [[nodes]] or a generated "
+                "one such as the first of a group ({prefix}0)",
+                field=f"events[{i}].node",
+            )
+    # Background work takes CPUs out of the node's quota, and capacity changes may lower that
+    # quota. The engine applies both on one timeline, capacity changes first at equal times;
+    # the same order is replayed here, and every state along it must leave the worker some quota.
+    changes: dict[str, list[tuple[float, int, int, float]]] = {}
+    for j, change in enumerate(scenario.adaptation.capacity_changes):
+        changes.setdefault(change.node, []).append((change.time_s, 0, j, change.cpus))
+    for i, event in enumerate(scenario.events):
+        if event.kind == "background" and event.cpus is not None:
+            changes.setdefault(event.node, []).append((event.time_s, 1, i, event.cpus))
+    for name, timeline in changes.items():
+        quota_cpus = by_name[name].cpus
+        background_cpus = 0.0
+        for _, is_event, index, cpus in sorted(timeline):
+            if is_event:
+                background_cpus = cpus
+            else:
+                quota_cpus = cpus
+            if background_cpus >= quota_cpus:
+                field = f"events[{index}].cpus" if is_event else f"adaptation.capacity_changes[{index}].cpus"
+                raise UsageError(
+                    f"background cpus = {background_cpus:g} would take all of node {name}'s {quota_cpus:g} CPUs "
+                    "at that time; give less than the node's quota (use a fail event to stop a node)",
+                    field=field,
+                )
