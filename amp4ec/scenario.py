@@ -119,7 +119,8 @@ class WorkloadSpec(_Strict):
             raise ValueError(
                 "rate_rps applies to open-loop workloads; remove it or set kind = \"poisson\" (or \"bursty\", \"diurnal\")"
             )
-        if self.kind != "closed" and ("clients" in self.model_fields_set or "think_time_ms" in self.model_fields_set):
+        # Compared with the defaults, not with the keys given, so a resolved scenario parses again.
+        if self.kind != "closed" and (self.clients != 1 or self.think_time_ms != 0):
             raise ValueError("clients and think_time_ms apply to closed loops; remove them or set kind = \"closed\"")
         return self
 

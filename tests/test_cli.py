@@ -258,3 +258,13 @@ def test_sigterm_removes_partial_output(tmp_path):
     assert "terminated; partial output removed" in stderr
     assert not out.exists()
     assert list(tmp_path.glob(".run.partial-*")) == []
+
+
+def test_resolved_scenario_parses_again():
+    from amp4ec.scenario import load_scenario, parse_scenario
+
+    for path in sorted(PAPER.glob("*.toml")):
+        scenario = load_scenario(path)
+        assert parse_scenario(scenario.resolved()) == scenario
+    open_loop = parse_scenario({"name": "x", "workload": {"kind": "poisson", "rate_rps": 5.0}, "nodes": [{"name": "a", "cpus": 1.0, "memory_mb": 512}]})
+    assert parse_scenario(open_loop.resolved()) == open_loop
