@@ -2,7 +2,7 @@
 
 Every configuration of scenarios/paper/ runs in simulation. A configuration also runs on real
 containers when the Docker engine is reachable and its containers ask for no more CPUs than
-the host has cores; otherwise the page says why it did not. Extra partitioners (replication,
+the host has cores; otherwise the page gives the reason. Extra partitioners (replication,
 optimal partitioning) are added as baselines when the policy registry has them.
 """
 

@@ -59,7 +59,7 @@ class ModelSpec(_Strict):
 
 
 class PolicySpec(_Strict):
-    """How the model is split and where each stage runs."""
+    """The partitioner, the scheduler and their parameters."""
 
     partitioner: str = Field(default="ralos", description="name of a registered partitioner")
     scheduler: str = Field(default="amp4ec", description="name of a registered scheduler")
@@ -135,7 +135,7 @@ class NetworkSpec(_Strict):
 
 
 class MonitorSpec(_Strict):
-    """How schedulers see node state: sampled, and late."""
+    """The sampling of node state that schedulers see: its period and delay."""
 
     period_s: float = Field(default=1.0, gt=0, description="how often node state is sampled")
     delay_s: float = Field(default=0.0, ge=0, description="how long a sample takes to reach the scheduler")

@@ -24,7 +24,7 @@ class StageTask:
     request_id: int
     segment: Segment
     cpu_needed: float
-    """CPUs the stage asks for"""
+    """CPUs the stage requests"""
     memory_needed_bytes: int
 
 
@@ -69,6 +69,14 @@ class LiveCandidates:
             self._assigned[segment.nodes] = found
         return found
 
+    def for_task(self, task: StageTask, states: Mapping[str, NodeState]) -> Sequence[int]:
+        """Refresh from ``states`` and return the positions of the nodes that may run ``task``."""
+        self.refresh(states)
+        indices = self.indices(task.segment)
+        if not indices:
+            raise NoNodeAvailable(task)
+        return indices
+
 
 class Scheduler(Protocol):
     name: str
@@ -88,10 +96,7 @@ class RoundRobin:
         self._candidates = LiveCandidates()
 
     def select(self, task: StageTask, states: Mapping[str, NodeState]) -> str:
-        self._candidates.refresh(states)
-        indices = self._candidates.indices(task.segment)
-        if not indices:
-            raise NoNodeAvailable(task)
+        indices = self._candidates.for_task(task, states)
         name = self._candidates.live[indices[self._next % len(indices)]].name
         self._next += 1
         return name
@@ -114,10 +119,7 @@ class Pinned:
         self._candidates = LiveCandidates()
 
     def select(self, task: StageTask, states: Mapping[str, NodeState]) -> str:
-        self._candidates.refresh(states)
-        indices = self._candidates.indices(task.segment)
-        if not indices:
-            raise NoNodeAvailable(task)
+        indices = self._candidates.for_task(task, states)
         return self._candidates.live[indices[task.segment.index % len(indices)]].name
 
     def observe(self, node: str, exec_ms: float) -> None:

@@ -32,6 +32,10 @@ NODE_LABEL = "amp4ec.node"
 # The coordinator that owns a run, as "<boot id>:<pid>", so `amp4ec clean` can tell a
 # run whose process died from one that is still going.
 OWNER_LABEL = "amp4ec.owner"
+ENGINE_FIX = (
+    "Start dockerd (for example `dockerd &`, then wait for /var/run/docker.sock) "
+    "or set DOCKER_HOST to a running engine."
+)
 
 WORKER_PORT = 5555
 WORKER_USER = "10001:10001"
@@ -83,10 +87,7 @@ def docker_client(*, timeout_s: float = 120.0):
         client = docker.from_env(timeout=int(timeout_s))
         client.ping()
     except (docker.errors.DockerException, requests.exceptions.RequestException) as error:
-        raise DockerError(
-            f"Docker engine not reachable at {where} ({error}). Start dockerd (for example "
-            "`dockerd &`, then wait for /var/run/docker.sock) or set DOCKER_HOST to a running engine."
-        ) from error
+        raise DockerError(f"Docker engine not reachable at {where} ({error}). {ENGINE_FIX}") from error
     return client
 
 

@@ -103,10 +103,9 @@ def check_engine(client) -> None:
     try:
         client.ping()
     except (docker.errors.DockerException, requests.exceptions.RequestException) as error:
-        raise DockerError(
-            f"Docker engine not reachable ({error}). Start dockerd (for example `dockerd &`, "
-            "then wait for /var/run/docker.sock) or set DOCKER_HOST to a running engine."
-        ) from error
+        from amp4ec.real.containers import ENGINE_FIX
+
+        raise DockerError(f"Docker engine not reachable ({error}). {ENGINE_FIX}") from error
 
 
 def image_exists(client, tag: str) -> bool:
