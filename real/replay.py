@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager
 
@@ -25,12 +26,33 @@ from amp4ec.metrics import RequestRecord, summarise, write_run
 from amp4ec.rundir import RunInfo, check_output_dir, staged_output
 from amp4ec.runs import PreparedRun, prepare_run
 from amp4ec.scenario import WorkloadSpec
+from amp4ec.timeline import check_supported, first_kinds, ordered_events
 from amp4ec.workload import open_loop_arrivals_s, rng_for
 
 # Threads an open-loop replay uses at most; arrivals beyond this many in flight wait for one.
 OPEN_LOOP_MAX_THREADS = 64
 # Tolerance of the end-to-end output check against the unsplit model on the host.
 OUTPUT_ATOL = 1e-4
+# The coordinator's container actions for event kinds whose name differs.
+REPLAY_ACTIONS = {"cpu": "set_cpus"}
+
+
+@dataclass(frozen=True)
+class ContainerAction:
+    """One timeline event as the dynamics runner applies it to a container."""
+
+    at_s: float
+    node: str
+    action: str
+    cpus: float | None = None
+
+
+def container_actions(scenario) -> list[ContainerAction]:
+    """Map the scenario's events, in timeline order, to container actions (kinds replay supports only)."""
+    return [
+        ContainerAction(event.time_s, event.node, REPLAY_ACTIONS.get(event.kind, event.kind), event.cpus)
+        for event in ordered_events(scenario)
+    ]
 
 
 def _check_graph(prepared: PreparedRun, traced_graph) -> None:
@@ -67,6 +89,8 @@ def run_replay(
         workload = WorkloadSpec.model_validate({**prepared.scenario.workload.model_dump(), **workload_overrides})
         prepared.scenario = prepared.scenario.model_copy(update={"workload": workload})
     scenario = prepared.scenario
+    # Events replay cannot carry out are rejected before torch is loaded or a container starts.
+    check_supported(scenario, "real", source=str(scenario_path))
     try:
         import torch
 
@@ -109,7 +133,7 @@ def run_replay(
         for name in _late_joiners(scenario):
             mark_down(coordinator, name, "not joined yet")
             cluster.containers[name].stop(timeout=STOP_TIMEOUT_S)
-        dynamics = DynamicsRunner(coordinator, list(scenario.dynamics))
+        dynamics = DynamicsRunner(coordinator, container_actions(scenario))
         coordinator.monitor.start()
         coordinator.t0 = time.perf_counter()
         dynamics.start()
@@ -167,10 +191,9 @@ def run_replay(
 
 
 def _late_joiners(scenario) -> list[str]:
-    first_action: dict[str, str] = {}
-    for event in sorted(scenario.dynamics, key=lambda e: e.at_s):
-        first_action.setdefault(event.node, event.action)
-    return [name for name, action in first_action.items() if action == "join"]
+    """Return the nodes absent at the start: present = false, or a join as their first event."""
+    first = first_kinds(scenario)
+    return [node.name for node in scenario.nodes if not node.present or first.get(node.name) == "join"]
 
 
 def request_input(seed: int, request_id: int, input_shape) -> np.ndarray:
