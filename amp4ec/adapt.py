@@ -82,8 +82,8 @@ class Adapter:
     ) -> Adaptation | None:
         """Check one published snapshot and carry out the new plan it calls for with ``redeploy``.
 
-        ``redeploy`` switches the mode's plan and fills in ``ready_s`` (and, in replay, what it
-        measured); it may set ``error`` and restore ``self.plan`` when the switch fails. Every
+        ``redeploy`` switches the mode's plan and fills in ``ready_s`` and, in replay, what it
+        measured. When the switch fails, it sets ``error`` and restores ``self.plan``. Every
         decision, kept or rejected, is appended to :attr:`history`.
         """
         decision = self.check(states, now_s)

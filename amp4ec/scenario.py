@@ -213,7 +213,7 @@ class EventSpec(_Strict):
     ``cpus``. background_load: ``cpus`` of the node's quota go to other work from then on
     (0 ends it). link_bandwidth: the node's link changes to ``bandwidth_mbps`` (and
     ``latency_ms`` if given). Changes of speed apply to stages that start after the event.
-    The table "Event kinds by mode" below says what each mode does for each kind.
+    The table "Event kinds by mode" in the scenario reference gives what each mode does for each kind.
     """
 
     time_s: float = Field(ge=0, description="seconds after the first request")

@@ -61,7 +61,11 @@ RENAMED_KINDS = {"background": "background_load", "bandwidth": "link_bandwidth",
 DEPRECATED_KEYS: list[tuple[str, str]] = [
     ("[[dynamics]] with at_s, action", "[[events]] with time_s, kind; action set_cpus is kind cpu"),
     ("[adaptation] capacity_changes", "[[events]] with kind = \"cpu\""),
-    ("policy.retries = N", "policy.on_failure = \"retry\" and policy.max_retries = N (N = 0: on_failure = \"fail\")"),
+    (
+        "policy.retries = N",
+        "policy.on_failure = \"retry\" and policy.max_retries = N (N = 0: on_failure = \"fail\"). "
+        "Replay used to allow N retries per stage; max_retries is a budget per request, over all its stages",
+    ),
     ("[[events]] kind = \"background\"", "kind = \"background_load\""),
     ("[[events]] kind = \"bandwidth\"", "kind = \"link_bandwidth\""),
 ]
@@ -138,3 +142,33 @@ def first_kinds(scenario: "Scenario") -> dict[str, str]:
     for event in ordered_events(scenario):
         first.setdefault(event.node, event.kind)
     return first
+
+
+def timeline_reference() -> list[str]:
+    """Return the Markdown tables of event kinds by mode and of deprecated keys, for the scenario reference."""
+    lines = [
+        "## Event kinds by mode",
+        "",
+        "`amp4ec simulate` and `amp4ec replay` read the same `[[events]]`. A kind that replay cannot",
+        "carry out (\"not supported\" below) is rejected before any container starts, naming the event",
+        "(`events[i].kind`), with exit status 2.",
+        "",
+        "| kind | simulate | replay |",
+        "|---|---|---|",
+    ]
+    for kind in EVENT_KINDS:
+        sim, real = KIND_EFFECTS[kind]
+        lines.append(f"| `{kind}` | {sim} | {real or 'not supported'} |")
+    lines += [
+        "",
+        "## Deprecated keys",
+        "",
+        "These keys still load without error, translated into the new form. Each prints a",
+        "FutureWarning naming the new form, and the run's resolved scenario holds the new form only.",
+        "",
+        "| deprecated | read as |",
+        "|---|---|",
+    ]
+    lines += [f"| `{old}` | {new} |" for old, new in DEPRECATED_KEYS]
+    lines.append("")
+    return lines

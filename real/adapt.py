@@ -82,9 +82,11 @@ class ReplayAdaptation:
         started = time.perf_counter()
         self._version += 1
         plan = versioned_plan(self.adapter.plan, self._version)
+
         log.info("adaptation at %.2f s: redeploying bounds %s as %s", decision.time_s, old_plan.bounds, plan.bounds)
         blobs = {segment.id: self.traced.export_segment(segment.start, segment.stop) for segment in plan.segments}
         export_ms = (time.perf_counter() - started) * 1e3
+
         load_ms: dict[str, float] = {}
         for name in coordinator.table.names():
             if not coordinator.table[name].up:
@@ -100,6 +102,7 @@ class ReplayAdaptation:
                 decision.measured = {"export_ms": export_ms, "load_ms": load_ms}
                 return
             load_ms[name] = (time.perf_counter() - node_started) * 1e3
+
         coordinator.blobs.update(blobs)
         # One assignment: a request reads coordinator.plan once when it starts.
         coordinator.plan = plan

@@ -246,7 +246,7 @@ class Simulation:
                 cpu_utilisation=utilisation,
                 memory_used_bytes=min(node.memory_used_bytes, node.spec.memory_bytes),
                 link_latency_ms=node.latency_ms,
-                # A paused node does not answer the monitor, as a frozen container does not.
+                # A paused node sends the monitor no stats, as a frozen container sends none.
                 alive=node.alive and node.resumed is None,
             )
         return states
@@ -401,7 +401,7 @@ class Simulation:
             self._idle.remove(node)
 
     def _pause(self, node: SimNode) -> None:
-        """Freeze the node: stages in flight stop where they are and resume later; nothing is lost."""
+        """Freeze the node: stages in flight stop where they are and continue after the resume."""
         if not node.alive or node.resumed is not None:
             return
         node.resumed = self.env.event()
@@ -523,7 +523,7 @@ class Simulation:
         process = env.active_process
         for segment, task, in_bytes, out_bytes, allowed in self._stages:
             # Nodes that refused or lost this stage; a retry picks among the others, as replay's does.
-            excluded: set[str] = set()
+            excluded: frozenset[str] = frozenset()
             while True:
                 if pull:
                     if allowed is not None and not any(
@@ -554,7 +554,7 @@ class Simulation:
                             retries_left -= 1
                             record.retries += 1
                             self.retries += 1
-                            excluded.add(name)
+                            excluded = excluded | {name}
                             continue
                         record.fail(env.now, f"node {name} is down ({node.failure})")
                         self._leave()
@@ -595,7 +595,7 @@ class Simulation:
                         retries_left -= 1
                         record.retries += 1
                         self.retries += 1
-                        excluded.add(name)
+                        excluded = excluded | {name}
                         continue
                     record.fail(env.now, f"node {name} failed during stage {segment.id}")
                     self._leave()

@@ -196,8 +196,8 @@ def test_fail_while_paused_loses_stages():
     data["nodes"] = data["nodes"][:1]
     result = simulate(parse_scenario(data), costs_20ms())
     failed = [r for r in result.records if r.outcome == "failed"]
-    # Stages sent to the paused node wait, and are lost at the failure; until the recover, the
-    # stale snapshot still shows a alive and the next requests are refused at once.
+    # Stages sent to the paused node wait, and are lost at the failure. Until the recover, the
+    # stale snapshot still shows a alive, so the next requests are refused at once.
     waited = [r for r in failed if "failed during stage" in r.reason]
     assert waited and all(1.0 <= r.arrival_s < 1.2 and r.end_s == pytest.approx(1.2) for r in waited)
     assert all(1.2 <= r.end_s <= 1.4 + 1e-9 for r in failed)

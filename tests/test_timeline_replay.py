@@ -48,8 +48,8 @@ def test_fail_recover_same_fates_in_sim_and_replay(tmp_path, docker_client, work
     real = pd.read_parquet(out / "records.parquet").sort_values("request_id")
     run = json.loads((out / "run.json").read_text())
 
-    # The fates match only if the restarted worker was serving before the next arrival; a
-    # slower restart is a problem of the machine, named here rather than shown as a mismatch.
+    # The fates match only if the restarted worker was serving before the next arrival. A
+    # slower restart is a problem of the machine, so it is named here, not shown as a mismatch.
     recover = [event for event in run["dynamics"] if event["action"] == "recover"]
     assert recover and recover[0]["error"] == "", run["dynamics"]
     next_arrival_s = min(r.arrival_s for r in sim.records if r.arrival_s > recover[0]["at_s"])
@@ -61,7 +61,8 @@ def test_fail_recover_same_fates_in_sim_and_replay(tmp_path, docker_client, work
     assert real_fates == sim_fates
     assert json.loads((out / "summary.json").read_text())["retries"] == sim.summary["retries"]
     containers, networks = labelled(docker_client, run_id)
-    assert containers == [] and networks == []
+    assert containers == []
+    assert networks == []
 
 
 def test_cpu_halving_adapts_in_sim():
@@ -114,4 +115,5 @@ def test_cpu_halving_adapts_in_replay(tmp_path, docker_client, worker_image, run
     run = json.loads((out / "run.json").read_text())
     assert run["adaptations"] == summary["adaptations"]
     containers, networks = labelled(docker_client, run_id)
-    assert containers == [] and networks == []
+    assert containers == []
+    assert networks == []
