@@ -73,11 +73,14 @@ DEPRECATED_KEYS: list[tuple[str, str]] = [
 
 def warn_deprecated(old: str, new: str) -> None:
     """Emit the note that a scenario used an older form; FutureWarning is shown to users by default."""
-    warnings.warn(
-        f"scenario: {old} is deprecated and was read as {new}; write the new form "
+    # warn_explicit with no real file, so the note is not followed by a line of amp4ec's source.
+    warnings.warn_explicit(
+        f"{old} is deprecated and was read as {new}; write the new form "
         "(see docs/scenario-reference.md, section Deprecated keys)",
         FutureWarning,
-        stacklevel=2,
+        filename="scenario",
+        lineno=0,
+        module="amp4ec.scenario",
     )
 
 

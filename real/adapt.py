@@ -45,7 +45,7 @@ def versioned_plan(plan: Plan, version: int) -> Plan:
 
 
 class ReplayAdaptation:
-    """Runs the adapter on the replay monitor's snapshots and redeploys on the workers."""
+    """The replay's adaptation thread: monitor snapshots in, redeploys on the workers out."""
 
     def __init__(self, coordinator, adapter: Adapter, traced, deploy_segments):
         self.coordinator = coordinator
@@ -84,7 +84,12 @@ class ReplayAdaptation:
         plan = versioned_plan(self.adapter.plan, self._version)
 
         log.info("adaptation at %.2f s: redeploying bounds %s as %s", decision.time_s, old_plan.bounds, plan.bounds)
-        blobs = {segment.id: self.traced.export_segment(segment.start, segment.stop) for segment in plan.segments}
+        try:
+            blobs = {segment.id: self.traced.export_segment(segment.start, segment.stop) for segment in plan.segments}
+        except Exception as error:  # noqa: BLE001 - torch.export raises many types; the run goes on with the old plan
+            self.adapter.plan = old_plan
+            decision.error = f"exporting the new segments failed: {type(error).__name__}: {error}"
+            return
         export_ms = (time.perf_counter() - started) * 1e3
 
         load_ms: dict[str, float] = {}
@@ -103,6 +108,8 @@ class ReplayAdaptation:
                 return
             load_ms[name] = (time.perf_counter() - node_started) * 1e3
 
+        # NOTE: the old plan's segments stay loaded until the run ends, because the coordinator
+        # does not track which requests still use them. Each adaptation adds weights to the workers.
         coordinator.blobs.update(blobs)
         # One assignment: a request reads coordinator.plan once when it starts.
         coordinator.plan = plan
