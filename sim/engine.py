@@ -42,6 +42,8 @@ from amp4ec.workload import open_loop_arrivals_s, request_count, rng_for
 DEFAULT_CPU_NEEDED = 0.1
 # The progress callback is called about this many times per run, not once per request.
 PROGRESS_STEPS = 1000
+# No nodes excluded from a stage's selection; one shared object, so the hot path allocates nothing.
+NO_NODES: frozenset[str] = frozenset()
 
 
 class NodeLost(Exception):
@@ -523,7 +525,7 @@ class Simulation:
         process = env.active_process
         for segment, task, in_bytes, out_bytes, allowed in self._stages:
             # Nodes that refused or lost this stage; a retry picks among the others, as replay's does.
-            excluded: frozenset[str] = frozenset()
+            excluded = NO_NODES
             while True:
                 if pull:
                     if allowed is not None and not any(
