@@ -374,6 +374,9 @@ class Simulation:
             raise ValueError(f"event kind {kind!r} has no simulation; amp4ec.timeline.SUPPORTED_KINDS is out of date")
 
     def _start(self, node: SimNode) -> None:
+        if node.resumed is not None:
+            # Replay unpauses a paused container before it starts it again.
+            self._resume(node)
         if node.alive or node.failure in ("oom", "deploying"):
             return
         node.failure = "deploying"
@@ -385,6 +388,9 @@ class Simulation:
             return
         if not node.alive:
             return
+        if kind == "leave" and node.resumed is not None:
+            # A paused node that leaves is thawed first, so its stages finish as on any leaving node.
+            self._resume(node)
         node.alive = False
         node.failure = "left" if kind == "leave" else "failed"
         if kind == "fail":
@@ -433,9 +439,8 @@ class Simulation:
         remaining_s = end_s - env.now
         while True:
             if node.resumed is not None:
+                # A failure interrupts this wait directly (the stage is in node.in_flight).
                 yield node.resumed
-                if not node.alive:
-                    raise simpy.Interrupt(NodeLost(node.spec.name))
             started_s = env.now
             try:
                 yield env.timeout(remaining_s)

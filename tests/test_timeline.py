@@ -238,3 +238,14 @@ def test_first_join_means_absent_until_then():
     assert result.summary["requests"]["failed"] == 0
     assert not any(r.stage_nodes == ["b"] and r.stage_start_s[0] < 2.0 for r in result.records)
     assert any(r.stage_nodes == ["b"] for r in result.records)
+
+
+@pytest.mark.parametrize("ending", ["leave", "recover"])
+def test_paused_node_leaving_or_recovering_thaws(ending):
+    events = [{"time_s": 1.0, "kind": "pause", "node": "a"}, {"time_s": 1.3, "kind": ending, "node": "a"}]
+    data = scenario_data(events=events, workload={"kind": "poisson", "rate_rps": 20.0, "requests": 60})
+    result = simulate(parse_scenario(data), costs_20ms())
+    # No stage stays frozen: every request ends, and none of them on a lost stage.
+    assert result.summary["littles_law"]["in_system_at_end"] == 0
+    assert sorted(r.request_id for r in result.records) == list(range(60))
+    assert not any("failed during stage" in r.reason for r in result.records)
