@@ -38,6 +38,9 @@ class Adaptation:
     """node name to (quota at the last partitioning, quota now), for each node beyond the threshold"""
     old_bounds: list[int]
     new_bounds: list[int] | None = None
+    old_nodes: list[list[str]] = field(default_factory=list)
+    """per segment of the old plan, the nodes it is assigned to (empty: any node)"""
+    new_nodes: list[list[str]] | None = None
     redeploy_ms: dict[str, float] = field(default_factory=dict)
     """per node, time to ship and load the segments it newly hosts"""
     error: str | None = None
@@ -53,6 +56,8 @@ class Adaptation:
             "trigger": {name: {"from_cpus": old, "to_cpus": new} for name, (old, new) in self.trigger.items()},
             "old_bounds": self.old_bounds,
             "new_bounds": self.new_bounds,
+            "old_nodes": self.old_nodes,
+            "new_nodes": self.new_nodes,
             "redeploy_ms": self.redeploy_ms,
             "ready_s": self.ready_s,
             "measured": self.measured,
@@ -105,7 +110,9 @@ class Adapter:
                 trigger[name] = (base, state.cpus)
         if not trigger:
             return None
-        decision = Adaptation(time_s=now_s, trigger=trigger, old_bounds=self.plan.bounds)
+        decision = Adaptation(
+            time_s=now_s, trigger=trigger, old_bounds=self.plan.bounds, old_nodes=[list(s.nodes) for s in self.plan.segments]
+        )
         # Quotas are the baseline from now on even if the new plan is rejected, so the same
         # change does not trigger again at every sample.
         for name, state in states.items():
@@ -118,6 +125,7 @@ class Adapter:
             decision.error = str(exc)
             return decision
         decision.new_bounds = plan.bounds
+        decision.new_nodes = [list(s.nodes) for s in plan.segments]
         decision.redeploy_ms = self.redeploy_ms(self.plan, plan)
         self.plan = plan
         return decision

@@ -60,6 +60,16 @@ def test_fail_recover_same_fates_in_sim_and_replay(tmp_path, docker_client, work
     assert Counter((o, n) for _, o, n in real_fates) == Counter((o, n) for _, o, n in sim_fates)
     assert real_fates == sim_fates
     assert json.loads((out / "summary.json").read_text())["retries"] == sim.summary["retries"]
+
+    # The request sent to the paused node waited for the resume in both modes, and was not lost.
+    sim_paused = [r for r in sim.records if 29.9 < r.arrival_s < 30.5]
+    assert sim_paused
+    assert all(r.latency_ms > 400 for r in sim_paused)
+    real_paused = real[(real["arrival_s"] > 29.9) & (real["arrival_s"] < 30.5)]
+    assert len(real_paused) == len(sim_paused)
+    assert (real_paused["latency_ms"] > 400).all(), real_paused[["request_id", "latency_ms"]].to_string()
+    pause = [event for event in run["dynamics"] if event["action"] == "pause"]
+    assert pause[0]["method"] in ("freezer", "sigstop")
     containers, networks = labelled(docker_client, run_id)
     assert containers == []
     assert networks == []
@@ -95,6 +105,7 @@ def test_cpu_halving_adapts_in_replay(tmp_path, docker_client, worker_image, run
     # The same decision function on the same reported quotas picks the same plan.
     assert adaptation["old_bounds"] == sim_adaptation["old_bounds"]
     assert adaptation["new_bounds"] == sim_adaptation["new_bounds"]
+    assert adaptation["new_nodes"] == sim_adaptation["new_nodes"]
     measured = adaptation["measured"]
     assert measured["export_ms"] > 0
     assert set(measured["load_ms"]) == {"a", "b"}
