@@ -39,7 +39,10 @@ KIND_EFFECTS: dict[str, tuple[str, str]] = {
     "fail": ("the node dies; stages in flight are lost (policy.on_failure)", "docker kill; stages in flight are cancelled"),
     "recover": ("a failed node comes back and its segments are deployed again", "start the container, deploy its segments"),
     "restart": ("fail, then recover at once", "docker restart, deploy its segments"),
-    "pause": ("the node freezes: stages in flight and queued on it wait, none is lost", "docker pause (SIGSTOP where the freezer fails)"),
+    "pause": (
+        "the node freezes: stages in flight and sent to it wait for the resume, for at most 60 s",
+        "docker pause (SIGSTOP where the freezer fails); requests to it time out after 60 s",
+    ),
     "resume": ("a paused node carries on where it stopped", "docker unpause (SIGCONT after SIGSTOP)"),
     "cpu": ("the node's CFS quota becomes cpus, as the monitor then reports", "docker update --cpus (NanoCpus) on the running container"),
     "background_load": ("cpus of the node's quota go to other work (0 ends it)", ""),
@@ -53,6 +56,10 @@ SUPPORTED_KINDS = {
     "sim": frozenset(EVENT_KINDS),
     "real": frozenset(kind for kind, (_, real) in KIND_EFFECTS.items() if real),
 }
+
+# Seconds a stage waits on a paused node before it counts as lost (retried or failed). Replay's
+# worker client times out after the same 60 s (STAGE_TIMEOUT_S in amp4ec.real.coordinator).
+PAUSED_STAGE_TIMEOUT_S = 60.0
 
 # Old names of event kinds in [[events]] and of actions in [[dynamics]].
 RENAMED_KINDS = {"background": "background_load", "bandwidth": "link_bandwidth", "set_cpus": "cpu"}

@@ -35,7 +35,7 @@ from amp4ec.partition import Plan
 from amp4ec.scenario import EventSpec, NodeSpec, Scenario
 from amp4ec.schedule import NoNodeAvailable, Scheduler, StageTask
 from amp4ec.sim.cfs import CfsCpu
-from amp4ec.timeline import first_kinds, ordered_events
+from amp4ec.timeline import PAUSED_STAGE_TIMEOUT_S, first_kinds, ordered_events
 from amp4ec.workload import open_loop_arrivals_s, request_count, rng_for
 
 # CPUs a stage requests in the AMP4EC node filter. The published rule gives no value.
@@ -56,6 +56,14 @@ class NodeLost(Exception):
 
 class NodePaused(Exception):
     """Interrupt cause: the node running a stage froze; the stage waits for the resume."""
+
+
+class StageTimedOut(Exception):
+    """A stage waited on a paused node for longer than PAUSED_STAGE_TIMEOUT_S."""
+
+    def __init__(self, node: str):
+        super().__init__(node)
+        self.node = node
 
 
 # Measured with tracemalloc on a 3-stage run: about 1.4 kB per request record, most of it
@@ -430,17 +438,21 @@ class Simulation:
         resumed, node.resumed = node.resumed, None
         resumed.succeed()
 
-    def _wait_stage(self, node: SimNode, end_s: float):
+    def _wait_stage(self, node: SimNode, end_s: float, deadline_s: float):
         """Wait until a stage booked to end at ``end_s`` ends, standing still while its node is paused.
 
-        NodeLost interrupts propagate to the caller.
+        NodeLost interrupts propagate to the caller. StageTimedOut is raised when the node is
+        still paused at ``deadline_s``, as replay's request to a frozen worker times out.
         """
         env = self.env
         remaining_s = end_s - env.now
         while True:
-            if node.resumed is not None:
+            resumed = node.resumed
+            if resumed is not None:
                 # A failure interrupts this wait directly (the stage is in node.in_flight).
-                yield node.resumed
+                yield resumed | env.timeout(max(0.0, deadline_s - env.now))
+                if not resumed.triggered:
+                    raise StageTimedOut(node.spec.name)
             started_s = env.now
             try:
                 yield env.timeout(remaining_s)
@@ -576,35 +588,45 @@ class Simulation:
                 if pull:
                     env.timeout(exec_end_s - stage_start_s).callbacks.append(lambda _, n=node, e=epoch: self._release(n, e))
                 node.in_flight[request_id] = process
+                deadline_s = stage_start_s + PAUSED_STAGE_TIMEOUT_S
                 cause = None
                 try:
                     if node.resumed is None:
                         yield env.timeout(out_end_s - stage_start_s)
                     else:
                         # Sent to a paused node: the stage waits for the resume, then runs.
-                        yield from self._wait_stage(node, out_end_s)
+                        yield from self._wait_stage(node, out_end_s, deadline_s)
                         out_end_s = env.now
                 except simpy.Interrupt as interrupt:
                     cause = interrupt.cause
+                except StageTimedOut as timed_out:
+                    cause = timed_out
                 if isinstance(cause, NodePaused):
                     # The node froze mid-stage: the rest of the stage runs after the resume.
                     # NOTE: the CFS accounting and a pull release booked before the pause are not moved.
                     cause = None
                     try:
-                        yield from self._wait_stage(node, out_end_s)
+                        yield from self._wait_stage(node, out_end_s, deadline_s)
                         out_end_s = env.now
                     except simpy.Interrupt as interrupt:
                         cause = interrupt.cause
+                    except StageTimedOut as timed_out:
+                        cause = timed_out
                 if cause is not None:
-                    if not isinstance(cause, NodeLost):
+                    if not isinstance(cause, (NodeLost, StageTimedOut)):
                         raise RuntimeError(f"stage of request {request_id} interrupted by {cause!r}")
+                    node.in_flight.pop(request_id, None)
                     if retries_left > 0:
                         retries_left -= 1
                         record.retries += 1
                         self.retries += 1
                         excluded = excluded | {name}
                         continue
-                    record.fail(env.now, f"node {name} failed during stage {segment.id}")
+                    if isinstance(cause, StageTimedOut):
+                        reason = f"node {name} is paused and did not reply within {PAUSED_STAGE_TIMEOUT_S:g} s"
+                    else:
+                        reason = f"node {name} failed during stage {segment.id}"
+                    record.fail(env.now, reason)
                     self._leave()
                     return
                 node.in_flight.pop(request_id, None)

@@ -249,3 +249,17 @@ def test_paused_node_leaving_or_recovering_thaws(ending):
     assert result.summary["littles_law"]["in_system_at_end"] == 0
     assert sorted(r.request_id for r in result.records) == list(range(60))
     assert not any("failed during stage" in r.reason for r in result.records)
+
+
+def test_pause_without_resume_times_out():
+    # Replay's request to a frozen worker times out; the simulator's stage does the same
+    # instead of waiting for ever.
+    events = [{"time_s": 1.0, "kind": "pause", "node": "a"}]
+    data = scenario_data(events=events, workload={"kind": "poisson", "rate_rps": 20.0, "requests": 60})
+    data["nodes"] = data["nodes"][:1]
+    result = simulate(parse_scenario(data), costs_20ms())
+    timed_out = [r for r in result.records if "did not reply within 60 s" in r.reason]
+    assert timed_out
+    assert all(r.end_s == pytest.approx(r.start_s + 60.0) for r in timed_out)
+    assert result.summary["littles_law"]["in_system_at_end"] == 0
+    assert sorted(r.request_id for r in result.records) == list(range(60))
