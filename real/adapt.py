@@ -1,6 +1,6 @@
 """Adaptation in replay: the simulator's decision step, carried out on the worker containers.
 
-A thread reads the monitor's published snapshot every ``monitor.period_s`` and hands it to
+A thread reads the monitor's published snapshot ten times per ``monitor.period_s`` and hands it to
 :meth:`amp4ec.adapt.Adapter.step`, the step the simulator calls on each of its samples. When
 the step picks a new plan, this module exports the new segments with torch.export, loads them
 on every worker that is up and runs each once, untimed by the requests, then switches the
@@ -66,8 +66,11 @@ class ReplayAdaptation:
         self._thread.join()
 
     def _loop(self) -> None:
-        period_s = self.coordinator.scenario.monitor.period_s
-        while not self._stop.wait(period_s):
+        # The simulator decides the moment a sample is published. Reading the snapshot ten times
+        # per monitor period keeps replay within a tenth of a period of that, and a snapshot
+        # read twice triggers once, because the adapter moves its baseline on a trigger.
+        poll_s = self.coordinator.scenario.monitor.period_s / 10
+        while not self._stop.wait(poll_s):
             snapshot = self.coordinator.monitor.snapshot()
             self.adapter.step(snapshot, self.coordinator.now_s(), self._redeploy, self._warn)
 
