@@ -299,3 +299,27 @@ def simulator_leave_one_out(calibration: Calibration, *, phases: int = 200) -> l
             comparisons.append(Comparison(held_out.name, name, "simulator", "cpu mean", timing.cpu_ms, cost.cpu_ms))
             comparisons.append(Comparison(held_out.name, name, "simulator", "wall mean", timing.wall.mean_ms, float(np.mean(walls))))
     return comparisons
+
+
+def cpu_leave_one_out(calibration: Calibration) -> list[Comparison]:
+    """Predict every profile's mean CPU time per unit and regime from the work fitted on the others.
+
+    CPU time is the part of the cost that the quota should hardly change, so these
+    comparisons separate the fit of the work from host contention, which shows only in
+    wall time. Their statistic is ``"cpu mean"``.
+    """
+    if len(calibration.profiles) < 2:
+        raise UsageError(
+            f"the calibration has {len(calibration.profiles)} profile; leaving one out needs at least two. "
+            "Calibrate with more --profile options"
+        )
+    comparisons = []
+    for held_out in calibration.profiles:
+        others = [p for p in calibration.profiles if p is not held_out]
+        model = FittedCostModel.fit(others, threads=held_out.threads, host_cores=calibration.provenance.host_cores)
+        for index, timing in enumerate(profile_timings(held_out)[: len(model.names)]):
+            for regime in REGIMES:
+                measured, _ = unit_samples(timing, regime)
+                predicted = model.work_ms[regime][index] * held_out.cpus ** model.beta[regime]
+                comparisons.append(Comparison(held_out.name, timing.name, regime, "cpu mean", float(np.mean(measured)), float(predicted)))
+    return comparisons

@@ -9,12 +9,15 @@ workers, are fitted from echo round trips over the same transport real mode uses
 
 from __future__ import annotations
 
+import logging
 import platform
 import shlex
 import sys
+import threading
 import time
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,11 +46,12 @@ from amp4ec.costs import (
     UnitTiming,
 )
 from amp4ec.errors import UsageError, WorkerError
+from amp4ec.graph import ModelGraph
 from amp4ec.scenario import NodeSpec
 
 DEFAULT_PROFILES = ("high:1.0:1024", "medium:0.6:512", "low:0.4:512")
 REFERENCE_REPEATS = 20
-DEFAULT_MAX_REPEATS = 60
+DEFAULT_MAX_REPEATS = 40
 # The two containers of the hop fit run at once; this CPU limit each keeps both under the
 # oversubscription threshold of a 2-core host.
 LINK_CONTAINER_CPUS = 0.8
@@ -214,26 +218,28 @@ def run_calibration(
     module = load_model(model)
     # Reach the engine before the slow tracing, so a stopped Docker fails within seconds.
     client = docker_client()
-    log(f"tracing {model} at {granularity} granularity")
-    trace_options = {} if input_shape is None else {"input_shape": list(input_shape)}
-    traced = trace_model(module, model, granularity=granularity, **trace_options)
-    graph = traced.graph
-    n_units = graph.n_units
-    blobs = [traced.export_segment(i, i + 1) for i in range(n_units)]
-    model_blob = traced.export_segment(0, n_units)
-    inputs = [[t.numpy() for t in example_inputs(graph, i, seed=0)] for i in range(n_units + 1)]
-    log(f"exported {n_units} units in {time.perf_counter() - started:.1f} s")
-
     image = ensure_worker_image(client, base_image=base_image, log=log)
     run_id = run_id or f"calibrate-{uuid.uuid4().hex[:8]}"
     log(f"run id {run_id}; `amp4ec clean --run {run_id}` removes containers an interrupted run may leave")
-    echo_blob = export_echo()
-    segments = [(graph.units[i].name, blobs[i], inputs[i]) for i in range(n_units)] + [("model", model_blob, inputs[0])]
-    session = _measure_interleaved(
-        client, image, run_id, profiles, segments, model_blob, inputs[0],
-        warmup=warmup, gap_ms=gap_ms, policy=policy, echo_blob=echo_blob, container_link=container_link,
-        started=started, log=log,
+
+    def export_model() -> ExportedModel:
+        log(f"tracing {model} at {granularity} granularity")
+        trace_options = {} if input_shape is None else {"input_shape": list(input_shape)}
+        traced = trace_model(module, model, granularity=granularity, **trace_options)
+        graph = traced.graph
+        n_units = graph.n_units
+        blobs = [traced.export_segment(i, i + 1) for i in range(n_units)]
+        model_blob = traced.export_segment(0, n_units)
+        inputs = [[t.numpy() for t in example_inputs(graph, i, seed=0)] for i in range(n_units + 1)]
+        log(f"exported {n_units} units in {time.perf_counter() - started:.1f} s")
+        segments = [(graph.units[i].name, blobs[i], inputs[i]) for i in range(n_units)] + [("model", model_blob, inputs[0])]
+        return ExportedModel(graph=graph, segments=segments, echo_blob=export_echo())
+
+    exported, session = _measure_interleaved(
+        client, image, run_id, profiles, export_model,
+        warmup=warmup, gap_ms=gap_ms, policy=policy, container_link=container_link, started=started, log=log,
     )  # fmt: skip
+    graph, segments = exported.graph, exported.segments
     measured = session.profiles
     if memory_search:
         session.warnings.extend(_memory_search(client, image, run_id, profiles, measured, segments, graph, log))
@@ -266,6 +272,23 @@ def run_calibration(
 
 
 @dataclass
+class ExportedModel:
+    """The traced graph, each unit and the whole model as (name, exported program, example inputs), and the echo program."""
+
+    graph: ModelGraph
+    segments: list[tuple[str, bytes, list[np.ndarray]]]
+    echo_blob: bytes
+
+    @property
+    def model_blob(self) -> bytes:
+        return self.segments[-1][1]
+
+    @property
+    def model_inputs(self) -> list[np.ndarray]:
+        return self.segments[-1][2]
+
+
+@dataclass
 class InterleavedMeasurement:
     """Everything one interleaved pass over the profiles measured."""
 
@@ -283,18 +306,15 @@ def _measure_interleaved(
     image: str,
     run_id: str,
     profiles: list[NodeSpec],
-    segments: list[tuple[str, bytes, list[np.ndarray]]],
-    model_blob: bytes,
-    model_inputs: list[np.ndarray],
+    export_model: Callable[[], ExportedModel],
     *,
     warmup: int,
     gap_ms: float,
     policy: RepeatPolicy,
-    echo_blob: bytes,
     container_link: bool,
     started: float,
     log: Callable[[str], None],
-) -> InterleavedMeasurement:
+) -> tuple[ExportedModel, InterleavedMeasurement]:
     """Start one container per profile at once and measure every segment on all of them in turn.
 
     Segment by segment, the spaced runs go round robin across the containers and the
@@ -303,18 +323,51 @@ def _measure_interleaved(
     any time. After every segment the whole model runs a few times back to back on the drift
     reference container (the profile with the largest CPU quota), and that series shows how
     the machine's speed moved during the calibration.
+
+    ``export_model`` runs in a thread while the containers start, because tracing and
+    exporting take about as long as the workers' torch import under small CPU quotas.
     """
+    from amp4ec.real import containers as containers_module
     from amp4ec.real.containers import NodeSpec as ContainerSpec
     from amp4ec.real.containers import OversubscriptionWarning, WorkerCluster
 
     specs = [ContainerSpec(p.name, p.cpus, p.memory_bytes, p.torch_threads) for p in profiles]
     reference_profile = max(profiles, key=lambda p: p.cpus)
     cluster = WorkerCluster(client, specs, image=image, run_id=run_id)
-    with warnings.catch_warnings():
-        # The containers take turns, one request at a time, so their quotas never add up on the host's cores.
-        warnings.simplefilter("ignore", OversubscriptionWarning)
-        cluster.start()
+    # The containers take turns, one request at a time, so their quotas never add up on the
+    # host's cores, and the cluster's oversubscription warning (a Python warning and a log
+    # record) does not apply here.
+    containers_log = logging.getLogger(containers_module.__name__)
+    level = containers_log.level
+    containers_log.setLevel(logging.ERROR)
+    export_result: list[ExportedModel] = []
+    export_error: list[BaseException] = []
+
+    def run_export() -> None:
+        try:
+            export_result.append(export_model())
+        except BaseException as error:  # re-raised in the main thread below
+            export_error.append(error)
+
+    # A daemon thread, so that an interrupted or failed start does not wait for the export.
+    exporter = threading.Thread(target=run_export, name="amp4ec-export", daemon=True)
+    exporter.start()
     try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OversubscriptionWarning)
+            cluster.start()
+    finally:
+        containers_log.setLevel(level)
+    phase_s = {"start": time.perf_counter() - started}
+    # Loading is not timed, so the workers load each program at once, one thread per worker.
+    loader = ThreadPoolExecutor(max_workers=len(profiles), thread_name_prefix="amp4ec-load")
+    try:
+        exporter.join()
+        phase_s["start"] = time.perf_counter() - started
+        if export_error:
+            raise export_error[0]
+        exported = export_result[0]
+        segments, model_blob, model_inputs, echo_blob = exported.segments, exported.model_blob, exported.model_inputs, exported.echo_blob
         workers = {p.name: cluster[p.name] for p in profiles}
         infos = {name: worker.ping() for name, worker in workers.items()}
         reference_worker = workers[reference_profile.name]
@@ -322,24 +375,35 @@ def _measure_interleaved(
         timings: dict[str, list[UnitTiming]] = {name: [] for name in workers}
         link = container_hop = None
         current = "the reference run"
+
+        def load_everywhere(segment_id: str, blob: bytes) -> None:
+            mark = time.perf_counter()
+            list(loader.map(lambda worker: worker.load(segment_id, blob), workers.values()))
+            phase_s["loads"] = phase_s.get("loads", 0.0) + time.perf_counter() - mark
+
+        def timed(phase: str, function, *args, **kwargs):
+            mark = time.perf_counter()
+            result = function(*args, **kwargs)
+            phase_s[phase] = phase_s.get(phase, 0.0) + time.perf_counter() - mark
+            return result
+
         try:
-            reference_start = {name: _reference_cpu_ms(worker, model_blob, model_inputs) for name, worker in workers.items()}
+            reference_start = {name: timed("reference runs", _reference_cpu_ms, worker, model_blob, model_inputs) for name, worker in workers.items()}
             reference_worker.load(DRIFT_SEGMENT, model_blob)
 
             def sample_drift(after: str) -> None:
-                reply = reference_worker.profile(DRIFT_SEGMENT, model_inputs, warmup=1, repeats=DRIFT_REPEATS, gap_ms=0.0)
+                reply = timed("drift reference", reference_worker.profile,DRIFT_SEGMENT, model_inputs, warmup=1, repeats=DRIFT_REPEATS, gap_ms=0.0)
                 drift.append(DriftSample(time_s=time.perf_counter() - started, after=after, cpu_ms=float(np.median(reply["cpu_ms"]))))
 
             sample_drift("start")
             for index, (name, blob, segment_inputs) in enumerate(segments):
                 current = "the whole model" if name == "model" else f"unit {name}"
-                for worker in workers.values():
-                    worker.load("unit", blob)
-                spaced = measure_spaced_interleaved(workers, "unit", segment_inputs, gap_ms=gap_ms, warmup=warmup, policy=policy)
+                load_everywhere("unit", blob)
+                spaced = timed("spaced", measure_spaced_interleaved, workers, "unit", segment_inputs, gap_ms=gap_ms, warmup=warmup, policy=policy)
                 # Rotate which profile starts, so that no profile always runs right after the spaced rounds.
                 shift = index % len(profiles)
                 saturated = {
-                    p.name: measure(workers[p.name], "unit", segment_inputs, gap_ms=0.0, warmup=warmup, policy=policy)
+                    p.name: timed("back to back", measure, workers[p.name], "unit", segment_inputs, gap_ms=0.0, warmup=warmup, policy=policy)
                     for p in [*profiles[shift:], *profiles[:shift]]
                 }
                 for worker in workers.values():
@@ -347,15 +411,20 @@ def _measure_interleaved(
                 for profile_name in workers:
                     timings[profile_name].append(_unit_timing(name, spaced[profile_name], saturated[profile_name]))
                 sample_drift(name)
+                log(
+                    f"{name}: {len(next(iter(spaced.values())).wall_ms)} spaced rounds; back to back "
+                    + ", ".join(f"{p.name} {len(saturated[p.name].wall_ms)}" for p in profiles)
+                    + f" runs; drift reference {drift[-1].cpu_ms:.1f} ms"
+                )
             reference_worker.unload(DRIFT_SEGMENT)
             current = "the reference run"
-            reference_end = {name: _reference_cpu_ms(worker, model_blob, model_inputs) for name, worker in workers.items()}
+            reference_end = {name: timed("reference runs", _reference_cpu_ms, worker, model_blob, model_inputs) for name, worker in workers.items()}
             current = "the hop fit"
-            link = fit_link(reference_worker, echo_blob, log)
+            link = timed("hop fits", fit_link, reference_worker, echo_blob, log)
             if container_link and len(profiles) > 1:
                 # Reuse the running containers: the next largest quota sends to the reference container.
                 sender = max((p for p in profiles if p is not reference_profile), key=lambda p: p.cpus)
-                container_hop = measure_container_link(cluster, sender.name, reference_profile.name, echo_blob, log)
+                container_hop = timed("hop fits", measure_container_link, cluster, sender.name, reference_profile.name, echo_blob, log)
         except WorkerError as error:
             for profile in profiles:
                 if cluster.oom_killed(profile.name):
@@ -367,7 +436,12 @@ def _measure_interleaved(
                     ) from error
             raise
     finally:
+        loader.shutdown(wait=False, cancel_futures=True)
         cluster.close()
+    log(
+        "time: export and container start "
+        + ", ".join(f"{phase} {seconds:.0f} s" if phase != "start" else f"{seconds:.0f} s" for phase, seconds in phase_s.items())
+    )
     if container_link and len(profiles) == 1:
         container_hop = _measure_container_link(client, image, run_id, reference_profile, echo_blob, log)
 
@@ -411,7 +485,7 @@ def _measure_interleaved(
     log(drift_message)
     if _drift_share(drift) > DRIFT_WARNING_SHARE:
         all_warnings.append(drift_message)
-    return InterleavedMeasurement(
+    return exported, InterleavedMeasurement(
         profiles=measured,
         warnings=all_warnings,
         link=link,
