@@ -60,9 +60,11 @@ LINK_CONTAINER_CPUS = 0.8
 DRIFT_WARNING_SHARE = 0.10
 # Below this difference a move is timer and scheduling noise, even when it is a large share.
 DRIFT_WARNING_MIN_MS = 0.5
-# The drift reference: the whole model, loaded on one container for the whole run, timed this
-# many times back to back after every unit.
-DRIFT_SEGMENT = "drift-reference"
+# The whole model stays loaded under this id on every worker for the whole run, because
+# loading it takes seconds under a small CPU quota. It serves the reference runs at the start
+# and end of the run, the whole-model measurement, and the drift reference, which times it this
+# many times back to back after every unit on one container.
+REFERENCE_SEGMENT = "reference"
 DRIFT_REPEATS = 5
 
 
@@ -114,13 +116,9 @@ def _unit_timing(name: str, spaced: Measurement, saturated: Measurement) -> Unit
     )
 
 
-def _reference_cpu_ms(worker, blob: bytes, inputs: list[np.ndarray]) -> float:
-    """Mean CPU time of the whole model, back to back: the yardstick for drift within a run."""
-    worker.load("reference", blob)
-    try:
-        reply = worker.profile("reference", inputs, warmup=3, repeats=REFERENCE_REPEATS, gap_ms=0.0)
-    finally:
-        worker.unload("reference")
+def _reference_cpu_ms(worker, inputs: list[np.ndarray]) -> float:
+    """Return the median CPU time of the whole model (loaded as ``REFERENCE_SEGMENT``), back to back: the yardstick for drift."""
+    reply = worker.profile(REFERENCE_SEGMENT, inputs, warmup=3, repeats=REFERENCE_REPEATS, gap_ms=0.0)
     return float(np.median(reply["cpu_ms"]))
 
 
@@ -388,26 +386,29 @@ def _measure_interleaved(
             return result
 
         try:
-            reference_start = {name: timed("reference runs", _reference_cpu_ms, worker, model_blob, model_inputs) for name, worker in workers.items()}
-            reference_worker.load(DRIFT_SEGMENT, model_blob)
+            load_everywhere(REFERENCE_SEGMENT, model_blob)
+            reference_start = {name: timed("reference runs", _reference_cpu_ms, worker, model_inputs) for name, worker in workers.items()}
 
             def sample_drift(after: str) -> None:
-                reply = timed("drift reference", reference_worker.profile,DRIFT_SEGMENT, model_inputs, warmup=1, repeats=DRIFT_REPEATS, gap_ms=0.0)
+                reply = timed("drift reference", reference_worker.profile, REFERENCE_SEGMENT, model_inputs, warmup=1, repeats=DRIFT_REPEATS, gap_ms=0.0)
                 drift.append(DriftSample(time_s=time.perf_counter() - started, after=after, cpu_ms=float(np.median(reply["cpu_ms"]))))
 
             sample_drift("start")
             for index, (name, blob, segment_inputs) in enumerate(segments):
                 current = "the whole model" if name == "model" else f"unit {name}"
-                load_everywhere("unit", blob)
-                spaced = timed("spaced", measure_spaced_interleaved, workers, "unit", segment_inputs, gap_ms=gap_ms, warmup=warmup, policy=policy)
+                segment_id = REFERENCE_SEGMENT if name == "model" else "unit"
+                if segment_id == "unit":
+                    load_everywhere("unit", blob)
+                spaced = timed("spaced", measure_spaced_interleaved, workers, segment_id, segment_inputs, gap_ms=gap_ms, warmup=warmup, policy=policy)
                 # Rotate which profile starts, so that no profile always runs right after the spaced rounds.
                 shift = index % len(profiles)
                 saturated = {
-                    p.name: timed("back to back", measure, workers[p.name], "unit", segment_inputs, gap_ms=0.0, warmup=warmup, policy=policy)
+                    p.name: timed("back to back", measure, workers[p.name], segment_id, segment_inputs, gap_ms=0.0, warmup=warmup, policy=policy)
                     for p in [*profiles[shift:], *profiles[:shift]]
                 }
-                for worker in workers.values():
-                    worker.unload("unit")
+                if segment_id == "unit":
+                    for worker in workers.values():
+                        worker.unload("unit")
                 for profile_name in workers:
                     timings[profile_name].append(_unit_timing(name, spaced[profile_name], saturated[profile_name]))
                 sample_drift(name)
@@ -416,9 +417,10 @@ def _measure_interleaved(
                     + ", ".join(f"{p.name} {len(saturated[p.name].wall_ms)}" for p in profiles)
                     + f" runs; drift reference {drift[-1].cpu_ms:.1f} ms"
                 )
-            reference_worker.unload(DRIFT_SEGMENT)
             current = "the reference run"
-            reference_end = {name: timed("reference runs", _reference_cpu_ms, worker, model_blob, model_inputs) for name, worker in workers.items()}
+            reference_end = {name: timed("reference runs", _reference_cpu_ms, worker, model_inputs) for name, worker in workers.items()}
+            for worker in workers.values():
+                worker.unload(REFERENCE_SEGMENT)
             current = "the hop fit"
             link = timed("hop fits", fit_link, reference_worker, echo_blob, log)
             if container_link and len(profiles) > 1:
