@@ -237,7 +237,7 @@ def leave_one_out(calibration: Calibration, *, normalise: bool = False) -> list[
 
 
 def accuracy(items: Sequence[Comparison]) -> dict:
-    """Share of predictions within 5 % and 10 % of the measurement, and the median and largest error."""
+    """Return the share of predictions within 5 % and 10 % of the measurement, and the median and largest error."""
     errors = np.abs([c.error for c in items])
     if len(errors) == 0:
         return {"predictions": 0}

@@ -117,7 +117,7 @@ def _unit_timing(name: str, spaced: Measurement, saturated: Measurement) -> Unit
 
 
 def _reference_cpu_ms(worker, inputs: list[np.ndarray]) -> float:
-    """Return the median CPU time of the whole model (loaded as ``REFERENCE_SEGMENT``), back to back: the yardstick for drift."""
+    """Return the median back-to-back CPU time of the whole model (loaded as ``REFERENCE_SEGMENT``), the yardstick for drift."""
     reply = worker.profile(REFERENCE_SEGMENT, inputs, warmup=3, repeats=REFERENCE_REPEATS, gap_ms=0.0)
     return float(np.median(reply["cpu_ms"]))
 
@@ -357,7 +357,7 @@ def _measure_interleaved(
     finally:
         containers_log.setLevel(level)
     phase_s = {"start": time.perf_counter() - started}
-    # Loading is not timed, so the workers load each program at once, one thread per worker.
+    # Loading is not timed, so all workers load a program at the same time, one thread per worker.
     loader = ThreadPoolExecutor(max_workers=len(profiles), thread_name_prefix="amp4ec-load")
     try:
         exporter.join()
@@ -561,9 +561,10 @@ def _memory_search(
 ) -> list[str]:
     """Bisect each segment's smallest memory limit once per thread count and attach it to every profile with that count.
 
-    A worker's memory does not depend on its CPU quota, so profiles that differ only in quota
-    share one search, run in a container with the largest memory limit and CPU quota of the
-    group. A profile whose own limit is below a segment's minimum gets a warning, and the
+    Profiles that differ only in quota share one search, run in a container with the largest
+    memory limit and CPU quota of the group, because a forward allocates the same tensors
+    whatever the quota. NOTE: this assumes the allocator's peak does not depend on the quota,
+    which no test checks. A profile whose own limit is below a segment's minimum gets a warning, and the
     warnings are returned.
     """
     from amp4ec.calibrate.memory import MIB, search_min_memory
