@@ -7,9 +7,8 @@ on the run's bridge network, which the Docker API reports, so traffic stays on n
 project created. Workers on another engine (see engines.py) publish their port on that
 engine's 127.0.0.1 only.
 
-Workers run as uid 10001 on a read-only root filesystem with every capability dropped. When
-the run shapes links (shaping.py), the containers get NET_ADMIN back, and tc runs in them
-through `docker exec` as uid 0; the worker itself stays unprivileged.
+Workers run as uid 10001 on a read-only root filesystem with every capability dropped,
+whether or not the run shapes links: tc runs in a separate shaper container (shaping.py).
 """
 
 from __future__ import annotations
@@ -181,7 +180,7 @@ class WorkerCluster:
         shapes: Mapping[str, object] | None = None,
     ):
         """``shapes`` maps node names to shaping.LinkShape; the nodes named there are shaped
-        after they start, and every container then gets NET_ADMIN."""
+        after they start."""
         from amp4ec.real.engines import EngineClients
 
         check_node_specs(nodes)
@@ -255,9 +254,7 @@ class WorkerCluster:
             for node in self.nodes:
                 self._wait_ready(node, deadline)
             for node in self.nodes:
-                problems = isolation_problems(
-                    self.containers[node.name], net_admin=bool(self.shapes), published=not self.on_default_engine(node)
-                )
+                problems = isolation_problems(self.containers[node.name], published=not self.on_default_engine(node))
                 if problems:
                     raise DockerError(f"the container of node {node.name} is not isolated as set: {'; '.join(problems)}")
                 if node.name in self.shapes:
@@ -344,7 +341,6 @@ class WorkerCluster:
                 read_only=True,
                 tmpfs={"/tmp": TMPFS_OPTIONS},
                 cap_drop=["ALL"],
-                cap_add=["NET_ADMIN"] if self.shapes else None,
                 ports=ports,
                 security_opt=["no-new-privileges"],
                 user=WORKER_USER,
@@ -422,7 +418,8 @@ class WorkerCluster:
         """Shape a started node's link (again after a restart, which resets it); return the result."""
         from amp4ec.real.shaping import apply_shaping
 
-        result = apply_shaping(self.containers[node_name], self.shapes[node_name])
+        labels = {**self.labels, NODE_LABEL: node_name}
+        result = apply_shaping(self.containers[node_name], self.shapes[node_name], labels=labels)
         self.shaping[node_name] = result
         return result
 
@@ -493,13 +490,13 @@ def container_address(container, network_name: str) -> str | None:
     return address or None
 
 
-def isolation_problems(container, *, net_admin: bool, published: bool = False) -> list[str]:
+def isolation_problems(container, *, published: bool = False) -> list[str]:
     """Return how a worker container departs from the hardening the cluster sets (empty: none).
 
     Checked in the engine's view of the container: a read-only root filesystem, every
-    capability dropped, NET_ADMIN added back only when ``net_admin``, the unprivileged user,
-    no-new-privileges, and no published port unless ``published`` (workers on another
-    engine), in which case every binding must be on 127.0.0.1.
+    capability dropped and none added, the unprivileged user, no-new-privileges, and no
+    published port unless ``published`` (workers on another engine), in which case every
+    binding must be on 127.0.0.1.
     """
     container.reload()
     host_config = container.attrs.get("HostConfig", {})
@@ -508,9 +505,8 @@ def isolation_problems(container, *, net_admin: bool, published: bool = False) -
         problems.append(f"ReadonlyRootfs is {host_config.get('ReadonlyRootfs')!r}, expected True")
     if host_config.get("CapDrop") != ["ALL"]:
         problems.append(f"CapDrop is {host_config.get('CapDrop')!r}, expected ['ALL']")
-    expected_cap_add = ["NET_ADMIN"] if net_admin else []
-    if list(host_config.get("CapAdd") or []) != expected_cap_add:
-        problems.append(f"CapAdd is {host_config.get('CapAdd')!r}, expected {expected_cap_add}")
+    if host_config.get("CapAdd"):
+        problems.append(f"CapAdd is {host_config.get('CapAdd')!r}, expected none")
     if host_config.get("Privileged"):
         problems.append("Privileged is True")
     if "no-new-privileges" not in (host_config.get("SecurityOpt") or []):

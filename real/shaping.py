@@ -12,16 +12,16 @@ The simulator gives every node one link to the coordinator with a bandwidth
   input and again when the stage's output arrives. The second wait takes the place of the
   node's wait before it sends, because every output passes through the coordinator.
 
-tc runs inside the container's network namespace through `docker exec` as uid 0, with the
-container's own capabilities only (NET_ADMIN, added when shaping is on), never privileged.
-The method used for each node is recorded in the run's run.json.
+tc runs in the container's network namespace from a short-lived shaper container (uid 0,
+NET_ADMIN as its only capability, never privileged), so the worker itself keeps no
+capability. The method used for each node is recorded in the run's run.json.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from amp4ec.errors import DockerError
 
@@ -36,6 +36,12 @@ BURST_S = 0.001
 QUEUE_LATENCY_MS = 500
 INTERFACE = "eth0"
 IFB_INTERFACE = "ifb0"
+
+NETEM_PROBE = "netem delay 1ms"
+SHAPER_TIMEOUT_S = 60.0
+# Label of a shaper container: the name of the worker container it shapes.
+SHAPER_LABEL = "amp4ec.shaper_of"
+SHAPER_CONFIG_KEYS = ("CapAdd", "CapDrop", "ReadonlyRootfs", "NetworkMode", "Privileged")
 
 METHOD_NETEM = "netem"
 METHOD_SENDER = "sender"
@@ -60,6 +66,8 @@ class ShapingResult:
     delay_ms: float
     bandwidth_method: str
     delay_method: str
+    shaper: dict = field(default_factory=dict)
+    """HostConfig fields of the shaper container (SHAPER_CONFIG_KEYS) and its User"""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -87,23 +95,15 @@ def tbf_arguments(bandwidth_bps: float) -> str:
     return f"rate {int(bandwidth_bps)}bit burst {burst_bytes} latency {QUEUE_LATENCY_MS}ms"
 
 
-def exec_root(container, command: str) -> tuple[int, str]:
-    """Run a shell command in the container as uid 0, unprivileged; return (exit code, output)."""
+def exec_in(container, command: str) -> tuple[int, str]:
+    """Run a shell command in the container as its own user; return (exit code, output)."""
     import docker.errors
 
     try:
-        result = container.exec_run(["/bin/sh", "-c", command], user="0", privileged=False)
+        result = container.exec_run(["/bin/sh", "-c", command])
     except docker.errors.APIError as error:
         raise DockerError(f"docker exec in container {container.name} failed: {error}") from error
     return result.exit_code, result.output.decode("utf-8", errors="replace").strip()
-
-
-def kernel_has_netem(container) -> bool:
-    """Tell whether the kernel accepts a netem qdisc, tried on the container's loopback device."""
-    code, output = exec_root(container, "tc qdisc add dev lo root netem delay 1ms && tc qdisc del dev lo root")
-    if code != 0:
-        log.info("container %s: netem unavailable (%s); delays will be emulated by the sender", container.name, output)
-    return code == 0
 
 
 def shaping_commands(shape: LinkShape, *, netem: bool) -> list[str]:
@@ -125,33 +125,78 @@ def shaping_commands(shape: LinkShape, *, netem: bool) -> list[str]:
     return commands
 
 
-def apply_shaping(container, shape: LinkShape) -> ShapingResult:
+def shaper_script(shape: LinkShape) -> str:
+    """Return the shell script the shaper container runs: a netem probe, then the tc commands.
+
+    It prints "netem=yes" or "netem=no" first. Each command is echoed before it runs, and
+    the script stops at the first failure.
+    """
+    lines = ["set -e", "netem=no"]
+    if shape.delay_ms > 0:
+        # The probe uses the loopback device, which the shaping leaves alone.
+        lines.append(f"if tc qdisc add dev lo root {NETEM_PROBE} 2>/dev/null; then tc qdisc del dev lo root; netem=yes; fi")
+    lines.append('echo "netem=$netem"')
+    without_netem = set(shaping_commands(shape, netem=False))
+    for command in shaping_commands(shape, netem=True):
+        lines.append(f"echo '+ {command}'")
+        lines.append(command if command in without_netem else f'[ "$netem" = no ] || {command}')
+    return "\n".join(lines) + "\n"
+
+
+def apply_shaping(container, shape: LinkShape, *, labels: dict[str, str] | None = None) -> ShapingResult:
     """Shape the container's link with tc and return the methods used.
 
-    Raises DockerError with tc's output when a command fails, for example when the
-    container lacks NET_ADMIN or the image lacks iproute2.
+    tc runs in a short-lived shaper container on the same engine, from the worker's image,
+    that joins the worker's network namespace as uid 0 with NET_ADMIN as its only
+    capability. The qdiscs stay after it exits, and the worker never has a capability.
+    Raises DockerError with the script's output when a command fails.
     """
-    code, output = exec_root(container, "command -v tc && command -v ip")
-    if code != 0:
-        raise DockerError(
-            f"container {container.name} has no tc or ip; rebuild the worker image (it installs "
-            "iproute2) or turn network.shaping off"
+    import docker.errors
+
+    engine = container.client
+    image = container.attrs.get("Config", {}).get("Image") or container.image.id
+    try:
+        shaper = engine.containers.run(
+            image,
+            ["/bin/sh", "-c", shaper_script(shape)],
+            detach=True,
+            name=f"{container.name}-shaper",
+            network_mode=f"container:{container.id}",
+            user="0",
+            cap_drop=["ALL"],
+            cap_add=["NET_ADMIN"],
+            read_only=True,
+            security_opt=["no-new-privileges"],
+            labels={**(labels or {}), SHAPER_LABEL: container.name},
         )
-    netem = shape.delay_ms > 0 and kernel_has_netem(container)
-    for command in shaping_commands(shape, netem=netem):
-        code, output = exec_root(container, command)
-        if code != 0:
-            raise DockerError(
-                f"shaping node {shape.node}: `{command}` failed with exit status {code}: {output}. "
-                "The container needs the NET_ADMIN capability and a kernel with tbf, ifb and "
-                "the u32 classifier; turn network.shaping off to run unshaped."
-            )
+    except docker.errors.APIError as error:
+        raise DockerError(f"cannot start the shaper container of node {shape.node}: {error}") from error
+    try:
+        status = shaper.wait(timeout=SHAPER_TIMEOUT_S)
+        output = shaper.logs().decode("utf-8", errors="replace").strip()
+        shaper.reload()
+        shaper_config = {key: shaper.attrs["HostConfig"].get(key) for key in SHAPER_CONFIG_KEYS}
+        shaper_config["User"] = shaper.attrs["Config"].get("User")
+    except (docker.errors.DockerException, OSError) as error:
+        raise DockerError(f"the shaper container of node {shape.node} did not finish: {error}") from error
+    finally:
+        try:
+            shaper.remove(force=True)
+        except docker.errors.DockerException as error:
+            log.error("cannot remove shaper container %s: %s", shaper.name, error)
+    if status.get("StatusCode") != 0:
+        raise DockerError(
+            f"shaping node {shape.node} failed with exit status {status.get('StatusCode')}; the shaper's "
+            f"output:\n{output}\nThe kernel needs tbf, ifb and the u32 classifier; turn network.shaping "
+            "off to run unshaped."
+        )
+    netem = output.splitlines()[:1] == ["netem=yes"]
     if shape.delay_ms <= 0:
         delay_method = METHOD_NONE
     else:
         delay_method = METHOD_NETEM if netem else METHOD_SENDER
     result = ShapingResult(
-        shape.node, shape.bandwidth_bps, shape.delay_ms, f"tc tbf on {INTERFACE} and {IFB_INTERFACE}", delay_method
+        shape.node, shape.bandwidth_bps, shape.delay_ms, f"tc tbf on {INTERFACE} and {IFB_INTERFACE}", delay_method, shaper_config
     )
     log.info("container %s: shaped to %s bit/s, delay %s ms by %s", container.name, int(shape.bandwidth_bps), shape.delay_ms, delay_method)
     return result
@@ -159,7 +204,7 @@ def apply_shaping(container, shape: LinkShape) -> ShapingResult:
 
 def qdisc_report(container) -> str:
     """Return `tc -s qdisc show` of the container, for logs and checks."""
-    code, output = exec_root(container, "tc -s qdisc show")
+    code, output = exec_in(container, "tc -s qdisc show")
     return output if code == 0 else f"(tc failed with exit status {code}: {output})"
 
 

@@ -181,8 +181,8 @@ def test_cluster_spans_two_engines(docker_client, worker_image, second_engine):
             assert not cluster.addresses["local"].startswith("tcp://127.0.0.1:")
             assert [c.id for c in engine_b.containers.list(filters={"label": f"amp4ec.run={run_id}"})] == [second.id]
             assert second.id not in [c.id for c in docker_client.containers.list(all=True)]
-            assert isolation_problems(local, net_admin=False) == []
-            assert isolation_problems(second, net_admin=False, published=True) == []
+            assert isolation_problems(local) == []
+            assert isolation_problems(second, published=True) == []
             assert second.attrs["HostConfig"]["PortBindings"]["5555/tcp"][0]["HostIp"] == "127.0.0.1"
 
         assert labelled_resources(docker_client, run_id) == {"containers": [], "networks": []}

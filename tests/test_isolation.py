@@ -1,4 +1,7 @@
-"""Worker isolation, read from running containers: no ports, non-root, read-only, no capabilities."""
+"""Worker isolation, read from running containers: no ports, non-root, read-only, no capabilities.
+
+With shaping on, only the short-lived shaper container gets NET_ADMIN; the worker gets none.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from amp4ec.real.containers import (
     isolation_problems,
     remove_container,
 )
-from amp4ec.real.shaping import LinkShape
+from amp4ec.real.shaping import SHAPER_LABEL, LinkShape
 
 from conftest import new_test_run_id
 
@@ -22,13 +25,13 @@ pytestmark = pytest.mark.docker
 NODE = NodeSpec("iso", 0.5, 512 * 2**20)
 
 
-def check_host_config(container, *, cap_add: list[str]) -> None:
+def check_host_config(container) -> None:
     container.reload()
     host_config = container.attrs["HostConfig"]
 
     assert host_config["ReadonlyRootfs"] is True
     assert host_config["CapDrop"] == ["ALL"]
-    assert list(host_config.get("CapAdd") or []) == cap_add
+    assert not host_config.get("CapAdd")
     assert host_config["Privileged"] is False
     assert "no-new-privileges" in host_config["SecurityOpt"]
     assert not host_config.get("PortBindings")
@@ -53,20 +56,30 @@ def test_unshaped_worker_isolated(docker_client, worker_image):
     with WorkerCluster(docker_client, [NODE], image=worker_image, run_id=new_test_run_id()) as cluster:
         container = cluster.container_for(NODE.name)
 
-        check_host_config(container, cap_add=[])
+        check_host_config(container)
         check_process(container)
-        assert isolation_problems(container, net_admin=False) == []
+        assert isolation_problems(container) == []
 
 
-def test_shaped_worker_gets_net_admin_only(docker_client, worker_image):
+def test_shaped_worker_stays_isolated(docker_client, worker_image):
     shapes = {NODE.name: LinkShape(NODE.name, 100e6, 0.0)}
     with WorkerCluster(docker_client, [NODE], image=worker_image, run_id=new_test_run_id(), shapes=shapes) as cluster:
         container = cluster.container_for(NODE.name)
+        shaper = cluster.shaping[NODE.name].shaper
+        qdiscs = container.exec_run(["tc", "qdisc", "show", "dev", "eth0"]).output.decode()
 
-        check_host_config(container, cap_add=["NET_ADMIN"])
-        # The worker process itself keeps no effective capability: it runs as uid 10001.
+        check_host_config(container)
         check_process(container)
-        assert isolation_problems(container, net_admin=True) == []
+        assert isolation_problems(container) == []
+        assert "tbf" in qdiscs
+        # Only the shaper, which exits once the qdiscs are set, had NET_ADMIN.
+        assert shaper["CapAdd"] == ["NET_ADMIN"]
+        assert shaper["CapDrop"] == ["ALL"]
+        assert shaper["Privileged"] is False
+        assert shaper["ReadonlyRootfs"] is True
+        assert shaper["NetworkMode"] == f"container:{container.id}"
+        assert shaper["User"] == "0"
+        assert not docker_client.containers.list(all=True, filters={"label": f"{SHAPER_LABEL}={container.name}"})
 
 
 def test_problems_listed_for_plain_container(docker_client, worker_image):
@@ -80,7 +93,7 @@ def test_problems_listed_for_plain_container(docker_client, worker_image):
         labels={PROJECT_LABEL: "amp4ec", RUN_LABEL: run_id},
     )
     try:
-        problems = isolation_problems(container, net_admin=False)
+        problems = isolation_problems(container)
     finally:
         remove_container(container)
 

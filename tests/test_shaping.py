@@ -186,7 +186,7 @@ def identity_segment():
 def shaped_cluster(docker_client, worker_image):
     from amp4ec.real.containers import NodeSpec, WorkerCluster
 
-    nodes = [NodeSpec("slow", 1.0, 512 * 2**20), NodeSpec("late", 1.0, 512 * 2**20)]
+    nodes = [NodeSpec("slow", 0.5, 512 * 2**20), NodeSpec("late", 0.5, 512 * 2**20)]
     shapes = {"slow": LinkShape("slow", BANDWIDTH_BPS, 0.0), "late": LinkShape("late", 1e9, DELAY_MS)}
     with WorkerCluster(docker_client, nodes, image=worker_image, run_id=new_test_run_id(), shapes=shapes) as cluster:
         yield cluster
