@@ -493,10 +493,10 @@ def container_address(container, network_name: str) -> str | None:
 def isolation_problems(container, *, published: bool = False) -> list[str]:
     """Return how a worker container departs from the hardening the cluster sets (empty: none).
 
-    Checked in the engine's view of the container: a read-only root filesystem, every
-    capability dropped and none added, the unprivileged user, no-new-privileges, and no
-    published port unless ``published`` (workers on another engine), in which case every
-    binding must be on 127.0.0.1.
+    The checks read the engine's view of the container: a read-only root filesystem, every
+    capability dropped and none added, the unprivileged user and no-new-privileges. No port
+    may be published unless ``published`` (workers on another engine), and then only on
+    127.0.0.1.
     """
     container.reload()
     host_config = container.attrs.get("HostConfig", {})

@@ -34,6 +34,12 @@ BURST_S = 0.001
 # Packets wait at most this long in the tbf queue before the kernel drops them. A deep
 # queue keeps TCP from losing packets, so a transfer of N bytes takes about N / rate.
 QUEUE_LATENCY_MS = 500
+# tbf counts whole Ethernet frames, and a full TCP segment on a 1500-byte MTU carries 1448
+# payload bytes (with TCP timestamps) in a 1514-byte frame. The rate is raised by this
+# factor so the payload flows at the scenario's bandwidth, which is what the simulator
+# charges (bytes * 8 / bandwidth). Without it, 0.3 to 4 MB transfers took 4.5 % longer than
+# N / rate (Docker 20.10, Linux 6.18 VM with 2 cores).
+FRAME_BYTES_PER_PAYLOAD_BYTE = 1514 / 1448
 INTERFACE = "eth0"
 IFB_INTERFACE = "ifb0"
 
@@ -88,11 +94,16 @@ def link_shapes(scenario) -> dict[str, LinkShape]:
     return shapes
 
 
+def tbf_rate_bps(bandwidth_bps: float) -> int:
+    """Return the tbf rate in bits per second (frames) that carries ``bandwidth_bps`` of payload."""
+    return int(round(bandwidth_bps * FRAME_BYTES_PER_PAYLOAD_BYTE))
+
+
 def tbf_arguments(bandwidth_bps: float) -> str:
-    """Return the tbf parameters (rate, burst, latency) for a bandwidth in bits per second."""
-    rate_bytes_per_s = bandwidth_bps / 8
-    burst_bytes = max(MIN_BURST_BYTES, int(rate_bytes_per_s * BURST_S))
-    return f"rate {int(bandwidth_bps)}bit burst {burst_bytes} latency {QUEUE_LATENCY_MS}ms"
+    """Return the tbf parameters (rate, burst, latency) for a payload bandwidth in bits per second."""
+    rate_bps = tbf_rate_bps(bandwidth_bps)
+    burst_bytes = max(MIN_BURST_BYTES, int(rate_bps / 8 * BURST_S))
+    return f"rate {rate_bps}bit burst {burst_bytes} latency {QUEUE_LATENCY_MS}ms"
 
 
 def exec_in(container, command: str) -> tuple[int, str]:
@@ -196,7 +207,12 @@ def apply_shaping(container, shape: LinkShape, *, labels: dict[str, str] | None 
     else:
         delay_method = METHOD_NETEM if netem else METHOD_SENDER
     result = ShapingResult(
-        shape.node, shape.bandwidth_bps, shape.delay_ms, f"tc tbf on {INTERFACE} and {IFB_INTERFACE}", delay_method, shaper_config
+        shape.node,
+        shape.bandwidth_bps,
+        shape.delay_ms,
+        f"tc tbf on {INTERFACE} and {IFB_INTERFACE} at {tbf_rate_bps(shape.bandwidth_bps)} bit/s of frames",
+        delay_method,
+        shaper_config,
     )
     log.info("container %s: shaped to %s bit/s, delay %s ms by %s", container.name, int(shape.bandwidth_bps), shape.delay_ms, delay_method)
     return result

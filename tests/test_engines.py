@@ -20,6 +20,9 @@ SECOND_SOCKET_NAME = "docker.sock"
 # The second engine's networks come from this pool, which must not overlap the default
 # engine's (172.17.0.0/16 and up), or the host would route one subnet to two bridges.
 SECOND_ADDRESS_POOL = "base=10.213.0.0/16,size=24"
+# The second engine's default bridge, created by the test. `dockerd --bridge=none` would
+# delete the host's docker0 at startup (moby 20.10 does), breaking the default engine.
+SECOND_BRIDGE_ADDRESS = "10.214.0.1/24"
 ENGINE_START_TIMEOUT_S = 60.0
 ENGINE_STOP_TIMEOUT_S = 30.0
 
@@ -100,31 +103,56 @@ def second_engine(docker_client):
     root = Path(subprocess.check_output(["mktemp", "-d", "/tmp/amp4ec-engine-XXXXXX"], text=True).strip())
     socket_path = root / SECOND_SOCKET_NAME
     url = f"unix://{socket_path}"
+    # Interface names have at most 15 characters.
+    bridge = f"amp4ecb-{root.name[-6:]}"
+    create_bridge(bridge)
     command = [
         dockerd,
         f"--host={url}",
         f"--data-root={root / 'data'}",
         f"--exec-root={root / 'exec'}",
         f"--pidfile={root / 'dockerd.pid'}",
-        "--bridge=none",
+        f"--bridge={bridge}",
         # The default engine owns the host's iptables rules. Published ports of this engine
         # go through its userland proxy instead.
         "--iptables=false",
         f"--default-address-pool={SECOND_ADDRESS_POOL}",
     ]
     log_file = open(root / "dockerd.log", "wb")
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError:
+        log_file.close()
+        delete_bridge(bridge)
+        raise
     try:
         wait_for_engine(url, process, root)
         yield url
     finally:
         stop_engine(process)
         log_file.close()
+        delete_bridge(bridge)
         left = mounts_under(root)
         if left:
             print(f"\nsecond engine: {root} kept because these are still mounted: {', '.join(left)}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def create_bridge(name: str) -> None:
+    for command in (
+        ["ip", "link", "add", "name", name, "type", "bridge"],
+        ["ip", "addr", "add", SECOND_BRIDGE_ADDRESS, "dev", name],
+        ["ip", "link", "set", name, "up"],
+    ):
+        completed = subprocess.run(command, capture_output=True, text=True)
+        if completed.returncode != 0:
+            delete_bridge(name)
+            pytest.fail(f"`{' '.join(command)}` failed: {completed.stderr.strip()}")
+
+
+def delete_bridge(name: str) -> None:
+    subprocess.run(["ip", "link", "delete", name], capture_output=True)
 
 
 def wait_for_engine(url: str, process: subprocess.Popen, root: Path) -> None:
@@ -186,6 +214,10 @@ def test_cluster_spans_two_engines(docker_client, worker_image, second_engine):
             assert second.attrs["HostConfig"]["PortBindings"]["5555/tcp"][0]["HostIp"] == "127.0.0.1"
 
         assert labelled_resources(docker_client, run_id) == {"containers": [], "networks": []}
+        # The default engine's bridge survives the second engine.
+        assert docker_client.containers.run(
+            worker_image, ["true"], remove=True, labels={"amp4ec.project": "amp4ec", "amp4ec.run": run_id}
+        ) == b""
         assert labelled_resources(engine_b, run_id) == {"containers": [], "networks": []}
     finally:
         engine_b.close()

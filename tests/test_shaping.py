@@ -70,8 +70,8 @@ def test_shaping_defaults_to_off():
 
 
 def test_tbf_burst_scales_with_rate():
-    assert tbf_arguments(8e6) == "rate 8000000bit burst 65536 latency 500ms"
-    assert tbf_arguments(1e9) == "rate 1000000000bit burst 125000 latency 500ms"
+    assert tbf_arguments(8e6) == "rate 8364641bit burst 65536 latency 500ms"
+    assert tbf_arguments(1e9) == "rate 1045580110bit burst 130697 latency 500ms"
 
 
 def test_commands_shape_both_directions():
@@ -79,7 +79,7 @@ def test_commands_shape_both_directions():
 
     assert "ip link add ifb0 type ifb" in commands
     assert any("mirred egress redirect dev ifb0" in c for c in commands)
-    assert sum("root handle 1: tbf rate 8000000bit" in c for c in commands) == 2
+    assert sum("root handle 1: tbf rate 8364641bit" in c for c in commands) == 2
     assert not any("netem" in c for c in commands)
 
 
@@ -250,7 +250,8 @@ def test_recorded_methods_match_kernel(shaped_cluster):
 
     assert slow.delay_method == METHOD_NONE
     assert late.delay_method == (METHOD_NETEM if netem == "y" else METHOD_SENDER)
-    assert slow.bandwidth_method == late.bandwidth_method == "tc tbf on eth0 and ifb0"
+    assert slow.bandwidth_method == "tc tbf on eth0 and ifb0 at 8364641 bit/s of frames"
+    assert late.bandwidth_method.startswith("tc tbf on eth0 and ifb0 at ")
     report = qdisc_report(shaped_cluster.container_for("slow"))
     assert "tbf" in report
     assert "ifb0" in report
