@@ -21,7 +21,7 @@ SECOND_SOCKET_NAME = "docker.sock"
 # engine's (172.17.0.0/16 and up), or the host would route one subnet to two bridges.
 SECOND_ADDRESS_POOL = "base=10.213.0.0/16,size=24"
 # The second engine's default bridge, created by the test. `dockerd --bridge=none` would
-# delete the host's docker0 at startup (moby 20.10 does), breaking the default engine.
+# delete the host's docker0 at startup (seen with dockerd 20.10.24), breaking the default engine.
 SECOND_BRIDGE_ADDRESS = "10.214.0.1/24"
 ENGINE_START_TIMEOUT_S = 60.0
 ENGINE_STOP_TIMEOUT_S = 30.0
