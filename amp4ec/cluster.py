@@ -47,6 +47,7 @@ def expand_groups(groups: list["NodeGroupSpec"], seed: int, taken: set[str]) -> 
                     bandwidth_mbps=profile.bandwidth_mbps,
                     latency_ms=profile.latency_ms,
                     present=True,
+                    engine=group.engine,
                 )
             )
     return nodes

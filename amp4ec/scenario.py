@@ -7,6 +7,7 @@ included) is written next to every run's results so the run describes itself.
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,11 @@ class NodeSpec(_Strict):
     bandwidth_mbps: float | None = Field(default=None, gt=0, description="this node's link; default network.bandwidth_mbps")
     latency_ms: float | None = Field(default=None, ge=0, description="this node's per-hop cost; default network.latency_ms")
     present: bool = Field(default=True, description="false: the node is absent until a join event")
+    engine: str | None = Field(
+        default=None,
+        description="replay only: Docker engine of this node's container, a name from [engines] or a URL such as "
+        "unix:///var/run/docker-b.sock; default: the engine of DOCKER_HOST",
+    )
 
     @property
     def torch_threads(self) -> int:
@@ -149,6 +155,11 @@ class NetworkSpec(_Strict):
     latency_ms: float | None = Field(
         default=None, ge=0, description="fixed cost per hop in ms; default: the calibrated value, else 0.2"
     )
+    shaping: bool = Field(
+        default=False,
+        description="replay only: shape each worker's link to its bandwidth_mbps with tc, and add latency_ms as "
+        "a delay (netem, or the coordinator waits where the kernel lacks netem)",
+    )
 
 
 class MonitorSpec(_Strict):
@@ -157,6 +168,8 @@ class MonitorSpec(_Strict):
     period_s: float = Field(default=1.0, gt=0, description="how often node state is sampled")
     delay_s: float = Field(default=0.0, ge=0, description="how long a sample takes to reach the scheduler")
 
+
+ENGINE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 DYNAMICS_ACTIONS = ("fail", "recover", "leave", "join", "pause", "resume", "restart", "set_cpus")
 
@@ -200,6 +213,7 @@ class NodeGroupSpec(_Strict):
     prefix: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     count: int = Field(ge=1, le=1_000_000)
     profiles: list[NodeProfileMix] = Field(min_length=1)
+    engine: str | None = Field(default=None, description="replay only: Docker engine of the group's nodes (see nodes.engine)")
 
 
 class EventSpec(_Strict):
@@ -289,6 +303,11 @@ class Scenario(_Strict):
     events: list[EventSpec] = Field(default_factory=list, description="the dynamics timeline, read by simulate and replay")
     dynamics: list[DynamicsEvent] = Field(default_factory=list, description="deprecated: read into events")
     adaptation: AdaptationSpec = Field(default_factory=AdaptationSpec)
+    engines: dict[str, str] = Field(
+        default_factory=dict,
+        description="replay only: Docker engines by name, each a URL such as unix:///var/run/docker-b.sock or "
+        "tcp://10.0.0.2:2375; nodes and node groups name them in their engine field",
+    )
     # Where each event came from (events[i], dynamics[j], adaptation.capacity_changes[k]), for messages.
     _event_origins: list[str] = PrivateAttr(default_factory=list)
 
@@ -314,6 +333,7 @@ class Scenario(_Strict):
             raise ValueError("the scenario has no nodes; add [[nodes]] or [[node_groups]]")
         self._event_origins = translate_legacy(self)
         check_events(self)
+        self._check_engines()
         return self
 
     def event_origins(self) -> list[str]:
@@ -321,6 +341,27 @@ class Scenario(_Strict):
         if len(self._event_origins) == len(self.events):
             return list(self._event_origins)
         return [f"events[{i}]" for i in range(len(self.events))]
+
+    def _check_engines(self) -> None:
+        for name, url in self.engines.items():
+            if not ENGINE_NAME_PATTERN.fullmatch(name):
+                raise ValueError(f"engines: name {name!r} is invalid; use letters, digits, '_', '.' or '-'")
+            if "://" not in url:
+                raise ValueError(f"engines.{name} = {url!r} is not a URL; write it as unix:///path/docker.sock or tcp://host:port")
+        for node in self.nodes:
+            if node.engine is not None and node.engine not in self.engines and "://" not in node.engine:
+                known = ", ".join(sorted(self.engines)) or "none defined"
+                raise ValueError(
+                    f"node {node.name}: engine {node.engine!r} is neither a name in [engines] ({known}) nor a URL "
+                    "such as unix:///var/run/docker-b.sock"
+                )
+
+    def engine_url(self, node_name: str) -> str | None:
+        """Return the Docker engine URL of a node's container, or None for the default engine."""
+        engine = self.node(node_name).engine
+        if engine is None:
+            return None
+        return self.engines.get(engine, engine)
 
     def node(self, name: str) -> NodeSpec:
         for node in self.nodes:

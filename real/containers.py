@@ -2,8 +2,13 @@
 
 Every container and network carries the labels amp4ec.project=amp4ec and amp4ec.run=<run
 id> (containers also amp4ec.node=<name>), so `remove_labelled` finds what a crashed run left.
-Workers publish no ports. The host reaches them at their IP address on the run's bridge
-network, which the Docker API reports, so traffic stays on networks the project created.
+Workers on the default engine publish no ports. The host reaches them at their IP address
+on the run's bridge network, which the Docker API reports, so traffic stays on networks the
+project created. Workers on another engine (see engines.py) publish their port on that
+engine's 127.0.0.1 only.
+
+Workers run as uid 10001 on a read-only root filesystem with every capability dropped,
+whether or not the run shapes links: tc runs in a separate shaper container (shaping.py).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from amp4ec.errors import DockerError, UsageError, WorkerError
@@ -60,12 +65,14 @@ class OversubscriptionWarning(UserWarning):
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """One worker container: name, CPU limit (cores), memory limit (bytes), torch threads."""
+    """One worker container: name, CPU limit (cores), memory limit (bytes), torch threads,
+    and the URL of its Docker engine (None: the default engine)."""
 
     name: str
     cpus: float
     memory_bytes: int
     threads: int = 1
+    engine: str | None = None
 
 
 def docker_client(*, timeout_s: float = 120.0):
@@ -140,6 +147,12 @@ def check_node_specs(nodes: Sequence) -> None:
                 f"{DOCKER_MIN_MEMORY_BYTES} (Docker's minimum)",
                 field="nodes.memory_bytes",
             )
+        engine = getattr(node, "engine", None)
+        if engine is not None and (not isinstance(engine, str) or "://" not in engine):
+            raise UsageError(
+                f"node {name}: engine={engine!r} must be a Docker engine URL such as unix:///var/run/docker-b.sock",
+                field="nodes.engine",
+            )
         if not isinstance(node.threads, int) or node.threads < 1:
             raise UsageError(f"node {name}: threads={node.threads!r} must be an integer >= 1", field="nodes.threads")
 
@@ -164,9 +177,20 @@ class WorkerCluster:
         request_timeout_s: float = 30.0,
         labels: dict[str, str] | None = None,
         handle_signals: bool = True,
+        shapes: Mapping[str, object] | None = None,
     ):
+        """``shapes`` maps node names to shaping.LinkShape; the nodes named there are shaped
+        after they start."""
+        from amp4ec.real.engines import EngineClients
+
         check_node_specs(nodes)
         self.client = client
+        self.engines = EngineClients(client)
+        self.shapes = dict(shapes or {})
+        unknown = sorted(set(self.shapes) - {node.name for node in nodes})
+        if unknown:
+            raise UsageError(f"link shapes name unknown nodes: {', '.join(unknown)}", field="shapes")
+        self.shaping: dict[str, object] = {}
         self.nodes = list(nodes)
         self.image = image
         self.run_id = run_id or new_run_id()
@@ -180,6 +204,7 @@ class WorkerCluster:
         self.handle_signals = handle_signals
         self.network_name = f"amp4ec-{self.run_id}"
         self.network = None
+        self.other_networks: dict[str, object] = {}
         self.containers: dict[str, object] = {}
         self.addresses: dict[str, str] = {}
         self.clients: dict[str, WorkerClient] = {}
@@ -222,11 +247,18 @@ class WorkerCluster:
         atexit.register(self.close)
         try:
             self._create_network()
+            self._prepare_other_engines()
             for node in self.nodes:
                 self._start_container(node)
             deadline = time.monotonic() + self.startup_timeout_s
             for node in self.nodes:
                 self._wait_ready(node, deadline)
+            for node in self.nodes:
+                problems = isolation_problems(self.containers[node.name], published=not self.on_default_engine(node))
+                if problems:
+                    raise DockerError(f"the container of node {node.name} is not isolated as set: {'; '.join(problems)}")
+                if node.name in self.shapes:
+                    self.apply_shaping(node.name)
         except BaseException:
             self.close()
             raise
@@ -259,14 +291,38 @@ class WorkerCluster:
                 f"A run with this id may still exist; remove it with `amp4ec clean --run {self.run_id}`."
             ) from error
 
+    def _prepare_other_engines(self) -> None:
+        """Copy the worker image to every other engine and create the run's network there."""
+        import docker.errors
+
+        from amp4ec.real.engines import copy_image, is_default_engine
+
+        for url in sorted({node.engine for node in self.nodes if not is_default_engine(node.engine)}):
+            engine = self.engines.get(url)
+            copy_image(self.client, engine, self.image, log=log.info)
+            try:
+                self.other_networks[url] = engine.networks.create(
+                    self.network_name, driver="bridge", labels=dict(self.labels), check_duplicate=True
+                )
+            except docker.errors.APIError as error:
+                raise DockerError(f"cannot create network {self.network_name} on engine {url}: {error}") from error
+
+    def on_default_engine(self, node) -> bool:
+        from amp4ec.real.engines import is_default_engine
+
+        return is_default_engine(node.engine)
+
     def container_name(self, node) -> str:
         return f"amp4ec-{self.run_id}-{node.name}"
 
     def _start_container(self, node) -> None:
         import docker.errors
 
+        # A container of another engine cannot join this engine's network, so its worker port
+        # is published on that engine's loopback interface instead.
+        ports = None if self.on_default_engine(node) else {f"{WORKER_PORT}/tcp": ("127.0.0.1", None)}
         try:
-            container = self.client.containers.run(
+            container = self.engines.get(node.engine).containers.run(
                 self.image,
                 detach=True,
                 name=self.container_name(node),
@@ -285,6 +341,7 @@ class WorkerCluster:
                 read_only=True,
                 tmpfs={"/tmp": TMPFS_OPTIONS},
                 cap_drop=["ALL"],
+                ports=ports,
                 security_opt=["no-new-privileges"],
                 user=WORKER_USER,
             )
@@ -312,9 +369,14 @@ class WorkerCluster:
             if state.get("Status") in ("exited", "dead"):
                 raise DockerError(self._startup_failure_message(node, container, state))
             if address is None:
-                address = container_address(container, self.network_name)
+                if self.on_default_engine(node):
+                    address = container_address(container, self.network_name)
+                    endpoint = f"{address}:{WORKER_PORT}"
+                else:
+                    address = published_address(container)
+                    endpoint = address
                 if address is not None:
-                    self.addresses[node.name] = f"tcp://{address}:{WORKER_PORT}"
+                    self.addresses[node.name] = f"tcp://{endpoint}"
                     self.clients[node.name] = WorkerClient(
                         self.addresses[node.name], timeout_s=self.request_timeout_s, node=node.name
                     )
@@ -351,6 +413,15 @@ class WorkerCluster:
                 "torch, plus the segments). Raise memory_bytes for this node."
             )
         return message + f"\nContainer log tail:\n{logs_tail(container)}"
+
+    def apply_shaping(self, node_name: str):
+        """Shape a started node's link (again after a restart, which resets it); return the result."""
+        from amp4ec.real.shaping import apply_shaping
+
+        labels = {**self.labels, NODE_LABEL: node_name}
+        result = apply_shaping(self.containers[node_name], self.shapes[node_name], labels=labels)
+        self.shaping[node_name] = result
+        return result
 
     # Signals
 
@@ -390,9 +461,14 @@ class WorkerCluster:
                 remove_container(container, name)
             if self.network is not None:
                 remove_network(self.network)
+            for network in self.other_networks.values():
+                remove_network(network)
             # A signal can arrive while a create call is in flight: the engine then has a
             # container or network this object never recorded, found only by its label.
             remove_labelled(self.client, run_id=self.run_id)
+            for engine in self.engines.others().values():
+                remove_labelled(engine, run_id=self.run_id)
+            self.engines.close()
         finally:
             self._closed = True
             self._restore_signal_handlers()
@@ -412,6 +488,49 @@ def container_address(container, network_name: str) -> str | None:
     networks = container.attrs.get("NetworkSettings", {}).get("Networks", {}) or {}
     address = networks.get(network_name, {}).get("IPAddress")
     return address or None
+
+
+def isolation_problems(container, *, published: bool = False) -> list[str]:
+    """Return how a worker container departs from the hardening the cluster sets (empty: none).
+
+    The checks read the engine's view of the container: a read-only root filesystem, every
+    capability dropped and none added, the unprivileged user and no-new-privileges. No port
+    may be published unless ``published`` (workers on another engine), and then only on
+    127.0.0.1.
+    """
+    container.reload()
+    host_config = container.attrs.get("HostConfig", {})
+    problems = []
+    if host_config.get("ReadonlyRootfs") is not True:
+        problems.append(f"ReadonlyRootfs is {host_config.get('ReadonlyRootfs')!r}, expected True")
+    if host_config.get("CapDrop") != ["ALL"]:
+        problems.append(f"CapDrop is {host_config.get('CapDrop')!r}, expected ['ALL']")
+    if host_config.get("CapAdd"):
+        problems.append(f"CapAdd is {host_config.get('CapAdd')!r}, expected none")
+    if host_config.get("Privileged"):
+        problems.append("Privileged is True")
+    if "no-new-privileges" not in (host_config.get("SecurityOpt") or []):
+        problems.append(f"SecurityOpt {host_config.get('SecurityOpt')!r} lacks no-new-privileges")
+    user = container.attrs.get("Config", {}).get("User")
+    if user != WORKER_USER:
+        problems.append(f"User is {user!r}, expected {WORKER_USER!r}")
+    bindings = host_config.get("PortBindings") or {}
+    if bindings and not published:
+        problems.append(f"PortBindings is {bindings!r}, expected none")
+    for port, port_bindings in bindings.items():
+        for binding in port_bindings or []:
+            if binding.get("HostIp") != "127.0.0.1":
+                problems.append(f"port {port} is published on {binding.get('HostIp') or 'every address'!r}, expected 127.0.0.1")
+    return problems
+
+
+def published_address(container) -> str | None:
+    """Return "127.0.0.1:<port>" where the engine publishes the worker port, or None before it does."""
+    bindings = (container.attrs.get("NetworkSettings", {}).get("Ports") or {}).get(f"{WORKER_PORT}/tcp") or []
+    for binding in bindings:
+        if binding.get("HostPort"):
+            return f"{binding.get('HostIp') or '127.0.0.1'}:{binding['HostPort']}"
+    return None
 
 
 def logs_tail(container, lines: int = 30) -> str:

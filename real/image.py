@@ -6,8 +6,8 @@ Each step is cached and runs only when its result is missing:
    ($AMP4EC_CACHE, default ~/.cache/amp4ec), so the image build needs no network inside
    the container;
 2. base image: Debian bookworm from `debootstrap --variant=minbase`, imported with
-   `docker import` (for machines without a container registry), or an image the user names,
-   such as python:3.11-slim;
+   `docker import` (for machines without a container registry), with iproute2 for link
+   shaping, or an image the user names, such as python:3.11-slim;
 3. worker image: the Dockerfile template in image/ plus worker.py and the wheelhouse, tagged
    amp4ec-worker:<content hash> so a change to any input builds a new image.
 """
@@ -37,8 +37,13 @@ TORCH_REQUIREMENT = "torch==2.13.0+cpu"
 WORKER_REQUIREMENTS = (TORCH_REQUIREMENT, "pyzmq", "numpy")
 WHEELHOUSE_NAME = "wheelhouse-torch-2.13.0-cpu-cp311"
 
-DEFAULT_BASE_TAG = "amp4ec-base:bookworm"
 DEBIAN_SUITE = "bookworm"
+# iproute2 provides tc and ip, which shape a worker's link (amp4ec.real.shaping).
+BASE_PACKAGES = ("python3", "python3-venv", "python3-pip", "iproute2")
+# The tag names the package list, so adding a package builds a new base image.
+DEFAULT_BASE_TAG = (
+    f"amp4ec-base:{DEBIAN_SUITE}-{hashlib.sha256(' '.join(BASE_PACKAGES).encode()).hexdigest()[:8]}"
+)
 DEFAULT_DEBIAN_MIRROR = "http://deb.debian.org/debian"
 WORKER_REPOSITORY = "amp4ec-worker"
 
@@ -213,7 +218,7 @@ def ensure_base_image(client, *, rebuild: bool = False, log: Log = print) -> str
         log(f"base image: debootstrap {DEBIAN_SUITE} from {mirror} into {root_dir}")
         started = time.monotonic()
         command = [
-            debootstrap, "--variant=minbase", "--include=python3,python3-venv,python3-pip",
+            debootstrap, "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
             DEBIAN_SUITE, str(root_dir), mirror,
         ]  # fmt: skip
         completed = subprocess.run(command, capture_output=True, text=True)

@@ -102,7 +102,9 @@ def run_replay(
     from amp4ec.real.containers import WorkerCluster, docker_client
     from amp4ec.real.coordinator import STOP_TIMEOUT_S, Coordinator, DynamicsRunner, NodeRuntime, NodeTable, deploy_segments, mark_down
     from amp4ec.real.adapt import ReplayAdaptation
+    from amp4ec.real.engines import default_engine_url
     from amp4ec.real.image import ensure_worker_image
+    from amp4ec.real.shaping import delay_sender_clients, link_shapes, sender_delays_s
 
     info = RunInfo("real", scenario.resolved(), prepared.calibration_path)
     log(f"tracing {scenario.model.name} and exporting the plan's segments")
@@ -119,18 +121,24 @@ def run_replay(
 
     client = docker_client()
     image = ensure_worker_image(client, base_image=base_image, log=log)
-    containers = [ContainerSpec(n.name, n.cpus, n.memory_bytes, n.torch_threads) for n in scenario.nodes]
+    containers = [
+        ContainerSpec(n.name, n.cpus, n.memory_bytes, n.torch_threads, scenario.engine_url(n.name)) for n in scenario.nodes
+    ]
     run_id = run_id or f"replay-{uuid.uuid4().hex[:8]}"
     warnings: list[str] = []
-    if scenario.network.bandwidth_mbps < 1000 or scenario.network.latency_ms:
-        warnings.append("network.bandwidth_mbps and latency_ms are not shaped in real mode yet; the Docker bridge ran unshaped")
+    shapes = link_shapes(scenario) if scenario.network.shaping else None
+    if shapes is None and _network_configured(scenario):
+        warnings.append("bandwidth_mbps and latency_ms were not applied because network.shaping is off; the Docker bridge ran unshaped")
 
-    with staged_output(out, force=force) as staging, WorkerCluster(client, containers, image=image, run_id=run_id) as cluster:
+    with staged_output(out, force=force) as staging, WorkerCluster(
+        client, containers, image=image, run_id=run_id, shapes=shapes
+    ) as cluster:
         log(f"run {run_id}: {len(containers)} workers ready; deploying {len(blobs)} segments where the plan puts them")
         for node in scenario.nodes:
             deploy_segments(cluster[node.name], node.name, plan, graph, blobs)
         table = NodeTable([NodeRuntime(n.name, n.cpus, n.memory_bytes, cluster.addresses[n.name]) for n in scenario.nodes])
         coordinator = Coordinator(scenario, plan, graph, scheduler, cluster, blobs, table, hop_latency_ms)
+        delay_sender_clients(coordinator, sender_delays_s(cluster.shaping.values()))
         # A node whose first event is join is absent until it joins.
         for name in _late_joiners(scenario):
             mark_down(coordinator, name, "not joined yet")
@@ -199,7 +207,9 @@ def run_replay(
             {
                 "run_id": run_id,
                 "image": image,
-                "network": "docker bridge, unshaped",
+                "network": "docker bridge, shaped" if shapes else "docker bridge, unshaped",
+                "shaping": {name: result.as_dict() for name, result in cluster.shaping.items()},
+                "engines": {n.name: scenario.engine_url(n.name) or default_engine_url() for n in scenario.nodes},
                 "transport": {
                     "activations": "relay",
                     "detail": "every stage's input and output pass through the coordinator",
@@ -211,6 +221,14 @@ def run_replay(
             },
         )
     return summary
+
+
+def _network_configured(scenario) -> bool:
+    """Tell whether the scenario asks for a link slower than the default or an added delay."""
+    network = scenario.network
+    if network.bandwidth_mbps < 1000 or network.latency_ms:
+        return True
+    return any(n.bandwidth_mbps is not None or n.latency_ms for n in scenario.nodes)
 
 
 def _late_joiners(scenario) -> list[str]:
