@@ -141,6 +141,25 @@ class MonitorSpec(_Strict):
     delay_s: float = Field(default=0.0, ge=0, description="how long a sample takes to reach the scheduler")
 
 
+class ReplaySpec(_Strict):
+    """Replay only: how activations travel between the coordinator and the worker containers."""
+
+    transport: Literal["forward", "relay"] = Field(
+        default="forward",
+        description=(
+            "forward: each worker sends its outputs straight to the next stage's worker; "
+            "relay: every stage's input and output pass through the coordinator"
+        ),
+    )
+    route: Literal["per_stage", "at_dispatch"] = Field(
+        default="per_stage",
+        description=(
+            "forward only. per_stage: the scheduler picks each stage's node when the stage before has finished, "
+            "as the simulator does; at_dispatch: it picks every stage's node when the request starts"
+        ),
+    )
+
+
 DYNAMICS_ACTIONS = ("fail", "recover", "leave", "join", "pause", "resume", "restart", "set_cpus")
 
 
@@ -256,6 +275,7 @@ class Scenario(_Strict):
         default_factory=list, description="replay only: node failures, recoveries and limit changes over time"
     )
     adaptation: AdaptationSpec = Field(default_factory=AdaptationSpec)
+    replay: ReplaySpec = Field(default_factory=ReplaySpec)
 
     @field_validator("nodes")
     @classmethod

@@ -4,8 +4,9 @@ The coordinator runs on the host. It builds the same plan and scheduler the simu
 exports the plan's segments with torch.export, and deploys them where the plan puts them, as
 the simulator does: on the assigned nodes, or on every worker when the plan assigns none. The
 coordinator in coordinator.py then drives the requests through the stages, many at a time,
-relaying each activation through itself. A monitor thread samples each worker's own cgroup
-counters every ``monitor.period_s``, and the scheduler sees only those samples.
+forwarding activations worker to worker or relaying them through itself
+(``[replay] transport``). Each worker pushes its own cgroup counters every
+``monitor.period_s``, and the scheduler sees only those samples.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ from amp4ec.workload import open_loop_arrivals_s, rng_for
 OPEN_LOOP_MAX_THREADS = 64
 # Tolerance of the end-to-end output check against the unsplit model on the host.
 OUTPUT_ATOL = 1e-4
+TRANSPORT_DETAILS = {
+    "forward": "the route is chosen at dispatch; each worker sends its outputs to the next, the last one to the coordinator",
+    "relay": "every stage's input and output pass through the coordinator",
+}
 
 
 def _check_graph(prepared: PreparedRun, traced_graph) -> None:
@@ -155,11 +160,18 @@ def run_replay(
                 "image": image,
                 "network": "docker bridge, unshaped",
                 "transport": {
-                    "activations": "relay",
-                    "detail": "every stage's input and output pass through the coordinator",
+                    "activations": coordinator.transport,
+                    "detail": TRANSPORT_DETAILS[coordinator.transport],
                     "max_in_flight": max_in_flight(scenario),
+                    "dropped_replies": coordinator.links.dropped_replies,
                 },
-                "monitor": {"method": "poll", "samples": coordinator.monitor.samples, "missed": coordinator.monitor.missed},
+                "monitor": {
+                    "method": coordinator.monitor.method,
+                    "period_s": scenario.monitor.period_s,
+                    "pushes": coordinator.monitor.pushes,
+                    "samples": coordinator.monitor.samples,
+                    "missed": coordinator.monitor.missed,
+                },
                 "dynamics": [event.as_dict() for event in dynamics.applied],
             },
         )
