@@ -4,8 +4,10 @@ This file is copied into the worker image and runs there on its own. It imports 
 standard library, torch, numpy and pyzmq, never amp4ec, so the image does not depend on the
 host's package version.
 
-Protocol (version 2). The worker binds a pyzmq ROUTER socket on tcp://*:AMP4EC_PORT and
-serves one message at a time. A REQ client works as with a REP server. A DEALER client
+Protocol (version 2). The worker binds a pyzmq ROUTER socket on tcp://*:AMP4EC_PORT. One
+compute thread runs the segment work (load, unload, run, profile, forward, and shutdown after
+them) one message at a time in arrival order; the I/O thread answers ping, stats, monitor and
+next at once. A REQ client works as with a REP server. A DEALER client
 sends an empty delimiter frame first and gets its replies in the same form. After the
 delimiter, every message is multipart: the first frame is a UTF-8 JSON object (the header),
 the frames after it are raw payloads. A tensor travels as its raw C-contiguous bytes in native (little-endian) byte order,
@@ -68,8 +70,7 @@ Requests (header field "op") and their replies:
 - monitor {"period_s": p} -> the stats reply with "op": "stats" and "seq": 0, and then the
   same stats message, "seq" counting up, every p seconds to the peer that sent monitor,
   without a request. period_s 0 stops the pushes. A later monitor replaces the subscriber,
-  and a subscriber that has disconnected is dropped. Pushes wait behind the request being
-  served, so a long forward call delays them.
+  and a subscriber that has disconnected is dropped.
 - shutdown -> {"ok": true}, then the worker closes its socket and exits with status 0.
 
 Errors: {"ok": false, "error": "message"}. A malformed request, an unknown op or segment,
@@ -86,9 +87,11 @@ import json
 import logging
 import math
 import os
+import queue
 import resource
 import signal
 import sys
+import threading
 import time
 
 PROTOCOL_VERSION = 2
@@ -505,6 +508,10 @@ def read_env_int(name: str, default: int, minimum: int) -> int:
     return value
 
 
+# Returned by the step that answers a shutdown request, to end the I/O loop.
+STOP_SERVING = object()
+
+
 class Server:
     """The ROUTER socket loop: requests, forwarded activations and monitor pushes."""
 
@@ -536,65 +543,125 @@ class Server:
         self.next_push_s = math.inf
         self.push_seq = 0
         self.error_count = 0
+        # Work for the compute thread: callables that return the callable the I/O thread runs
+        # when they are done (None stops the thread). The compute thread signals each result
+        # over an inproc socket, so the I/O thread's poll wakes up for it.
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.results: queue.SimpleQueue = queue.SimpleQueue()
+        signal_address = f"inproc://amp4ec-worker-results-{os.getpid()}"
+        self.result_signals = self.context.socket(zmq_module.PULL)
+        self.result_signals.bind(signal_address)
+        self.signal_sender = self.context.socket(zmq_module.PUSH)
+        self.signal_sender.connect(signal_address)
+        self.compute_thread = threading.Thread(target=self.compute_loop, name="amp4ec-compute", daemon=True)
 
     def close(self) -> None:
+        self.jobs.put(None)
+        self.compute_thread.join(timeout=10)
         for next_hop in self.next_hops.values():
             next_hop.close(linger=0)
+        self.signal_sender.close(linger=0)
+        self.result_signals.close(linger=0)
         self.socket.close()
         self.context.term()
 
     def run(self) -> None:
+        """Serve until a shutdown request: control messages here, segment work on the compute thread.
+
+        Only the compute thread runs segments, one at a time in arrival order. The I/O thread
+        (this one) owns every socket, so stats, pings, monitor pushes and the "next" messages
+        of parked outputs never wait behind a forward call.
+        """
+        self.compute_thread.start()
         log.info("listening on tcp://*:%d", self.port)
+        poller = self.zmq.Poller()
+        poller.register(self.socket, self.zmq.POLLIN)
+        poller.register(self.result_signals, self.zmq.POLLIN)
         while True:
             timeout_ms = None
             if self.subscriber is not None:
                 timeout_ms = max(0, int((self.next_push_s - time.monotonic()) * 1e3))
-            if self.socket.poll(timeout_ms, self.zmq.POLLIN):
-                message = self.socket.recv_multipart(copy=False)
-                received_s = time.time()
-                if not self.handle(message, received_s):
-                    return
+            events = dict(poller.poll(timeout_ms))
+            if self.result_signals in events:
+                while True:
+                    try:
+                        self.result_signals.recv(flags=self.zmq.NOBLOCK)
+                    except self.zmq.Again:
+                        break
+                    if self.results.get()() is STOP_SERVING:
+                        return
+            if self.socket in events:
+                while True:
+                    try:
+                        message = self.socket.recv_multipart(flags=self.zmq.NOBLOCK, copy=False)
+                    except self.zmq.Again:
+                        break
+                    self.handle(message, time.time())
             if self.subscriber is not None and time.monotonic() >= self.next_push_s:
                 self.push_stats()
 
-    def handle(self, message: list, received_s: float) -> bool:
-        """Serve one message; return False after a shutdown request."""
+    def compute_loop(self) -> None:
+        while True:
+            work = self.jobs.get()
+            if work is None:
+                return
+            self.results.put(work())
+            self.signal_sender.send(b"")
+
+    def handle(self, message: list, received_s: float) -> None:
+        """Serve one control message now, or queue its segment work for the compute thread."""
         envelope, body = split_envelope(message)
         if not body:
             self.count_error(None, "message without a header frame after the routing envelope")
-            return True
+            return
         payloads = [frame.buffer for frame in body[1:]]
         op = None
         try:
             header = parse_header(body[0].bytes)
             op = header.get("op")
             if op == "forward":
-                self.handle_forward(header, payloads, received_s)
-                return True
+                self.jobs.put(lambda: self.compute_forward(header, payloads, received_s))
+                return
             if op == "next":
                 self.handle_next(header)
-                return True
+                return
             if op == "shutdown":
-                self.send(envelope, {"ok": True}, [])
-                log.info("shutdown requested")
-                return False
+                # Queued behind the segment work that arrived before it.
+                self.jobs.put(lambda: lambda: self.finish_shutdown(envelope))
+                return
             if op == "monitor":
                 reply, frames = self.subscribe(envelope[0], header)
+            elif op in ("ping", "stats"):
+                reply, frames = self.handlers[op](header, payloads)
             else:
                 handler = self.handlers.get(op)
                 if handler is None:
                     raise RequestError(
-                        f"unknown op {op!r}; expected one of {', '.join(sorted(self.handlers))}, forward, monitor, shutdown"
+                        f"unknown op {op!r}; expected one of {', '.join(sorted(self.handlers))}, forward, next, monitor, shutdown"
                     )
-                reply, frames = handler(header, payloads)
-        except RequestError as error:
-            reply, frames = {"ok": False, "error": str(error)}, []
-        except Exception as error:  # a failing segment must not stop the worker
-            reply, frames = {"ok": False, "error": f"{type(error).__name__}: {error}"}, []
-        if not reply["ok"]:
-            self.count_error(op, reply["error"])
+                self.jobs.put(lambda: self.compute_request(envelope, op, handler, header, payloads))
+                return
+        except Exception as error:  # a malformed request must not stop the worker
+            reply, frames = self.error_reply(op, error), []
         self.send(envelope, reply, frames)
-        return True
+
+    def error_reply(self, op, error: Exception) -> dict:
+        message = str(error) if isinstance(error, RequestError) else f"{type(error).__name__}: {error}"
+        self.count_error(op, message)
+        return {"ok": False, "error": message}
+
+    def compute_request(self, envelope: list, op, handler, header: dict, payloads: list):
+        """Run a request's handler on the compute thread; return the I/O thread's reply step."""
+        try:
+            reply, frames = handler(header, payloads)
+        except Exception as error:  # a failing segment must not stop the worker
+            reply, frames = self.error_reply(op, error), []
+        return lambda: self.send(envelope, reply, frames)
+
+    def finish_shutdown(self, envelope: list) -> object:
+        self.send(envelope, {"ok": True}, [])
+        log.info("shutdown requested")
+        return STOP_SERVING
 
     def count_error(self, op, message: str) -> None:
         self.error_count += 1
@@ -613,7 +680,8 @@ class Server:
             return False
         return True
 
-    def handle_forward(self, header: dict, frames: list, received_s: float) -> None:
+    def compute_forward(self, header: dict, frames: list, received_s: float):
+        """Run a forward hop's segment on the compute thread; return the I/O thread's sending step."""
         token = header.get("token")
         reply_to = header.get("reply_to")
         hop = header.get("hop")
@@ -654,22 +722,36 @@ class Server:
                 "out_bytes": sum(len(frame) for frame in output_frames),
             }
             timings.append(timing)
+            header["inputs"] = specs
+        except Exception as error:  # any failure goes back to the coordinator, which retries
+            return lambda failure=error: self.fail_forward(header, failure)
+        return lambda: self.route_forward(header, output_frames)
+
+    def route_forward(self, header: dict, output_frames: list) -> None:
+        """Send a finished hop's outputs on: to the next stage, parked, or back to reply_to."""
+        try:
+            route = header["route"]
+            hop = header["hop"]
+            reply_to = header["reply_to"]
             if hop + 1 < len(route):
-                header["inputs"] = specs
                 if route[hop + 1] is None:
                     self.park(header, output_frames, reply_to)
-                    return
-                self.send_next_stage(header, output_frames)
+                else:
+                    self.send_next_stage(header, output_frames)
                 return
-            timing["sent_s"] = time.time()
-            reply = {"ok": True, "op": "forward", "token": token, "outputs": specs, "timings": timings}
+            header["timings"][-1]["sent_s"] = time.time()
+            reply = {"ok": True, "op": "forward", "token": header.get("token"), "outputs": header["inputs"], "timings": header["timings"]}
             self.send([reply_to.encode("utf-8"), b""], reply, output_frames)
         except Exception as error:  # any failure goes back to the coordinator, which retries
-            message = str(error) if isinstance(error, RequestError) else f"{type(error).__name__}: {error}"
-            self.count_error("forward", message)
-            if isinstance(reply_to, str) and reply_to:
-                reply = {"ok": False, "op": "forward", "token": token, "hop": hop, "node": self.worker.node, "error": message}
-                self.send([reply_to.encode("utf-8"), b""], reply, [])
+            self.fail_forward(header, error)
+
+    def fail_forward(self, header: dict, error: Exception) -> None:
+        message = str(error) if isinstance(error, RequestError) else f"{type(error).__name__}: {error}"
+        self.count_error("forward", message)
+        reply_to = header.get("reply_to")
+        if isinstance(reply_to, str) and reply_to:
+            reply = {"ok": False, "op": "forward", "token": header.get("token"), "hop": header.get("hop"), "node": self.worker.node, "error": message}
+            self.send([reply_to.encode("utf-8"), b""], reply, [])
 
     def send_next_stage(self, header: dict, output_frames: list) -> None:
         """Send a forward message whose "hop" is still the stage just run on to the next stage."""
