@@ -97,7 +97,8 @@ class WorkerLinks:
         self._pending: dict[str, Exchange] = {}
         self._lock = threading.Lock()
         self._tokens = itertools.count()
-        self._stats_counts: dict[str, int] = {}
+        # Per node, the id of the last request_stats call whose reply arrived.
+        self._stats_replies: dict[str, int] = {}
         self._stats_changed = threading.Condition(self._lock)
         # Replies whose request had already timed out or been cancelled.
         self.dropped_replies = 0
@@ -143,14 +144,13 @@ class WorkerLinks:
         Returns the nodes whose sample arrived within timeout_s. period_s 0 stops their pushes,
         which is how the run takes its final sample.
         """
-        with self._lock:
-            before = {node: self._stats_counts.get(node, 0) for node in nodes}
+        request = next(self._tokens)
         for node in nodes:
-            self._send_command([_MONITOR, node.encode(), f"{period_s!r}".encode()])
+            self._send_command([_MONITOR, node.encode(), f"{period_s!r}".encode(), str(request).encode()])
         deadline = time.monotonic() + timeout_s
         with self._stats_changed:
             while True:
-                arrived = [node for node in nodes if self._stats_counts.get(node, 0) > before[node]]
+                arrived = [node for node in nodes if self._stats_replies.get(node) == request]
                 remaining_s = deadline - time.monotonic()
                 if len(arrived) == len(nodes) or remaining_s <= 0:
                     return arrived
@@ -231,7 +231,8 @@ class WorkerLinks:
             self._send(socket, node, [b"", *message[2:]])
         elif kind == _MONITOR:
             period_s = float(message[2].bytes.decode())
-            self._send(socket, node, [b"", json.dumps({"op": "monitor", "period_s": period_s}).encode()])
+            request = int(message[3].bytes.decode())
+            self._send(socket, node, [b"", json.dumps({"op": "monitor", "period_s": period_s, "request": request}).encode()])
         return True
 
     def _send(self, socket: zmq.Socket, node: str, frames: list) -> None:
@@ -258,7 +259,8 @@ class WorkerLinks:
                 log.exception("links: stats from node %s could not be used", node)
             with self._stats_changed:
                 self.stats_received += 1
-                self._stats_counts[node] = self._stats_counts.get(node, 0) + 1
+                if header.get("request") is not None:
+                    self._stats_replies[node] = header["request"]
                 self._stats_changed.notify_all()
         elif op == "forward":
             with self._lock:

@@ -67,7 +67,8 @@ Requests (header field "op") and their replies:
   "wall_ms", "cpu_ms", "in_bytes", "out_bytes"}, the *_s values from time.time() when the
   message was taken from the socket, around the forward call, and before the outputs were
   sent. Nothing is sent back to the previous hop.
-- monitor {"period_s": p} -> the stats reply with "op": "stats" and "seq": 0, and then the
+- monitor {"period_s": p, "request": id or null} -> the stats reply with "op": "stats",
+  "seq": 0 and the request id echoed, and then the
   same stats message, "seq" counting up, every p seconds to the peer that sent monitor,
   without a request. period_s 0 stops the pushes. A later monitor replaces the subscriber,
   and a subscriber that has disconnected is dropped.
@@ -827,7 +828,7 @@ class Server:
             log.info("pushing stats every %.3f s", self.monitor_period_s)
         self.push_seq = 0
         reply, _ = self.worker.handle_stats(header, [])
-        reply.update(op="stats", seq=0)
+        reply.update(op="stats", seq=0, request=header.get("request"))
         return reply, []
 
     def push_stats(self) -> None:
