@@ -5,10 +5,10 @@ stage 2 on node B, another can run stage 1 on node A, so the stages pipeline. Ea
 serves the messages queued on it one at a time, as the simulator's workers do.
 
 Activations travel one of two ways (``[replay] transport``). With "forward", the default,
-the coordinator sends the input to the first stage's worker, each worker sends its outputs
-straight to the next one, and the last returns the result and every stage's timings; the
-scheduler picks each stage's node when the stage before has finished, or the whole route at
-dispatch (``[replay] route``, see forward.py). With
+the coordinator sends the input to the first stage's worker, and each worker sends its
+outputs straight to the next one. The last worker returns the result and every stage's
+timings. The scheduler picks each stage's node when the stage before has finished, or the
+whole route at dispatch (``[replay] route``, see forward.py). With
 "relay", each stage's output comes back to the coordinator, which picks the next stage's
 node and sends it there over the thread's own REQ socket to that worker.
 
@@ -176,7 +176,7 @@ class StatsMonitor:
             received_s, state = latest
             if now - received_s > stale_after_s:
                 self.missed += 1
-            # The CPU limit can change live (set_cpus); the scheduler sees the current one.
+            # The CPU limit can change live (set_cpus), so the snapshot carries the current one.
             states[name] = state if state.cpus == node.cpus else replace(state, cpus=node.cpus)
         return states
 
@@ -280,9 +280,9 @@ class Coordinator:
     def choose_route(self, request_id: int, excluded: set[str]) -> list[tuple]:
         """Return (segment, node) for every stage, all chosen now from one monitor snapshot.
 
-        The scheduler is called once per stage, in stage order, as the relay path calls it
-        stage by stage; only the snapshot differs, because a forwarded route is fixed before
-        its first stage runs. Raises NoNodeAvailable when a stage has no live node.
+        The scheduler is called once per stage, in stage order, with no ``observe`` between
+        the calls, because the route is fixed before its first stage runs. Raises
+        NoNodeAvailable when a stage has no live node.
         """
         states = {name: state for name, state in self.monitor.snapshot().items() if name not in excluded}
         with self._scheduler_lock:

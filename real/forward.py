@@ -2,12 +2,12 @@
 
 The coordinator sends the request's input and its route (each stage's segment, node and
 address) to the first stage's worker. Each worker runs its segment and sends its outputs
-straight to the next stage's worker; the last one returns the final outputs and the timings
+straight to the next stage's worker. The last one returns the final outputs and the timings
 of every stage to the coordinator over the links (links.py).
 
 The scheduler picks the nodes in one of two ways (``[replay] route``). "per_stage", the
 default, decides each stage when the one before has finished, as the simulator and relay mode
-do: the worker keeps its outputs, tells the coordinator, and sends them on once the
+do: the worker keeps its outputs, notifies the coordinator, and sends them on once the
 coordinator names the next node (a small message each way, no tensor). "at_dispatch"
 decides every stage from one snapshot before the first runs, so a request costs no
 coordinator round trip between stages.

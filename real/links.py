@@ -1,8 +1,8 @@
 """The coordinator's DEALER links to the workers: forwarded requests and pushed monitor samples.
 
 One I/O thread owns a DEALER socket per worker, connected to the worker's ROUTER port with
-the coordinator's routing id, so the last worker of a forwarded route and every worker's
-monitor pushes can reach the coordinator without the coordinator binding a port. Request
+the coordinator's routing id. Through these connections the last worker of a forwarded route
+returns its result and every worker pushes its stats, so the coordinator binds no port. Request
 threads never touch those sockets: they hand a message to the I/O thread through an inproc
 PUSH socket of their own (zmq sockets are not thread-safe) and wait on an event for the
 reply. No thread or socket is created per request.
@@ -48,8 +48,8 @@ class Exchange:
         """Return the next reply's header and frames (zmq.Frame objects).
 
         Raises WorkerError when no reply arrives within timeout_s, when ``cancelled()`` turns
-        true (checked every CANCEL_POLL_S), or when a worker of the route returns an error;
-        the error's node is the failing worker's, when the reply names it.
+        true (checked every CANCEL_POLL_S), or when a worker of the route returns an error.
+        The error's node is then the failing worker's, when the reply names it.
         """
         deadline = time.monotonic() + timeout_s
         while True:

@@ -6,8 +6,8 @@ host's package version.
 
 Protocol (version 2). The worker binds a pyzmq ROUTER socket on tcp://*:AMP4EC_PORT. One
 compute thread runs the segment work (load, unload, run, profile, forward, and shutdown after
-them) one message at a time in arrival order; the I/O thread answers ping, stats, monitor and
-next at once. A REQ client works as with a REP server. A DEALER client
+them) one message at a time in arrival order. The I/O thread replies to ping, stats, monitor
+and next at once. A REQ client works as with a REP server. A DEALER client
 sends an empty delimiter frame first and gets its replies in the same form. After the
 delimiter, every message is multipart: the first frame is a UTF-8 JSON object (the header),
 the frames after it are raw payloads. A tensor travels as its raw C-contiguous bytes in native (little-endian) byte order,
@@ -509,7 +509,7 @@ def read_env_int(name: str, default: int, minimum: int) -> int:
     return value
 
 
-# Returned by the step that answers a shutdown request, to end the I/O loop.
+# Returned by the step that replies to a shutdown request, to end the I/O loop.
 STOP_SERVING = object()
 
 
@@ -535,6 +535,7 @@ class Server:
         self.socket.setsockopt(zmq_module.ROUTER_MANDATORY, 1)
         self.socket.bind(f"tcp://*:{port}")
         self.port = port
+
         # One DEALER per next-hop address, kept open across requests.
         self.next_hops: dict[str, object] = {}
         # Outputs waiting for op next: token -> (time parked, forward header, output frames).
@@ -544,6 +545,7 @@ class Server:
         self.next_push_s = math.inf
         self.push_seq = 0
         self.error_count = 0
+
         # Work for the compute thread: callables that return the callable the I/O thread runs
         # when they are done (None stops the thread). The compute thread signals each result
         # over an inproc socket, so the I/O thread's poll wakes up for it.
@@ -571,7 +573,7 @@ class Server:
 
         Only the compute thread runs segments, one at a time in arrival order. The I/O thread
         (this one) owns every socket, so stats, pings, monitor pushes and the "next" messages
-        of parked outputs never wait behind a forward call.
+        of parked outputs do not queue behind a forward call.
         """
         self.compute_thread.start()
         log.info("listening on tcp://*:%d", self.port)
