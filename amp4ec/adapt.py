@@ -9,13 +9,17 @@ the old plan stays and the reason is returned.
 Redeploy cost: each node receives the weights of every segment the new plan deploys on it and
 the old plan did not, over its link (hop latency plus bytes over bandwidth), then loads them
 (``load_ms_per_mb``). The simulator holds the node's link and worker for that time, so requests
-queue behind the redeploy.
+queue behind the redeploy. Replay exports the new segments and loads them on the workers, and
+pays whatever that takes in real time.
+
+:meth:`Adapter.step` is the one decision loop body both modes call on every published snapshot;
+each mode passes the function that carries a new plan out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 from amp4ec import policies
 from amp4ec.costs import CostModel
@@ -34,10 +38,17 @@ class Adaptation:
     """node name to (quota at the last partitioning, quota now), for each node beyond the threshold"""
     old_bounds: list[int]
     new_bounds: list[int] | None = None
+    old_nodes: list[list[str]] = field(default_factory=list)
+    """per segment of the old plan, the nodes it is assigned to (empty: any node)"""
+    new_nodes: list[list[str]] | None = None
     redeploy_ms: dict[str, float] = field(default_factory=dict)
     """per node, time to ship and load the segments it newly hosts"""
     error: str | None = None
     """why the new plan was rejected, when it was"""
+    ready_s: float | None = None
+    """when the new plan took over from the old one (requests started before then run on the old plan)"""
+    measured: dict = field(default_factory=dict)
+    """replay only: the real time each redeploy step took"""
 
     def to_dict(self) -> dict:
         return {
@@ -45,7 +56,11 @@ class Adaptation:
             "trigger": {name: {"from_cpus": old, "to_cpus": new} for name, (old, new) in self.trigger.items()},
             "old_bounds": self.old_bounds,
             "new_bounds": self.new_bounds,
+            "old_nodes": self.old_nodes,
+            "new_nodes": self.new_nodes,
             "redeploy_ms": self.redeploy_ms,
+            "ready_s": self.ready_s,
+            "measured": self.measured,
             "error": self.error,
         }
 
@@ -60,6 +75,31 @@ class Adapter:
         self.threshold = scenario.adaptation.threshold
         self.load_ms_per_mb = scenario.adaptation.load_ms_per_mb
         self.baseline_cpus = {node.name: node.cpus for node in scenario.nodes}
+        self.history: list[dict] = []
+        """every decision taken, as Adaptation.to_dict, in order"""
+
+    def step(
+        self,
+        states: Mapping[str, NodeState],
+        now_s: float,
+        redeploy: Callable[[Adaptation], None],
+        warn: Callable[[str], None],
+    ) -> Adaptation | None:
+        """Check one published snapshot and carry out the new plan it calls for with ``redeploy``.
+
+        ``redeploy`` switches the mode's plan and fills in ``ready_s`` and, in replay, what it
+        measured. When the switch fails, it sets ``error`` and restores ``self.plan``. Every
+        decision, kept or rejected, is appended to :attr:`history`.
+        """
+        decision = self.check(states, now_s)
+        if decision is None:
+            return None
+        if decision.error is None:
+            redeploy(decision)
+        if decision.error is not None:
+            warn(f"adaptation at {now_s:.3f} s kept the old plan: {decision.error}")
+        self.history.append(decision.to_dict())
+        return decision
 
     def check(self, states: Mapping[str, NodeState], now_s: float) -> Adaptation | None:
         """Return the adaptation the snapshot calls for, or None when every quota is within the threshold."""
@@ -70,7 +110,9 @@ class Adapter:
                 trigger[name] = (base, state.cpus)
         if not trigger:
             return None
-        decision = Adaptation(time_s=now_s, trigger=trigger, old_bounds=self.plan.bounds)
+        decision = Adaptation(
+            time_s=now_s, trigger=trigger, old_bounds=self.plan.bounds, old_nodes=[list(s.nodes) for s in self.plan.segments]
+        )
         # Quotas are the baseline from now on even if the new plan is rejected, so the same
         # change does not trigger again at every sample.
         for name, state in states.items():
@@ -83,6 +125,7 @@ class Adapter:
             decision.error = str(exc)
             return decision
         decision.new_bounds = plan.bounds
+        decision.new_nodes = [list(s.nodes) for s in plan.segments]
         decision.redeploy_ms = self.redeploy_ms(self.plan, plan)
         self.plan = plan
         return decision

@@ -53,37 +53,40 @@ def expand_groups(groups: list["NodeGroupSpec"], seed: int, taken: set[str]) -> 
 
 
 def check_events(scenario: "Scenario") -> None:
-    """Reject events that name unknown nodes or ask for impossible changes, before the run."""
+    """Reject events that name unknown nodes or ask for impossible changes, before the run.
+
+    Messages name each event where it was written (``events[i]``, or ``dynamics[j]`` and
+    ``adaptation.capacity_changes[k]`` for the deprecated forms).
+    """
     by_name = {node.name: node for node in scenario.nodes}
+    origins = scenario.event_origins()
     for i, event in enumerate(scenario.events):
         node = by_name.get(event.node)
         if node is None:
             raise UsageError(
                 f"unknown node {event.node!r}; events must name a node of [[nodes]] or a generated "
                 "one such as the first of a group ({prefix}0)",
-                field=f"events[{i}].node",
+                field=f"{origins[i]}.node",
             )
-    # Background work takes CPUs out of the node's quota, and capacity changes may lower that
-    # quota. The engine applies both on one timeline, capacity changes first at equal times;
-    # the same order is replayed here, and every state along it must leave the worker some quota.
-    changes: dict[str, list[tuple[float, int, int, float]]] = {}
-    for j, change in enumerate(scenario.adaptation.capacity_changes):
-        changes.setdefault(change.node, []).append((change.time_s, 0, j, change.cpus))
+    # Background work takes CPUs out of the node's quota, and cpu events change that quota.
+    # Both modes apply events by time, then in list order; every state along that order must
+    # leave the worker some quota.
+    timelines: dict[str, list[tuple[float, int]]] = {}
     for i, event in enumerate(scenario.events):
-        if event.kind == "background" and event.cpus is not None:
-            changes.setdefault(event.node, []).append((event.time_s, 1, i, event.cpus))
-    for name, timeline in changes.items():
+        if event.kind in ("cpu", "background_load"):
+            timelines.setdefault(event.node, []).append((event.time_s, i))
+    for name, timeline in timelines.items():
         quota_cpus = by_name[name].cpus
         background_cpus = 0.0
-        for _, is_event, index, cpus in sorted(timeline):
-            if is_event:
-                background_cpus = cpus
+        for _, index in sorted(timeline):
+            event = scenario.events[index]
+            if event.kind == "background_load":
+                background_cpus = event.cpus
             else:
-                quota_cpus = cpus
+                quota_cpus = event.cpus
             if background_cpus >= quota_cpus:
-                field = f"events[{index}].cpus" if is_event else f"adaptation.capacity_changes[{index}].cpus"
                 raise UsageError(
                     f"background cpus = {background_cpus:g} would take all of node {name}'s {quota_cpus:g} CPUs "
                     "at that time; give less than the node's quota (use a fail event to stop a node)",
-                    field=field,
+                    field=f"{origins[index]}.cpus",
                 )

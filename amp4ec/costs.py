@@ -10,20 +10,23 @@ containers with quotas it was not measured at.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from amp4ec.errors import FileFormatError, UsageError
 from amp4ec.graph import ModelGraph, read_json, write_text_atomic
 
-CALIBRATION_SCHEMA = "amp4ec.calibration/2"
+CALIBRATION_SCHEMA = "amp4ec.calibration/3"
 # Version 2 only adds optional fields (raw samples, throttling counters, drift, memory search,
-# a container-to-container link), so version 1 files still load.
-READABLE_CALIBRATION_SCHEMAS = ("amp4ec.calibration/1", CALIBRATION_SCHEMA)
+# a container-to-container link) and version 3 adds the drift series of an interleaved run,
+# so version 1 and 2 files still load.
+READABLE_CALIBRATION_SCHEMAS = ("amp4ec.calibration/1", "amp4ec.calibration/2", CALIBRATION_SCHEMA)
 DEFAULT_CALIBRATION = "calibration-mobilenet_v2.json"
 DEFAULT_HOP_LATENCY_MS = 0.2
 
@@ -113,6 +116,14 @@ class LinkCalibration(BaseModel):
     transport: str
 
 
+class DriftSample(BaseModel):
+    """The whole model's CPU time on the reference container at one moment of the calibration."""
+
+    time_s: float = Field(ge=0, description="seconds since the calibration started")
+    after: str = Field(description="the unit measured just before this sample")
+    cpu_ms: float = Field(ge=0, description="median CPU time of a few back-to-back forwards")
+
+
 class Provenance(BaseModel):
     date: str
     amp4ec_version: str
@@ -134,6 +145,8 @@ class Calibration(BaseModel):
     provenance: Provenance
     container_link: LinkCalibration | None = Field(default=None, description="one hop between two worker containers (schema 2)")
     warnings: list[str] = Field(default_factory=list)
+    drift_profile: str | None = Field(default=None, description="the profile whose container the drift samples come from (schema 3)")
+    drift: list[DriftSample] = Field(default_factory=list, description="the same fixed work measured at intervals, to show machine drift (schema 3)")
 
     model_config = {"populate_by_name": True}
 
@@ -186,79 +199,167 @@ class SegmentCost:
     """CPU time over unthrottled wall time: how many cores the forward keeps busy"""
 
 
+class WorkFit:
+    """CPU time of every unit as a function of CPU quota and thread count, fitted across profiles.
+
+    Per regime (``"warm"``: back to back, ``"spaced"``: after an idle gap) the mean CPU time of
+    column ``j`` (each unit, then the whole model when every profile timed it) is fitted as
+    ``log c[p, j] = a[j] + beta * log(cpus[p]) + gamma * log(threads[p])`` by linear least
+    squares over all profiles. ``beta`` is how the quota changes a forward's work (cold caches
+    while throttled), ``gamma`` how extra threads add work. A term is left out (set to 0) when
+    the profiles do not vary in it, or when quota and thread count vary together so that the
+    profiles cannot separate them. In that last case the threads keep their term, because a
+    forward's CPU time depends on its thread count far more than on its quota.
+    """
+
+    REGIMES = ("warm", "spaced")
+
+    def __init__(self, profiles: list[ProfileCalibration]):
+        self.profiles = profiles
+        self.has_model = all(p.model is not None for p in profiles)
+        log_cpus = np.log([p.cpus for p in profiles])
+        log_threads = np.log([p.threads for p in profiles])
+        terms = {"beta": log_cpus, "gamma": log_threads}
+        varying = [name for name, values in terms.items() if np.ptp(values) > 1e-12]
+        if len(varying) == 2 and np.linalg.matrix_rank(np.column_stack([np.ones(len(profiles)), log_cpus, log_threads])) < 3:
+            varying = ["gamma"]
+        self.terms = varying
+        self.log_columns: dict[str, np.ndarray] = {}
+        self.slopes: dict[str, dict[str, float]] = {}
+        n_profiles = len(profiles)
+        for regime in self.REGIMES:
+            means = np.array([[max(value, 1e-6) for value in self._column_means(p, regime)] for p in profiles])
+            n_columns = means.shape[1]
+            # Design: one intercept per column, then one slope per varying term.
+            design = np.zeros((n_profiles * n_columns, n_columns + len(varying)))
+            for i in range(n_profiles):
+                rows = slice(i * n_columns, (i + 1) * n_columns)
+                design[rows, :n_columns] = np.eye(n_columns)
+                for k, name in enumerate(varying):
+                    design[rows, n_columns + k] = terms[name][i]
+            solution, *_ = np.linalg.lstsq(design, np.log(means).ravel(), rcond=None)
+            self.log_columns[regime] = solution[:n_columns]
+            self.slopes[regime] = {name: 0.0 for name in terms} | {name: float(solution[n_columns + k]) for k, name in enumerate(varying)}
+
+    def _column_means(self, profile: ProfileCalibration, regime: str) -> list[float]:
+        units = [u.warm_cpu_ms if regime == "warm" else u.cpu_ms for u in profile.units]
+        if self.has_model:
+            units.append(profile.model.warm_cpu_ms if regime == "warm" else profile.model.cpu_ms)
+        return units
+
+    def cpu_ms(self, regime: str, cpus: float, threads: int) -> list[float]:
+        """Return the predicted mean CPU time of every unit (then the whole model, if timed) in one regime."""
+        slopes = self.slopes[regime]
+        shift = slopes["beta"] * math.log(cpus) + slopes["gamma"] * math.log(threads)
+        return [float(v) for v in np.exp(self.log_columns[regime] + shift)]
+
+
 class CostModel:
-    """Per-unit CPU work and transfer time, read from a calibration."""
+    """Per-unit CPU work and transfer time, fitted to a calibration.
+
+    The work of a unit for a node's CPU quota and thread count comes from :class:`WorkFit`, so
+    a node that no profile measured still gets its own prediction. The parallelism (CPU time
+    over unthrottled wall time) comes from the profiles with the node's thread count, or is
+    extrapolated from the calibrated thread counts as ``threads ** delta``.
+    """
 
     def __init__(self, calibration: Calibration):
         # Costs are looked up once per stage of every simulated request, so they are memoised.
         self.calibration = calibration
         self.graph = calibration.graph
         self._by_threads: dict[int, list[ProfileCalibration]] = {}
-        self._segment_costs: dict[tuple[int, int, int], SegmentCost] = {}
+        self._segment_costs: dict[tuple[int, int, int, float | None], SegmentCost] = {}
+        self._work: dict[tuple[str, float, int], list[float]] = {}
         for profile in calibration.profiles:
             self._by_threads.setdefault(profile.threads, []).append(profile)
+        self.fit = WorkFit(calibration.profiles)
 
     def profiles_for_threads(self, threads: int) -> tuple[int, list[ProfileCalibration]]:
-        """Return the calibrated thread count nearest to ``threads`` and its profiles.
-
-        NOTE: a thread count that was not calibrated borrows the nearest one's costs, so its
-        speed-up is not predicted. Calibrate a profile with that many threads to predict it.
-        """
+        """Return the calibrated thread count nearest to ``threads`` and its profiles."""
         nearest = min(self._by_threads, key=lambda t: (abs(t - threads), t))
         return nearest, self._by_threads[nearest]
 
-    def call_overhead(self, threads: int) -> SegmentCost:
+    def default_cpus(self, threads: int) -> float:
+        """Return the CPU quota used when the caller gives none: the geometric mean over the nearest thread count's profiles."""
+        _, profiles = self.profiles_for_threads(threads)
+        return math.exp(statistics.fmean(math.log(p.cpus) for p in profiles))
+
+    def work_ms(self, regime: str, threads: int, cpus: float | None = None) -> list[float]:
+        """Return the fitted mean CPU time per unit (then the whole model, if timed) for this node."""
+        cpus = self.default_cpus(threads) if cpus is None else cpus
+        if cpus <= 0 or threads < 1:
+            raise ValueError(f"a node needs cpus > 0 and threads >= 1, got cpus={cpus}, threads={threads}")
+        key = (regime, cpus, threads)
+        if key not in self._work:
+            self._work[key] = self.fit.cpu_ms(regime, cpus, threads)
+        return self._work[key]
+
+    def call_overhead(self, threads: int, cpus: float | None = None) -> SegmentCost:
         """Return the work a program call adds on top of its units' own work.
 
         Timed one by one and back to back, the units of a model add up to more than the whole
         model timed the same way. That difference, spread over the extra calls, is what each
         call costs beyond its units, and a segment pays it once.
         """
-        _, profiles = self.profiles_for_threads(threads)
         n_units = self.graph.n_units
-        per_call = []
-        for p in profiles:
-            if p.model is not None and n_units > 1:
-                per_call.append((sum(u.warm_cpu_ms for u in p.units) - p.model.warm_cpu_ms) / (n_units - 1))
-        cpu_ms = max(0.0, statistics.median(per_call)) if per_call else 0.0
-        return SegmentCost(cpu_ms=cpu_ms, parallelism=1.0)
+        if not self.fit.has_model or n_units < 2:
+            return SegmentCost(cpu_ms=0.0, parallelism=1.0)
+        warm = self.work_ms("warm", threads, cpus)
+        cpu_ms = (sum(warm[:n_units]) - warm[n_units]) / (n_units - 1)
+        return SegmentCost(cpu_ms=max(0.0, cpu_ms), parallelism=1.0)
 
-    def cold_start(self, threads: int) -> SegmentCost:
+    def cold_start(self, threads: int, cpus: float | None = None) -> SegmentCost:
         """Return the extra work of a call that starts with cold caches.
 
         A unit run after an idle gap costs more than the same unit back to back, mostly
         because it refetches what the idle time evicted. Inside a segment only the first unit pays it.
         The estimate is the median over units of spaced minus back-to-back CPU time.
         """
-        _, profiles = self.profiles_for_threads(threads)
-        penalties = [u.cpu_ms - u.warm_cpu_ms for p in profiles for u in p.units]
+        n_units = self.graph.n_units
+        warm, spaced = self.work_ms("warm", threads, cpus), self.work_ms("spaced", threads, cpus)
+        penalties = [spaced[i] - warm[i] for i in range(n_units)]
         return SegmentCost(cpu_ms=max(0.0, statistics.median(penalties)), parallelism=1.0)
 
-    def unit_cost(self, index: int, threads: int) -> SegmentCost:
+    def parallelism(self, index: int, threads: int) -> float:
+        """Return how many cores unit ``index`` keeps busy with ``threads`` torch threads.
+
+        A calibrated thread count uses the profile with the largest quota, the least likely
+        to have been throttled. Another count scales as ``threads ** delta``, with ``delta``
+        averaged over the calibrated counts above one.
+        """
+        if threads in self._by_threads:
+            fastest = max(self._by_threads[threads], key=lambda p: p.cpus)
+            return _measured_parallelism(fastest, index)
+        exponents = []
+        for count, profiles in self._by_threads.items():
+            if count > 1:
+                measured = _measured_parallelism(max(profiles, key=lambda p: p.cpus), index)
+                exponents.append(math.log(measured) / math.log(count))
+        # NOTE: with only one-thread profiles there is nothing to extrapolate from, so a
+        # multi-threaded node is predicted to keep one core busy.
+        delta = statistics.fmean(exponents) if exponents else 0.0
+        return min(max(threads**delta, 1.0), float(threads))
+
+    def unit_cost(self, index: int, threads: int, cpus: float | None = None) -> SegmentCost:
         """Return the work of unit ``index`` inside a segment: warm caches, no call overhead."""
-        _, profiles = self.profiles_for_threads(threads)
-        cpu_ms = max(0.0, statistics.median(p.units[index].warm_cpu_ms for p in profiles) - self.call_overhead(threads).cpu_ms)
-        # The profile with the largest quota is the least likely to have been throttled,
-        # so its wall time is the best estimate of the unthrottled duration.
-        fastest = max(profiles, key=lambda p: p.cpus)
-        wall_ms = fastest.units[index].warm_wall.p50_ms
-        parallelism = fastest.units[index].warm_cpu_ms / wall_ms if wall_ms > 0 else 1.0
-        parallelism = min(max(parallelism, 1.0), float(fastest.threads))
-        return SegmentCost(cpu_ms=cpu_ms, parallelism=parallelism)
+        warm = self.work_ms("warm", threads, cpus)
+        cpu_ms = max(0.0, warm[index] - self.call_overhead(threads, cpus).cpu_ms)
+        return SegmentCost(cpu_ms=cpu_ms, parallelism=self.parallelism(index, threads))
 
-    def segment_cost(self, start: int, stop: int, threads: int) -> SegmentCost:
-        """Return the work of one call of units ``start`` to ``stop - 1``.
+    def segment_cost(self, start: int, stop: int, threads: int, cpus: float | None = None) -> SegmentCost:
+        """Return the work of one call of units ``start`` to ``stop - 1`` on a node with ``threads`` and ``cpus``.
 
-        That is one call overhead and one cold start, plus each unit's warm work.
+        That is one call overhead and one cold start, plus each unit's warm work. Without
+        ``cpus`` the work is evaluated at :meth:`default_cpus`.
         """
         if not 0 <= start < stop <= self.graph.n_units:
             raise ValueError(f"segment [{start}, {stop}) is outside the graph's {self.graph.n_units} units")
-        key = (start, stop, threads)
+        key = (start, stop, threads, cpus)
         cached = self._segment_costs.get(key)
         if cached is not None:
             return cached
-        costs = [self.call_overhead(threads), self.cold_start(threads)]
-        costs += [self.unit_cost(i, threads) for i in range(start, stop)]
+        costs = [self.call_overhead(threads, cpus), self.cold_start(threads, cpus)]
+        costs += [self.unit_cost(i, threads, cpus) for i in range(start, stop)]
         cpu_ms = sum(c.cpu_ms for c in costs)
         wall_ms = sum(c.cpu_ms / c.parallelism for c in costs)
         cost = SegmentCost(cpu_ms=cpu_ms, parallelism=cpu_ms / wall_ms if wall_ms > 0 else 1.0)
@@ -283,6 +384,14 @@ class CostModel:
     @staticmethod
     def transfer_ms(n_bytes: int, bandwidth_bps: float, latency_ms: float) -> float:
         return latency_ms + n_bytes * 8.0 / bandwidth_bps * 1e3
+
+
+def _measured_parallelism(profile: ProfileCalibration, index: int) -> float:
+    """Return a unit's back-to-back CPU time over its median wall time, between 1 and the profile's threads."""
+    unit = profile.units[index]
+    wall_ms = unit.warm_wall.p50_ms
+    parallelism = unit.warm_cpu_ms / wall_ms if wall_ms > 0 else 1.0
+    return min(max(parallelism, 1.0), float(profile.threads))
 
 
 def check_model_matches(calibration: Calibration, model_name: str, granularity: str, *, source: str) -> None:

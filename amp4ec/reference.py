@@ -90,4 +90,7 @@ def scenario_reference() -> str:
         "",
     ]
     lines += _section(Scenario, "Top level", {Scenario})
+    from amp4ec.timeline import timeline_reference
+
+    lines += timeline_reference()
     return "\n".join(lines).rstrip() + "\n"

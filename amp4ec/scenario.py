@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from amp4ec.errors import UsageError
 
@@ -67,15 +67,16 @@ class PolicySpec(_Strict):
     cache: bool = Field(default=True, description="keep deployed segments resident on their nodes")
     scheduler_params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the scheduler")
     partitioner_params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the partitioner")
-    # NOTE: replay reads retries and [[dynamics]]; the simulator reads on_failure, max_retries and
-    # [[events]]. The two timelines overlap and are not yet unified.
-    retries: int = Field(
-        default=0, ge=0, description="replay only: times a stage whose node failed is retried on another node before the request fails"
-    )
     on_failure: Literal["fail", "retry"] = Field(
-        default="fail", description="simulation only: a stage lost to a node failure fails its request, or runs again elsewhere"
+        default="fail",
+        description="a stage lost to a node failure, or refused by a node that is down, fails its request, or runs again on another node",
     )
-    max_retries: int = Field(default=3, ge=0, description="retry: stage attempts after the first, per request")
+    max_retries: int = Field(
+        default=3, ge=0, description="retry: stage attempts after the first, counted per request over all its stages"
+    )
+    retries: int | None = Field(
+        default=None, ge=0, description="deprecated: read as on_failure = \"retry\" and max_retries = retries (0: on_failure = \"fail\")"
+    )
     load_time_ms: float = Field(
         default=0.0, ge=0, description="time a worker takes to load its segments once their weights arrive"
     )
@@ -84,6 +85,22 @@ class PolicySpec(_Strict):
         description="push: the scheduler picks a node per stage; pull: stages wait in one coordinator "
         "queue and the first idle node takes the next (the scheduler is not consulted)",
     )
+
+    @model_validator(mode="after")
+    def _translate_retries(self) -> "PolicySpec":
+        from amp4ec.timeline import warn_deprecated  # late import: timeline imports this module
+
+        if self.retries is None:
+            return self
+        if "on_failure" in self.model_fields_set or "max_retries" in self.model_fields_set:
+            raise ValueError(
+                "retries is the deprecated form of on_failure and max_retries; give either retries or those two, not both"
+            )
+        self.on_failure = "retry" if self.retries > 0 else "fail"
+        self.max_retries = self.retries
+        warn_deprecated(f"policy.retries = {self.retries}", f'on_failure = "{self.on_failure}", max_retries = {self.retries}')
+        self.retries = None
+        return self
 
 
 class WorkloadSpec(_Strict):
@@ -164,11 +181,7 @@ DYNAMICS_ACTIONS = ("fail", "recover", "leave", "join", "pause", "resume", "rest
 
 
 class DynamicsEvent(_Strict):
-    """One change to a node during a run, ``at_s`` seconds after the workload starts.
-
-    fail kills the node and recover starts it again. leave stops it and join starts it again;
-    a node whose first event is join is absent until then. pause and resume freeze and thaw
-    it, restart restarts it (segments are deployed again), set_cpus changes its CPU limit.
+    """Deprecated form of an event: read into [[events]] (at_s is time_s, action is kind, set_cpus is cpu).
     """
 
     at_s: float = Field(ge=0, description="seconds after the first request")
@@ -209,34 +222,56 @@ class NodeGroupSpec(_Strict):
 
 
 class EventSpec(_Strict):
-    """One change to the cluster at ``time_s`` seconds of simulated time.
+    """One change to a node at ``time_s`` seconds after the workload starts, in simulate and replay alike.
 
     join / leave: the node starts or stops taking new stages (work in flight on a leaving
-    node finishes). fail: the node dies and the stages in flight on it are lost (see
-    policy.on_failure). recover: a failed node comes back, its segments deployed again.
-    background: ``cpus`` of the node's quota go to other work from then on (0 ends it).
-    bandwidth: the node's link changes to ``bandwidth_mbps`` (and ``latency_ms`` if given).
-    Changes of speed apply to stages that start after the event.
+    node finishes); a node whose first event is join is absent until then. fail: the node
+    dies and the stages in flight on it are lost (see policy.on_failure). recover: a failed
+    node comes back, its segments deployed again. restart: fail, then recover. pause /
+    resume: the node freezes and thaws; nothing is lost. cpu: the node's CPU quota becomes
+    ``cpus``. background_load: ``cpus`` of the node's quota go to other work from then on
+    (0 ends it). link_bandwidth: the node's link changes to ``bandwidth_mbps`` (and
+    ``latency_ms`` if given). Changes of speed apply to stages that start after the event.
+    The table "Event kinds by mode" in the scenario reference gives what each mode does for each kind.
     """
 
-    time_s: float = Field(ge=0)
-    kind: Literal["join", "leave", "fail", "recover", "background", "bandwidth"]
+    time_s: float = Field(ge=0, description="seconds after the first request")
+    kind: Literal["join", "leave", "fail", "recover", "restart", "pause", "resume", "cpu", "background_load", "link_bandwidth"]
     node: str
-    cpus: float | None = Field(default=None, ge=0, description="background: CPUs taken by other work")
-    bandwidth_mbps: float | None = Field(default=None, gt=0, description="bandwidth: the link's new bandwidth")
-    latency_ms: float | None = Field(default=None, ge=0, description="bandwidth: the link's new per-hop cost")
+    cpus: float | None = Field(
+        default=None, ge=0, description="cpu: the new CPU quota (> 0); background_load: CPUs taken by other work"
+    )
+    bandwidth_mbps: float | None = Field(default=None, gt=0, description="link_bandwidth: the link's new bandwidth")
+    latency_ms: float | None = Field(default=None, ge=0, description="link_bandwidth: the link's new per-hop cost")
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _rename_kind(cls, kind: Any) -> Any:
+        from amp4ec.timeline import warn_deprecated  # late import: timeline imports this module
+
+        if kind in ("background", "bandwidth"):
+            new = "background_load" if kind == "background" else "link_bandwidth"
+            warn_deprecated(f"[[events]] kind = {kind!r}", f"kind = {new!r}")
+            return new
+        return kind
 
     @model_validator(mode="after")
     def _check_values(self) -> "EventSpec":
-        if self.kind == "background" and self.cpus is None:
-            raise ValueError("a background event needs cpus, the CPUs other work takes")
-        if self.kind == "bandwidth" and self.bandwidth_mbps is None and self.latency_ms is None:
-            raise ValueError("a bandwidth event needs bandwidth_mbps or latency_ms")
+        if self.kind == "background_load" and self.cpus is None:
+            raise ValueError("a background_load event needs cpus, the CPUs other work takes")
+        if self.kind == "cpu" and not self.cpus:
+            raise ValueError("a cpu event needs cpus > 0, the node's new CPU quota")
+        if self.kind not in ("cpu", "background_load") and self.cpus is not None:
+            raise ValueError(f"cpus applies to cpu and background_load events only, not to kind {self.kind!r}")
+        if self.kind == "link_bandwidth" and self.bandwidth_mbps is None and self.latency_ms is None:
+            raise ValueError("a link_bandwidth event needs bandwidth_mbps or latency_ms")
+        if self.kind != "link_bandwidth" and (self.bandwidth_mbps is not None or self.latency_ms is not None):
+            raise ValueError(f"bandwidth_mbps and latency_ms apply to link_bandwidth events only, not to kind {self.kind!r}")
         return self
 
 
 class CapacityChange(_Strict):
-    """A node's CPU quota changing during a simulated run, as the monitor then reports it."""
+    """Deprecated: read into [[events]] as a cpu event."""
 
     time_s: float = Field(ge=0, description="simulated time of the change")
     node: str
@@ -244,7 +279,7 @@ class CapacityChange(_Strict):
 
 
 class AdaptationSpec(_Strict):
-    """Repartitioning when the monitor shows a node's capacity changing (simulation only so far)."""
+    """Repartitioning and redeploying when the monitor shows a node's CPU quota changing, in simulate and replay."""
 
     enabled: bool = False
     threshold: float = Field(
@@ -253,7 +288,7 @@ class AdaptationSpec(_Strict):
     load_ms_per_mb: float = Field(
         default=0.0, ge=0, description="time to load 10^6 bytes of weights into a worker after they arrive, in ms"
     )
-    capacity_changes: list[CapacityChange] = Field(default_factory=list)
+    capacity_changes: list[CapacityChange] = Field(default_factory=list, description="deprecated: write cpu events in [[events]]")
 
 
 class Scenario(_Strict):
@@ -270,12 +305,12 @@ class Scenario(_Strict):
     monitor: MonitorSpec = Field(default_factory=MonitorSpec)
     nodes: list[NodeSpec] = Field(default_factory=list, description="the edge nodes, one container each")
     node_groups: list[NodeGroupSpec] = Field(default_factory=list, description="generated nodes, appended to nodes")
-    events: list[EventSpec] = Field(default_factory=list, description="simulation only: the dynamics timeline")
-    dynamics: list[DynamicsEvent] = Field(
-        default_factory=list, description="replay only: node failures, recoveries and limit changes over time"
-    )
+    events: list[EventSpec] = Field(default_factory=list, description="the dynamics timeline, read by simulate and replay")
+    dynamics: list[DynamicsEvent] = Field(default_factory=list, description="deprecated: read into events")
     adaptation: AdaptationSpec = Field(default_factory=AdaptationSpec)
     replay: ReplaySpec = Field(default_factory=ReplaySpec)
+    # Where each event came from (events[i], dynamics[j], adaptation.capacity_changes[k]), for messages.
+    _event_origins: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("nodes")
     @classmethod
@@ -290,22 +325,22 @@ class Scenario(_Strict):
     @model_validator(mode="after")
     def _expand_and_check(self) -> "Scenario":
         from amp4ec.cluster import check_events, expand_groups  # late import: cluster imports this module
+        from amp4ec.timeline import translate_legacy
 
         if self.node_groups:
             self.nodes = self.nodes + expand_groups(self.node_groups, self.seed, {n.name for n in self.nodes})
             self.node_groups = []
         if not self.nodes:
             raise ValueError("the scenario has no nodes; add [[nodes]] or [[node_groups]]")
-        names = {node.name for node in self.nodes}
-        for index, event in enumerate(self.dynamics):
-            if event.node not in names:
-                raise ValueError(f"dynamics[{index}].node {event.node!r} is not a node of this scenario; nodes: {', '.join(sorted(names))}")
-        for change in self.adaptation.capacity_changes:
-            if change.node not in names:
-                shown = sorted(names) if len(names) <= 20 else sorted(names)[:20] + ["..."]
-                raise ValueError(f"adaptation.capacity_changes names unknown node {change.node!r}; nodes are {shown}")
+        self._event_origins = translate_legacy(self)
         check_events(self)
         return self
+
+    def event_origins(self) -> list[str]:
+        """Return where each event was written, such as ``events[2]`` or ``dynamics[0]``."""
+        if len(self._event_origins) == len(self.events):
+            return list(self._event_origins)
+        return [f"events[{i}]" for i in range(len(self.events))]
 
     def node(self, name: str) -> NodeSpec:
         for node in self.nodes:

@@ -236,21 +236,23 @@ def leave_one_out(calibration: Calibration, *, normalise: bool = False) -> list[
     return comparisons
 
 
+def accuracy(items: Sequence[Comparison]) -> dict:
+    """Return the share of predictions within 5 % and 10 % of the measurement, and the median and largest error."""
+    errors = np.abs([c.error for c in items])
+    if len(errors) == 0:
+        return {"predictions": 0}
+    return {
+        "predictions": len(errors),
+        "within_5pct": float(np.mean(errors <= 0.05)),
+        "within_10pct": float(np.mean(errors <= 0.10)),
+        "median_abs_error": float(np.median(errors)),
+        "max_abs_error": float(np.max(errors)),
+    }
+
+
 def summarise(comparisons: Sequence[Comparison]) -> dict:
     """Share of predictions within 5 % and 10 %, and error summaries, overall and per group."""
-
-    def block(items: Sequence[Comparison]) -> dict:
-        errors = np.abs([c.error for c in items])
-        if len(errors) == 0:
-            return {"predictions": 0}
-        return {
-            "predictions": len(errors),
-            "within_5pct": float(np.mean(errors <= 0.05)),
-            "within_10pct": float(np.mean(errors <= 0.10)),
-            "median_abs_error": float(np.median(errors)),
-            "max_abs_error": float(np.max(errors)),
-        }
-
+    block = accuracy
     summary = {"all": block(comparisons)}
     for statistic in ("mean", "p95"):
         summary[statistic] = block([c for c in comparisons if c.statistic == statistic])
@@ -260,3 +262,64 @@ def summarise(comparisons: Sequence[Comparison]) -> dict:
     summary["per profile"] = {p: block([c for c in comparisons if c.profile == p]) for p in dict.fromkeys(c.profile for c in comparisons)}
     summary["comparisons"] = [asdict(c) | {"error": c.error} for c in comparisons]
     return summary
+
+
+def simulator_leave_one_out(calibration: Calibration, *, phases: int = 200) -> list[Comparison]:
+    """Predict every profile with the simulator's cost model fitted on the others.
+
+    The segments are every single unit and the whole model. For each, :meth:`CostModel.segment_cost`
+    predicts the CPU time of one call after an idle gap, which is compared with the measured
+    spaced CPU time. The wall time of that call under the held-out profile's CFS quota, averaged
+    over ``phases`` evenly spread start phases of the period, is compared with the measured
+    spaced wall time. These comparisons have the regime ``"simulator"``.
+    """
+    from amp4ec.costs import CostModel
+
+    if len(calibration.profiles) < 2:
+        raise UsageError(
+            f"the calibration has {len(calibration.profiles)} profile; leaving one out needs at least two. "
+            "Calibrate with more --profile options"
+        )
+    n_units = calibration.graph.n_units
+    comparisons = []
+    for held_out in calibration.profiles:
+        others = [p for p in calibration.profiles if p is not held_out]
+        costs = CostModel(calibration.model_copy(update={"profiles": others}))
+        segments = [(i, i + 1, held_out.units[i]) for i in range(n_units)]
+        if held_out.model is not None:
+            segments.append((0, n_units, held_out.model))
+        for start, stop, timing in segments:
+            cost = costs.segment_cost(start, stop, held_out.threads, cpus=held_out.cpus)
+            walls = []
+            period_ms = held_out.cfs_period_us / 1e3
+            for k in range(phases):
+                cpu = CfsCpu(held_out.cpus, period_ms=period_ms, cores=calibration.provenance.host_cores, phase_ms=k * period_ms / phases)
+                walls.append(cpu.run(0.0, cost.cpu_ms, cost.parallelism))
+            name = timing.name
+            comparisons.append(Comparison(held_out.name, name, "simulator", "cpu mean", timing.cpu_ms, cost.cpu_ms))
+            comparisons.append(Comparison(held_out.name, name, "simulator", "wall mean", timing.wall.mean_ms, float(np.mean(walls))))
+    return comparisons
+
+
+def cpu_leave_one_out(calibration: Calibration) -> list[Comparison]:
+    """Predict every profile's mean CPU time per unit and regime from the work fitted on the others.
+
+    CPU time is the part of the cost that the quota should hardly change, so these
+    comparisons separate the fit of the work from host contention, which shows only in
+    wall time. Their statistic is ``"cpu mean"``.
+    """
+    if len(calibration.profiles) < 2:
+        raise UsageError(
+            f"the calibration has {len(calibration.profiles)} profile; leaving one out needs at least two. "
+            "Calibrate with more --profile options"
+        )
+    comparisons = []
+    for held_out in calibration.profiles:
+        others = [p for p in calibration.profiles if p is not held_out]
+        model = FittedCostModel.fit(others, threads=held_out.threads, host_cores=calibration.provenance.host_cores)
+        for index, timing in enumerate(profile_timings(held_out)[: len(model.names)]):
+            for regime in REGIMES:
+                measured, _ = unit_samples(timing, regime)
+                predicted = model.work_ms[regime][index] * held_out.cpus ** model.beta[regime]
+                comparisons.append(Comparison(held_out.name, timing.name, regime, "cpu mean", float(np.mean(measured)), float(predicted)))
+    return comparisons

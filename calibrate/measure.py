@@ -4,7 +4,8 @@ A worker's `profile` op times a batch of runs; this module asks for batches unti
 confidence half-width of the mean (Student's t) is at most ``target_ci_rel`` of the mean, for
 both wall time and CPU time, or until ``max_repeats`` runs. It also sums the container's
 cgroup cpu.stat counters over the batches, so the throttling the kernel did is recorded next
-to the wall times it caused.
+to the wall times it caused. The spaced regime can also be measured on several workers at
+once, one run per worker in turn (:func:`measure_spaced_interleaved`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -152,3 +153,66 @@ def measure(worker, segment_id: str, inputs: list[np.ndarray], *, gap_ms: float,
         cpu_stat=cpu_stat,
         peak_rss_bytes=peak_rss_bytes,
     )
+
+
+def measure_spaced_interleaved(
+    workers: Mapping[str, object], segment_id: str, inputs: list[np.ndarray], *, gap_ms: float, warmup: int, policy: RepeatPolicy
+) -> dict[str, Measurement]:
+    """Time ``segment_id`` (loaded on every worker) spaced ``gap_ms`` apart, one run per worker in turn.
+
+    Each round sends one single-run request to every worker in order, and a worker's next run
+    waits until ``gap_ms`` have passed since its previous reply. The other workers' runs fill
+    that gap, so a round costs about ``gap_ms`` whatever the number of workers, and all
+    profiles run at the same machine speed within a round. Only one container computes at any
+    time, so the profiles never compete for cores. Rounds stop when every worker's mean is
+    precise to ``policy.target_ci_rel`` (checked every ``policy.batch`` rounds after
+    ``policy.min_repeats``) or after ``policy.max_repeats`` rounds.
+    """
+    gap_s = gap_ms / 1e3
+    wall_ms: dict[str, list[float]] = {name: [] for name in workers}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in workers}
+    cpu_stat: dict[str, CpuStatDelta | None] = {name: None for name in workers}
+    peak_rss_bytes: dict[str, int | None] = {name: None for name in workers}
+    last_reply_s: dict[str, float] = {}
+    for name, worker in workers.items():
+        if warmup:
+            # Back-to-back warmup runs are enough to trigger lazy initialisation. The gap
+            # before the first timed run still makes that run start cold.
+            worker.profile(segment_id, inputs, warmup=warmup - 1, repeats=1, gap_ms=0.0)
+        last_reply_s[name] = time.perf_counter()
+
+    def precision(name: str) -> float:
+        return max(ci95_rel(wall_ms[name]), ci95_rel(cpu_ms[name]))
+
+    rounds = 0
+    while True:
+        for name, worker in workers.items():
+            wait_s = last_reply_s[name] + gap_s - time.perf_counter()
+            if wait_s > 0:
+                time.sleep(wait_s)
+            reply = worker.profile(segment_id, inputs, warmup=0, repeats=1, gap_ms=0.0)
+            last_reply_s[name] = time.perf_counter()
+            wall_ms[name].extend(float(v) for v in reply["wall_ms"])
+            cpu_ms[name].extend(float(v) for v in reply["cpu_ms"])
+            cpu_stat[name] = _add(cpu_stat[name], _cpu_stat_delta(reply.get("cpu_stat_before"), reply.get("cpu_stat_after")))
+            peak_rss_bytes[name] = reply.get("peak_rss_bytes", peak_rss_bytes[name])
+        rounds += 1
+        if rounds >= policy.max_repeats:
+            break
+        if rounds >= policy.min_repeats and (rounds - policy.min_repeats) % policy.batch == 0:
+            if all(precision(name) <= policy.target_ci_rel for name in workers):
+                break
+
+    results = {}
+    for name in workers:
+        reached = precision(name)
+        results[name] = Measurement(
+            gap_ms=gap_ms,
+            wall_ms=[round(v, 3) for v in wall_ms[name]],
+            cpu_ms=[round(v, 3) for v in cpu_ms[name]],
+            ci95_rel=reached if math.isfinite(reached) else 1e9,
+            converged=reached <= policy.target_ci_rel,
+            cpu_stat=cpu_stat[name],
+            peak_rss_bytes=peak_rss_bytes[name],
+        )
+    return results

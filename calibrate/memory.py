@@ -67,11 +67,16 @@ def search_min_memory(
     low_bytes: int,
     high_bytes: int,
     resolution_bytes: int = DEFAULT_RESOLUTION_BYTES,
+    guess_bytes: int | None = None,
     log: Callable[[str], None],
 ) -> MemorySearch:
     """Bisect between ``low_bytes`` (assumed to fail) and ``high_bytes`` to ``resolution_bytes``.
 
-    The upper bound is probed first: a segment that does not run there has no minimum.
+    Without ``guess_bytes`` the upper bound is probed first: a segment that does not run
+    there has no minimum. A guess between the bounds is probed first instead. If the segment
+    runs there, the guess becomes the upper bound and the bisection starts from a much
+    narrower bracket. If it does not, the guess becomes the lower bound and the upper bound
+    is probed next.
     """
     probes: list[MemoryProbe] = []
 
@@ -82,9 +87,15 @@ def search_min_memory(
             log(f"memory search {profile.name}/{name}: OOM-killed at {memory_bytes / MIB:.0f} MiB")
         return result.ran
 
-    if not attempt(high_bytes):
-        return MemorySearch(segment=name, min_memory_bytes=None, resolution_bytes=resolution_bytes, probes=probes)
     low, high = low_bytes, high_bytes
+    guess = None if guess_bytes is None else guess_bytes // MIB * MIB
+    if guess is not None and low < guess < high and attempt(guess):
+        high = guess
+    else:
+        if guess is not None and low < guess < high:
+            low = guess
+        if not attempt(high_bytes):
+            return MemorySearch(segment=name, min_memory_bytes=None, resolution_bytes=resolution_bytes, probes=probes)
     while high - low > resolution_bytes:
         middle = (low + high) // 2 // MIB * MIB
         if middle <= low:

@@ -1,19 +1,24 @@
 """`amp4ec calibrate`: time every unit of a model inside containers limited like edge devices.
 
-For each profile one worker container starts with that profile's CPU quota and memory limit;
-each unit is exported with torch.export, shipped to the worker, and timed there with requests
-spaced ``gap_ms`` apart so the CFS quota refills between runs. The fixed cost and bandwidth of
-one hop between the host and a worker are fitted from echo round trips over the same transport
-real mode uses.
+One worker container per profile starts with that profile's CPU quota and memory limit, all
+at once. Each unit is exported with torch.export, shipped to every worker, and timed on all
+of them in turn before the next unit, so machine drift during the run affects every profile
+alike. The fixed cost and bandwidth of one hop between the host and a worker, and between two
+workers, are fitted from echo round trips over the same transport real mode uses.
 """
 
 from __future__ import annotations
 
+import logging
 import platform
 import shlex
 import sys
+import threading
 import time
 import uuid
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,14 +27,31 @@ import numpy as np
 
 from amp4ec import __version__
 from amp4ec.calibrate.link import LINK_PAYLOAD_BYTES, LINK_REPEATS, fit_hops, measure_container_link
-from amp4ec.calibrate.measure import DEFAULT_MIN_WINDOW_MS, DEFAULT_TARGET_CI_REL, RepeatPolicy, measure, timing_stats
-from amp4ec.costs import CALIBRATION_SCHEMA, Calibration, LinkCalibration, ProfileCalibration, Provenance, UnitTiming
-from amp4ec.errors import DockerError, UsageError, WorkerError
+from amp4ec.calibrate.measure import (
+    DEFAULT_MIN_WINDOW_MS,
+    DEFAULT_TARGET_CI_REL,
+    RepeatPolicy,
+    measure,
+    measure_spaced_interleaved,
+    timing_stats,
+)
+from amp4ec.costs import (
+    CALIBRATION_SCHEMA,
+    Calibration,
+    DriftSample,
+    LinkCalibration,
+    Measurement,
+    ProfileCalibration,
+    Provenance,
+    UnitTiming,
+)
+from amp4ec.errors import UsageError, WorkerError
+from amp4ec.graph import ModelGraph
 from amp4ec.scenario import NodeSpec
 
 DEFAULT_PROFILES = ("high:1.0:1024", "medium:0.6:512", "low:0.4:512")
 REFERENCE_REPEATS = 20
-DEFAULT_MAX_REPEATS = 60
+DEFAULT_MAX_REPEATS = 40
 # The two containers of the hop fit run at once; this CPU limit each keeps both under the
 # oversubscription threshold of a 2-core host.
 LINK_CONTAINER_CPUS = 0.8
@@ -38,6 +60,12 @@ LINK_CONTAINER_CPUS = 0.8
 DRIFT_WARNING_SHARE = 0.10
 # Below this difference a move is timer and scheduling noise, even when it is a large share.
 DRIFT_WARNING_MIN_MS = 0.5
+# The whole model stays loaded under this id on every worker for the whole run, because
+# loading it takes seconds under a small CPU quota. It serves the reference runs at the start
+# and end of the run, the whole-model measurement, and the drift reference, which times it this
+# many times back to back after every unit on one container.
+REFERENCE_SEGMENT = "reference"
+DRIFT_REPEATS = 5
 
 
 def parse_profiles(specs: Sequence[str]) -> list[NodeSpec]:
@@ -70,20 +98,13 @@ def host_cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _time_unit(worker, name: str, blob: bytes, inputs: list[np.ndarray], *, warmup: int, gap_ms: float, policy: RepeatPolicy) -> UnitTiming:
-    """Time one exported program in two regimes: runs spaced ``gap_ms`` apart, and back to back.
+def _unit_timing(name: str, spaced: Measurement, saturated: Measurement) -> UnitTiming:
+    """Combine the two regimes of one unit in one profile.
 
     Spaced runs start with cold caches and a refilled CFS quota (the container idled in
-    between); back-to-back runs find the program's weights still cached, which is how a unit
+    between). Back-to-back runs find the program's weights still cached, which is how a unit
     runs inside a longer segment, and drain the quota, so the kernel throttles them.
     """
-    segment_id = "unit"
-    worker.load(segment_id, blob)
-    try:
-        spaced = measure(worker, segment_id, inputs, gap_ms=gap_ms, warmup=warmup, policy=policy)
-        saturated = measure(worker, segment_id, inputs, gap_ms=0.0, warmup=warmup, policy=policy)
-    finally:
-        worker.unload(segment_id)
     return UnitTiming(
         name=name,
         cpu_ms=float(np.mean(spaced.cpu_ms)),
@@ -95,13 +116,9 @@ def _time_unit(worker, name: str, blob: bytes, inputs: list[np.ndarray], *, warm
     )
 
 
-def _reference_cpu_ms(worker, blob: bytes, inputs: list[np.ndarray]) -> float:
-    """Mean CPU time of the whole model, back to back: the yardstick for drift within a run."""
-    worker.load("reference", blob)
-    try:
-        reply = worker.profile("reference", inputs, warmup=3, repeats=REFERENCE_REPEATS, gap_ms=0.0)
-    finally:
-        worker.unload("reference")
+def _reference_cpu_ms(worker, inputs: list[np.ndarray]) -> float:
+    """Return the median back-to-back CPU time of the whole model (loaded as ``REFERENCE_SEGMENT``), the yardstick for drift."""
+    reply = worker.profile(REFERENCE_SEGMENT, inputs, warmup=3, repeats=REFERENCE_REPEATS, gap_ms=0.0)
     return float(np.median(reply["cpu_ms"]))
 
 
@@ -173,9 +190,7 @@ def run_calibration(
     ``max_repeats`` times. Nothing is written unless every profile was measured.
     """
     from amp4ec.torchgraph import example_inputs, load_model, trace_model
-    from amp4ec.real.containers import TORCH_RUNTIME_BYTES
-    from amp4ec.real.containers import NodeSpec as ContainerSpec
-    from amp4ec.real.containers import WorkerCluster, docker_client
+    from amp4ec.real.containers import TORCH_RUNTIME_BYTES, docker_client
     from amp4ec.real.image import ensure_worker_image
 
     import torch
@@ -201,108 +216,48 @@ def run_calibration(
     module = load_model(model)
     # Reach the engine before the slow tracing, so a stopped Docker fails within seconds.
     client = docker_client()
-    log(f"tracing {model} at {granularity} granularity")
-    trace_options = {} if input_shape is None else {"input_shape": list(input_shape)}
-    traced = trace_model(module, model, granularity=granularity, **trace_options)
-    graph = traced.graph
-    n_units = graph.n_units
-    blobs = [traced.export_segment(i, i + 1) for i in range(n_units)]
-    model_blob = traced.export_segment(0, n_units)
-    inputs = [[t.numpy() for t in example_inputs(graph, i, seed=0)] for i in range(n_units + 1)]
-    log(f"exported {n_units} units in {time.perf_counter() - started:.1f} s")
-
     image = ensure_worker_image(client, base_image=base_image, log=log)
     run_id = run_id or f"calibrate-{uuid.uuid4().hex[:8]}"
     log(f"run id {run_id}; `amp4ec clean --run {run_id}` removes containers an interrupted run may leave")
-    echo_blob = export_echo()
-    measured: list[ProfileCalibration] = []
-    warnings: list[str] = []
-    link = None
-    worker_torch = "unknown"
-    fastest = max(profiles, key=lambda p: p.cpus)
-    # One container at a time, so profiles never compete for the host's cores.
-    for profile in profiles:
-        container = ContainerSpec(profile.name, profile.cpus, profile.memory_bytes, profile.torch_threads)
-        with WorkerCluster(client, [container], image=image, run_id=f"{run_id}-{profile.name}") as cluster:
-            worker = cluster[profile.name]
-            info = worker.ping()
-            worker_torch = info.get("torch", worker_torch)
-            current = "the reference run"
-            try:
-                reference = [_reference_cpu_ms(worker, model_blob, inputs[0])]
-                units = []
-                for i in range(n_units):
-                    current = f"unit {graph.units[i].name}"
-                    units.append(_time_unit(worker, graph.units[i].name, blobs[i], inputs[i], warmup=warmup, gap_ms=gap_ms, policy=policy))
-                current = "the whole model"
-                whole = _time_unit(worker, "model", model_blob, inputs[0], warmup=warmup, gap_ms=gap_ms, policy=policy)
-                reference.append(_reference_cpu_ms(worker, model_blob, inputs[0]))
-                if profile is fastest:
-                    current = "the hop fit"
-                    link = fit_link(worker, echo_blob, log)
-            except WorkerError as error:
-                if cluster.oom_killed(profile.name):
-                    raise UsageError(
-                        f"profile {profile.name}: the kernel OOM-killed the worker at a memory limit of "
-                        f"{profile.memory_mb:g} MiB while running {current}; raise the profile's memory limit "
-                        "(`--memory-search` finds the smallest limit each segment needs)",
-                        field="--profile",
-                    ) from error
-                raise
-            profile_warnings = _drift_warnings(profile.name, reference, measured)
-            for warning in profile_warnings:
-                log(f"warning: {warning}")
-            not_converged = sum(1 for u in [*units, whole] for m in (u.spaced, u.saturated) if not m.converged)
-            if not_converged:
-                profile_warnings.append(
-                    f"profile {profile.name}: {not_converged} of {2 * (n_units + 1)} measurements stopped at "
-                    f"{policy.max_repeats} runs before their 95 % confidence half-width reached {policy.target_ci_rel:.0%}"
-                )
-            samples = sum(len(m.wall_ms) for u in [*units, whole] for m in (u.spaced, u.saturated))
-            log(
-                f"profile {profile.name} ({profile.cpus:g} CPU, {profile.memory_mb:g} MiB, {profile.torch_threads} threads): "
-                f"units {sum(u.cpu_ms for u in units):.1f} ms CPU spaced, {sum(u.warm_cpu_ms for u in units):.1f} ms "
-                f"back to back; whole model {whole.cpu_ms:.1f} ms spaced, {whole.warm_cpu_ms:.1f} ms back to back; "
-                f"{samples} timed runs, {not_converged} not converged"
-            )
-        measured.append(
-            ProfileCalibration(
-                name=profile.name,
-                cpus=profile.cpus,
-                memory_bytes=profile.memory_bytes,
-                threads=profile.torch_threads,
-                gap_ms=gap_ms,
-                runtime_rss_bytes=int(info.get("runtime_rss_bytes") or 0),
-                units=units,
-                model=whole,
-                reference_cpu_ms=reference,
-                warnings=profile_warnings,
-            )
-        )
-        warnings.extend(profile_warnings)
 
-    container_hop = None
-    if container_link:
-        container_hop = _measure_container_link(client, image, run_id, fastest, echo_blob, log)
-    if memory_search:
+    def export_model() -> ExportedModel:
+        log(f"tracing {model} at {granularity} granularity")
+        trace_options = {} if input_shape is None else {"input_shape": list(input_shape)}
+        traced = trace_model(module, model, granularity=granularity, **trace_options)
+        graph = traced.graph
+        n_units = graph.n_units
+        blobs = [traced.export_segment(i, i + 1) for i in range(n_units)]
+        model_blob = traced.export_segment(0, n_units)
+        inputs = [[t.numpy() for t in example_inputs(graph, i, seed=0)] for i in range(n_units + 1)]
+        log(f"exported {n_units} units in {time.perf_counter() - started:.1f} s")
         segments = [(graph.units[i].name, blobs[i], inputs[i]) for i in range(n_units)] + [("model", model_blob, inputs[0])]
-        for profile, result in zip(profiles, measured):
-            result.memory_search = _memory_search(client, image, run_id, profile, segments, int(result.runtime_rss_bytes), log)
+        return ExportedModel(graph=graph, segments=segments, echo_blob=export_echo())
+
+    exported, session = _measure_interleaved(
+        client, image, run_id, profiles, export_model,
+        warmup=warmup, gap_ms=gap_ms, policy=policy, container_link=container_link, started=started, log=log,
+    )  # fmt: skip
+    graph, segments = exported.graph, exported.segments
+    measured = session.profiles
+    if memory_search:
+        session.warnings.extend(_memory_search(client, image, run_id, profiles, measured, segments, graph, log))
 
     calibration = Calibration(
         schema=CALIBRATION_SCHEMA,
         graph=graph,
         profiles=measured,
-        link=link,
-        container_link=container_hop,
-        warnings=warnings,
+        link=session.link,
+        container_link=session.container_link,
+        warnings=session.warnings,
+        drift_profile=session.drift_profile,
+        drift=session.drift,
         provenance=Provenance(
             date=datetime.now(timezone.utc).isoformat(),
             amp4ec_version=__version__,
             host_cpu=host_cpu_model(),
             host_cores=_host_cores(),
             host_torch=torch.__version__,
-            worker_torch=worker_torch,
+            worker_torch=session.worker_torch,
             image=image,
             command=shlex.join(["amp4ec", *sys.argv[1:]]),
             warmup=warmup,
@@ -314,12 +269,258 @@ def run_calibration(
     return calibration
 
 
+@dataclass
+class ExportedModel:
+    """The traced graph, each unit and the whole model as (name, exported program, example inputs), and the echo program."""
+
+    graph: ModelGraph
+    segments: list[tuple[str, bytes, list[np.ndarray]]]
+    echo_blob: bytes
+
+    @property
+    def model_blob(self) -> bytes:
+        return self.segments[-1][1]
+
+    @property
+    def model_inputs(self) -> list[np.ndarray]:
+        return self.segments[-1][2]
+
+
+@dataclass
+class InterleavedMeasurement:
+    """Everything one interleaved pass over the profiles measured."""
+
+    profiles: list[ProfileCalibration]
+    warnings: list[str]
+    link: LinkCalibration | None
+    container_link: LinkCalibration | None
+    drift_profile: str
+    drift: list[DriftSample]
+    worker_torch: str
+
+
+def _measure_interleaved(
+    client,
+    image: str,
+    run_id: str,
+    profiles: list[NodeSpec],
+    export_model: Callable[[], ExportedModel],
+    *,
+    warmup: int,
+    gap_ms: float,
+    policy: RepeatPolicy,
+    container_link: bool,
+    started: float,
+    log: Callable[[str], None],
+) -> tuple[ExportedModel, InterleavedMeasurement]:
+    """Start one container per profile at once and measure every segment on all of them in turn.
+
+    Segment by segment, the spaced runs go round robin across the containers and the
+    back-to-back windows follow one another, so all profiles of one segment are measured
+    within seconds of each other, at the same machine speed. Only one container computes at
+    any time. After every segment the whole model runs a few times back to back on the drift
+    reference container (the profile with the largest CPU quota), and that series shows how
+    the machine's speed moved during the calibration.
+
+    ``export_model`` runs in a thread while the containers start, because tracing and
+    exporting take about as long as the workers' torch import under small CPU quotas.
+    """
+    from amp4ec.real import containers as containers_module
+    from amp4ec.real.containers import NodeSpec as ContainerSpec
+    from amp4ec.real.containers import OversubscriptionWarning, WorkerCluster
+
+    specs = [ContainerSpec(p.name, p.cpus, p.memory_bytes, p.torch_threads) for p in profiles]
+    reference_profile = max(profiles, key=lambda p: p.cpus)
+    cluster = WorkerCluster(client, specs, image=image, run_id=run_id)
+    # The containers take turns, one request at a time, so their quotas never add up on the
+    # host's cores, and the cluster's oversubscription warning (a Python warning and a log
+    # record) does not apply here.
+    containers_log = logging.getLogger(containers_module.__name__)
+    level = containers_log.level
+    containers_log.setLevel(logging.ERROR)
+    export_result: list[ExportedModel] = []
+    export_error: list[BaseException] = []
+
+    def run_export() -> None:
+        try:
+            export_result.append(export_model())
+        except BaseException as error:  # re-raised in the main thread below
+            export_error.append(error)
+
+    # A daemon thread, so that an interrupted or failed start does not wait for the export.
+    exporter = threading.Thread(target=run_export, name="amp4ec-export", daemon=True)
+    exporter.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OversubscriptionWarning)
+            cluster.start()
+    finally:
+        containers_log.setLevel(level)
+    phase_s = {"start": time.perf_counter() - started}
+    # Loading is not timed, so all workers load a program at the same time, one thread per worker.
+    loader = ThreadPoolExecutor(max_workers=len(profiles), thread_name_prefix="amp4ec-load")
+    try:
+        exporter.join()
+        phase_s["start"] = time.perf_counter() - started
+        if export_error:
+            raise export_error[0]
+        exported = export_result[0]
+        segments, model_blob, model_inputs, echo_blob = exported.segments, exported.model_blob, exported.model_inputs, exported.echo_blob
+        workers = {p.name: cluster[p.name] for p in profiles}
+        infos = {name: worker.ping() for name, worker in workers.items()}
+        reference_worker = workers[reference_profile.name]
+        drift: list[DriftSample] = []
+        timings: dict[str, list[UnitTiming]] = {name: [] for name in workers}
+        link = container_hop = None
+        current = "the reference run"
+
+        def load_everywhere(segment_id: str, blob: bytes) -> None:
+            mark = time.perf_counter()
+            list(loader.map(lambda worker: worker.load(segment_id, blob), workers.values()))
+            phase_s["loads"] = phase_s.get("loads", 0.0) + time.perf_counter() - mark
+
+        def timed(phase: str, function, *args, **kwargs):
+            mark = time.perf_counter()
+            result = function(*args, **kwargs)
+            phase_s[phase] = phase_s.get(phase, 0.0) + time.perf_counter() - mark
+            return result
+
+        try:
+            load_everywhere(REFERENCE_SEGMENT, model_blob)
+            reference_start = {name: timed("reference runs", _reference_cpu_ms, worker, model_inputs) for name, worker in workers.items()}
+
+            def sample_drift(after: str) -> None:
+                reply = timed("drift reference", reference_worker.profile, REFERENCE_SEGMENT, model_inputs, warmup=1, repeats=DRIFT_REPEATS, gap_ms=0.0)
+                drift.append(DriftSample(time_s=time.perf_counter() - started, after=after, cpu_ms=float(np.median(reply["cpu_ms"]))))
+
+            sample_drift("start")
+            for index, (name, blob, segment_inputs) in enumerate(segments):
+                current = "the whole model" if name == "model" else f"unit {name}"
+                segment_id = REFERENCE_SEGMENT if name == "model" else "unit"
+                if segment_id == "unit":
+                    load_everywhere("unit", blob)
+                spaced = timed("spaced", measure_spaced_interleaved, workers, segment_id, segment_inputs, gap_ms=gap_ms, warmup=warmup, policy=policy)
+                # Rotate which profile starts, so that no profile always runs right after the spaced rounds.
+                shift = index % len(profiles)
+                saturated = {
+                    p.name: timed("back to back", measure, workers[p.name], segment_id, segment_inputs, gap_ms=0.0, warmup=warmup, policy=policy)
+                    for p in [*profiles[shift:], *profiles[:shift]]
+                }
+                if segment_id == "unit":
+                    for worker in workers.values():
+                        worker.unload("unit")
+                for profile_name in workers:
+                    timings[profile_name].append(_unit_timing(name, spaced[profile_name], saturated[profile_name]))
+                sample_drift(name)
+                log(
+                    f"{name}: {len(next(iter(spaced.values())).wall_ms)} spaced rounds; back to back "
+                    + ", ".join(f"{p.name} {len(saturated[p.name].wall_ms)}" for p in profiles)
+                    + f" runs; drift reference {drift[-1].cpu_ms:.1f} ms"
+                )
+            current = "the reference run"
+            reference_end = {name: timed("reference runs", _reference_cpu_ms, worker, model_inputs) for name, worker in workers.items()}
+            for worker in workers.values():
+                worker.unload(REFERENCE_SEGMENT)
+            current = "the hop fit"
+            link = timed("hop fits", fit_link, reference_worker, echo_blob, log)
+            if container_link and len(profiles) > 1:
+                # Reuse the running containers: the next largest quota sends to the reference container.
+                sender = max((p for p in profiles if p is not reference_profile), key=lambda p: p.cpus)
+                container_hop = timed("hop fits", measure_container_link, cluster, sender.name, reference_profile.name, echo_blob, log)
+        except WorkerError as error:
+            for profile in profiles:
+                if cluster.oom_killed(profile.name):
+                    raise UsageError(
+                        f"profile {profile.name}: the kernel OOM-killed the worker at a memory limit of "
+                        f"{profile.memory_mb:g} MiB while running {current}; raise the profile's memory limit "
+                        "(`--memory-search` finds the smallest limit each segment needs)",
+                        field="--profile",
+                    ) from error
+            raise
+    finally:
+        loader.shutdown(wait=False, cancel_futures=True)
+        cluster.close()
+    log(
+        "time: export and container start "
+        + ", ".join(f"{phase} {seconds:.0f} s" if phase != "start" else f"{seconds:.0f} s" for phase, seconds in phase_s.items())
+    )
+    if container_link and len(profiles) == 1:
+        container_hop = _measure_container_link(client, image, run_id, reference_profile, echo_blob, log)
+
+    measured: list[ProfileCalibration] = []
+    all_warnings: list[str] = []
+    for profile in profiles:
+        units, whole = timings[profile.name][:-1], timings[profile.name][-1]
+        reference = [reference_start[profile.name], reference_end[profile.name]]
+        profile_warnings = _drift_warnings(profile.name, reference, measured)
+        for message in profile_warnings:
+            log(f"warning: {message}")
+        not_converged = sum(1 for u in timings[profile.name] for m in (u.spaced, u.saturated) if not m.converged)
+        if not_converged:
+            profile_warnings.append(
+                f"profile {profile.name}: {not_converged} of {2 * len(timings[profile.name])} measurements stopped at "
+                f"{policy.max_repeats} runs before their 95 % confidence half-width reached {policy.target_ci_rel:.0%}"
+            )
+        samples = sum(len(m.wall_ms) for u in timings[profile.name] for m in (u.spaced, u.saturated))
+        log(
+            f"profile {profile.name} ({profile.cpus:g} CPU, {profile.memory_mb:g} MiB, {profile.torch_threads} threads): "
+            f"units {sum(u.cpu_ms for u in units):.1f} ms CPU spaced, {sum(u.warm_cpu_ms for u in units):.1f} ms "
+            f"back to back; whole model {whole.cpu_ms:.1f} ms spaced, {whole.warm_cpu_ms:.1f} ms back to back; "
+            f"{samples} timed runs, {not_converged} not converged"
+        )
+        measured.append(
+            ProfileCalibration(
+                name=profile.name,
+                cpus=profile.cpus,
+                memory_bytes=profile.memory_bytes,
+                threads=profile.torch_threads,
+                gap_ms=gap_ms,
+                runtime_rss_bytes=int(infos[profile.name].get("runtime_rss_bytes") or 0),
+                units=units,
+                model=whole,
+                reference_cpu_ms=reference,
+                warnings=profile_warnings,
+            )
+        )
+        all_warnings.extend(profile_warnings)
+    drift_message = _drift_series_message(reference_profile.name, drift)
+    log(drift_message)
+    if _drift_share(drift) > DRIFT_WARNING_SHARE:
+        all_warnings.append(drift_message)
+    return exported, InterleavedMeasurement(
+        profiles=measured,
+        warnings=all_warnings,
+        link=link,
+        container_link=container_hop,
+        drift_profile=reference_profile.name,
+        drift=drift,
+        worker_torch=next(iter(infos.values())).get("torch", "unknown"),
+    )
+
+
+def _drift_share(drift: Sequence[DriftSample]) -> float:
+    """Return the spread of the drift series, (max - min) / min, or 0 for an empty one."""
+    values = [sample.cpu_ms for sample in drift if sample.cpu_ms > 0]
+    return (max(values) - min(values)) / min(values) if values else 0.0
+
+
+def _drift_series_message(profile: str, drift: Sequence[DriftSample]) -> str:
+    values = [sample.cpu_ms for sample in drift]
+    if not values:
+        return f"drift reference {profile}: no samples"
+    return (
+        f"drift reference: the whole model on profile {profile} took {min(values):.1f} to {max(values):.1f} ms CPU "
+        f"(median {float(np.median(values)):.1f} ms, spread {_drift_share(drift):.0%}) over {len(values)} samples; "
+        "the profiles were measured in turn, unit by unit, so they share this drift"
+    )
+
+
 def _drift_warnings(name: str, reference: list[float], earlier: list[ProfileCalibration]) -> list[str]:
     """Compare the whole model's reference CPU time at the end of a profile with its start and with earlier profiles."""
-    warnings = []
+    messages = []
     start, end = reference[0], reference[-1]
     if start > 0 and abs(end / start - 1) > DRIFT_WARNING_SHARE and abs(end - start) > DRIFT_WARNING_MIN_MS:
-        warnings.append(
+        messages.append(
             f"profile {name}: the whole model's CPU time moved from {start:.1f} ms to {end:.1f} ms during the "
             "profile; the machine changed speed, so this profile's times are less reliable"
         )
@@ -328,13 +529,13 @@ def _drift_warnings(name: str, reference: list[float], earlier: list[ProfileCali
             before = float(np.mean(other.reference_cpu_ms))
             now = float(np.mean(reference))
             if before > 0 and abs(now / before - 1) > DRIFT_WARNING_SHARE and abs(now - before) > DRIFT_WARNING_MIN_MS:
-                warnings.append(
+                messages.append(
                     f"profile {name}: the whole model's CPU time ({now:.1f} ms) differs from profile "
                     f"{other.name}'s ({before:.1f} ms) by more than {DRIFT_WARNING_SHARE:.0%}; either the quota "
                     "changes the work or the machine drifted between profiles"
                 )
                 break
-    return warnings
+    return messages
 
 
 def _measure_container_link(client, image: str, run_id: str, profile: NodeSpec, echo_blob: bytes, log: Callable[[str], None]) -> LinkCalibration:
@@ -348,19 +549,56 @@ def _measure_container_link(client, image: str, run_id: str, profile: NodeSpec, 
         return measure_container_link(cluster, "sender", "receiver", echo_blob, log)
 
 
-def _memory_search(client, image: str, run_id: str, profile: NodeSpec, segments, runtime_rss_bytes: int, log: Callable[[str], None]):
+# First guess of a segment's memory need on top of the idle runtime: its weights and peak
+# activations times this factor, plus the slack below, which covers the allocator, the loaded
+# program and the received input frames. A wrong guess costs one extra probe.
+MEMORY_GUESS_FACTOR = 3
+MEMORY_GUESS_SLACK_BYTES = 48 * 2**20
+
+
+def _memory_search(
+    client, image: str, run_id: str, profiles: list[NodeSpec], measured: list[ProfileCalibration], segments, graph, log: Callable[[str], None]
+) -> list[str]:
+    """Bisect each segment's smallest memory limit once per thread count and attach it to every profile with that count.
+
+    Profiles that differ only in quota share one search, run in a container with the largest
+    memory limit and CPU quota of the group, because a forward allocates the same tensors
+    whatever the quota. NOTE: this assumes the allocator's peak does not depend on the quota,
+    which no test checks. A profile whose own limit is below a segment's minimum gets a warning, and the
+    warnings are returned.
+    """
     from amp4ec.calibrate.memory import MIB, search_min_memory
 
-    results = []
-    low_bytes = max(runtime_rss_bytes // MIB * MIB, 64 * MIB)
-    for name, blob, segment_inputs in segments:
-        results.append(
-            search_min_memory(
-                client, image, f"{run_id}-mem-{profile.name}-{len(results)}", profile, name, blob, segment_inputs,
-                low_bytes=low_bytes, high_bytes=profile.memory_bytes, log=log,
-            )  # fmt: skip
-        )
-    return results
+    n_units = graph.n_units
+    bounds = [(i, i + 1) for i in range(n_units)] + [(0, n_units)]
+    messages = []
+    for threads in sorted({p.torch_threads for p in profiles}):
+        group = [(p, result) for p, result in zip(profiles, measured) if p.torch_threads == threads]
+        largest = max((p for p, _ in group), key=lambda p: (p.memory_bytes, p.cpus))
+        runtime_rss_bytes = max(int(result.runtime_rss_bytes) for _, result in group)
+        low_bytes = max(runtime_rss_bytes // MIB * MIB, 64 * MIB)
+        searches = []
+        for (name, blob, segment_inputs), (start, stop) in zip(segments, bounds):
+            need_bytes = graph.segment_param_bytes(start, stop) + graph.segment_peak_activation_bytes(start, stop)
+            searches.append(
+                search_min_memory(
+                    client, image, f"{run_id}-mem-t{threads}-{len(searches)}", largest, name, blob, segment_inputs,
+                    low_bytes=low_bytes, high_bytes=largest.memory_bytes,
+                    guess_bytes=runtime_rss_bytes + MEMORY_GUESS_FACTOR * need_bytes + MEMORY_GUESS_SLACK_BYTES, log=log,
+                )  # fmt: skip
+            )
+        for profile, result in group:
+            result.memory_search = searches
+            for search in searches:
+                if search.min_memory_bytes is not None and search.min_memory_bytes > profile.memory_bytes:
+                    message = (
+                        f"profile {profile.name}: segment {search.segment} needs at least "
+                        f"{search.min_memory_bytes / MIB:.0f} MiB, above the profile's limit of {profile.memory_mb:g} MiB"
+                    )
+                    log(f"warning: {message}")
+                    result.warnings.append(message)
+                    messages.append(message)
+    return messages
 
 
 def _host_cores() -> int:

@@ -12,13 +12,13 @@ whole route at dispatch (``[replay] route``, see forward.py). With
 "relay", each stage's output comes back to the coordinator, which picks the next stage's
 node and sends it there over the thread's own REQ socket to that worker.
 
-Faults come from the scenario's ``[[dynamics]]`` timeline and are applied to the containers
+Faults come from the scenario's ``[[events]]`` timeline and are applied to the containers
 with the Docker API. The coordinator learns that a node went down from the Docker call it
 made itself, which stands in for the connection errors a remote coordinator would see. A
 stage in flight on a node that goes down is cancelled at once and retried on another node
-up to ``policy.retries`` times (a forwarded request is retried as a whole, from its first
-stage); after that the request fails with the reason. Every request ends completed or failed,
-exactly once.
+up to ``policy.max_retries`` times per request (with ``on_failure = "retry"``); a forwarded
+request is retried as a whole, from its first stage. After that the request fails with the
+reason. Every request ends completed or failed, exactly once.
 """
 
 from __future__ import annotations
@@ -227,7 +227,8 @@ class Coordinator:
         self.cluster = cluster
         self.blobs = blobs
         self.table = table
-        self.retries = scenario.policy.retries
+        # The simulator's rule: retries per request, over all its stages.
+        self.retries = scenario.policy.max_retries if scenario.policy.on_failure == "retry" else 0
         self._scheduler_lock = threading.Lock()
         self._local = threading.local()
         self._clients_lock = threading.Lock()
@@ -335,7 +336,8 @@ class Coordinator:
         """Run one stage, retrying on other nodes per policy; on final failure mark the record failed."""
         excluded: set[str] = set()
         errors: list[str] = []
-        for attempt in range(self.retries + 1):
+        budget = self.retries - record.retries
+        for attempt in range(budget + 1):
             try:
                 name = self._select(task, excluded)
             except NoNodeAvailable:
@@ -357,6 +359,8 @@ class Coordinator:
                 errors.append(f"stage {task.segment.id} attempt {attempt + 1} on {name}: {error}")
                 excluded.add(name)
                 log.warning("request %d: %s", record.request_id, errors[-1])
+                if attempt < budget:
+                    record.retries += 1
                 continue
             stage_end_s = self.now_s()
             with self._scheduler_lock:

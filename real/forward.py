@@ -14,8 +14,8 @@ coordinator round trip between stages.
 
 Retries. A request whose route loses a node (the coordinator marks it down, as in relay
 mode), whose worker returns an error, or which gets no reply in time is sent again as a whole
-from its first stage, on a new route chosen without the nodes that failed, up to
-``policy.retries`` times. Replies of abandoned attempts are dropped by their token, so each
+from its first stage, on a new route chosen without the nodes that failed, while the
+request has retries left (``policy.max_retries`` with ``on_failure = "retry"``). Replies of abandoned attempts are dropped by their token, so each
 request ends with exactly one record.
 """
 

@@ -15,27 +15,50 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager
 
 import numpy as np
 
 from amp4ec import policies
+from amp4ec.adapt import Adapter
 from amp4ec.errors import UsageError, WorkerError
 from amp4ec.metrics import RequestRecord, summarise, write_run
 from amp4ec.rundir import RunInfo, check_output_dir, staged_output
 from amp4ec.runs import PreparedRun, prepare_run
 from amp4ec.scenario import WorkloadSpec
-from amp4ec.workload import open_loop_arrivals_s, rng_for
+from amp4ec.timeline import check_supported, first_kinds, ordered_events
+from amp4ec.workload import open_loop_arrivals_s, request_count, rng_for
 
 # Threads an open-loop replay uses at most; arrivals beyond this many in flight wait for one.
 OPEN_LOOP_MAX_THREADS = 64
 # Tolerance of the end-to-end output check against the unsplit model on the host.
 OUTPUT_ATOL = 1e-4
 TRANSPORT_DETAILS = {
-    "forward": "the route is chosen at dispatch; each worker sends its outputs to the next, the last one to the coordinator",
+    "forward": "each worker sends its outputs straight to the next stage's worker, the last one to the coordinator",
     "relay": "every stage's input and output pass through the coordinator",
 }
+# The coordinator's container actions for event kinds whose name differs.
+REPLAY_ACTIONS = {"cpu": "set_cpus"}
+
+
+@dataclass(frozen=True)
+class ContainerAction:
+    """One timeline event as the dynamics runner applies it to a container."""
+
+    at_s: float
+    node: str
+    action: str
+    cpus: float | None = None
+
+
+def container_actions(scenario) -> list[ContainerAction]:
+    """Map the scenario's events, in timeline order, to container actions (kinds replay supports only)."""
+    return [
+        ContainerAction(event.time_s, event.node, REPLAY_ACTIONS.get(event.kind, event.kind), event.cpus)
+        for event in ordered_events(scenario)
+    ]
 
 
 def _check_graph(prepared: PreparedRun, traced_graph) -> None:
@@ -72,6 +95,8 @@ def run_replay(
         workload = WorkloadSpec.model_validate({**prepared.scenario.workload.model_dump(), **workload_overrides})
         prepared.scenario = prepared.scenario.model_copy(update={"workload": workload})
     scenario = prepared.scenario
+    # Events replay cannot carry out are rejected before torch is loaded or a container starts.
+    check_supported(scenario, "real", source=str(scenario_path))
     try:
         import torch
 
@@ -81,6 +106,7 @@ def run_replay(
     from amp4ec.real.containers import NodeSpec as ContainerSpec
     from amp4ec.real.containers import WorkerCluster, docker_client
     from amp4ec.real.coordinator import STOP_TIMEOUT_S, Coordinator, DynamicsRunner, NodeRuntime, NodeTable, deploy_segments, mark_down
+    from amp4ec.real.adapt import ReplayAdaptation
     from amp4ec.real.image import ensure_worker_image
 
     info = RunInfo("real", scenario.resolved(), prepared.calibration_path)
@@ -114,37 +140,57 @@ def run_replay(
         for name in _late_joiners(scenario):
             mark_down(coordinator, name, "not joined yet")
             cluster.containers[name].stop(timeout=STOP_TIMEOUT_S)
-        dynamics = DynamicsRunner(coordinator, list(scenario.dynamics))
+        dynamics = DynamicsRunner(coordinator, container_actions(scenario))
+        adaptation = None
+        if scenario.adaptation.enabled:
+            adapter = Adapter(scenario, prepared.costs, plan, bandwidth_bps=scenario.network.bandwidth_mbps * 1e6, hop_latency_ms=hop_latency_ms)
+            adaptation = ReplayAdaptation(coordinator, adapter, traced, deploy_segments)
         coordinator.monitor.start()
         coordinator.t0 = time.perf_counter()
         dynamics.start()
+        if adaptation is not None:
+            adaptation.start()
         try:
             context = progress if progress is not None else _no_progress()
             with context as update:
                 results = drive_workload(coordinator, scenario, input_shape, update)
         finally:
+            if adaptation is not None:
+                adaptation.stop()
             dynamics.stop()
             coordinator.monitor.stop()
             coordinator.close()
-        records = [results[i][0] for i in range(scenario.workload.requests)]
-        output = results[0][1]
-        output_error = None
-        if output is not None:
+        total_requests = request_count(scenario.workload)
+        records = [results[i][0] for i in range(total_requests)]
+        # The first and the last request are checked, so a plan adopted during the run is too.
+        output_errors = {}
+        for request_id in sorted({0, total_requests - 1}):
+            output = results[request_id][1]
+            if output is None:
+                continue
             with torch.no_grad():
-                expected = model(torch.from_numpy(request_input(scenario.seed, 0, input_shape))).numpy()
-            output_error = float(np.max(np.abs(expected - output)))
+                expected = model(torch.from_numpy(request_input(scenario.seed, request_id, input_shape))).numpy()
+            output_errors[request_id] = float(np.max(np.abs(expected - output)))
+        output_error = max(output_errors.values()) if output_errors else None
         busy_cpu_ms = {name: table[name].busy_cpu_ns / 1e6 for name in table.names()}
         summary = summarise(records, busy_cpu_ms, {n.name: n.cpus for n in scenario.nodes})
-        summary["plan"] = {"partitioner": plan.partitioner, "bounds": plan.bounds}
-        if any(s.nodes for s in plan.segments):
-            summary["plan"]["nodes"] = [list(s.nodes) for s in plan.segments]
+        # The plan in use at the end, as the simulator reports it after adaptations.
+        final_plan = coordinator.plan
+        summary["plan"] = {"partitioner": final_plan.partitioner, "bounds": final_plan.bounds}
+        if any(s.nodes for s in final_plan.segments):
+            summary["plan"]["nodes"] = [list(s.nodes) for s in final_plan.segments]
         summary["output_check"] = {
             "max_abs_error": output_error,
             "atol": OUTPUT_ATOL,
             "passed": output_error is not None and output_error <= OUTPUT_ATOL,
+            "requests": sorted(output_errors),
         }
         if output_error is not None and output_error > OUTPUT_ATOL:
             warnings.append(f"the partitioned output differs from the unsplit model by {output_error:.2e} (atol {OUTPUT_ATOL})")
+        summary["retries"] = sum(record.retries for record in records)
+        if adaptation is not None:
+            summary["adaptations"] = adaptation.adapter.history
+            warnings.extend(adaptation.warnings)
         failed_events = [e for e in dynamics.applied if e.error]
         for event in failed_events:
             warnings.append(f"dynamics: {event.action} on node {event.node} at {event.at_s:g} s failed: {event.error}")
@@ -173,16 +219,16 @@ def run_replay(
                     "missed": coordinator.monitor.missed,
                 },
                 "dynamics": [event.as_dict() for event in dynamics.applied],
+                "adaptations": adaptation.adapter.history if adaptation is not None else [],
             },
         )
     return summary
 
 
 def _late_joiners(scenario) -> list[str]:
-    first_action: dict[str, str] = {}
-    for event in sorted(scenario.dynamics, key=lambda e: e.at_s):
-        first_action.setdefault(event.node, event.action)
-    return [name for name, action in first_action.items() if action == "join"]
+    """Return the nodes absent at the start: present = false, or a join as their first event."""
+    first = first_kinds(scenario)
+    return [node.name for node in scenario.nodes if not node.present or first.get(node.name) == "join"]
 
 
 def request_input(seed: int, request_id: int, input_shape) -> np.ndarray:
@@ -194,7 +240,7 @@ def max_in_flight(scenario) -> int:
     workload = scenario.workload
     if workload.kind == "closed":
         return min(workload.clients, workload.requests)
-    return min(workload.requests, OPEN_LOOP_MAX_THREADS)
+    return min(request_count(workload), OPEN_LOOP_MAX_THREADS)
 
 
 def drive_workload(coordinator, scenario, input_shape, update: Callable[[int, int], None]) -> dict[int, tuple]:
@@ -207,7 +253,8 @@ def drive_workload(coordinator, scenario, input_shape, update: Callable[[int, in
     becomes a failed record with the error as reason.
     """
     workload = scenario.workload
-    total = workload.requests
+    # A trace sends its rows, which may be fewer than workload.requests.
+    total = request_count(workload)
     results: dict[int, tuple] = {}
     duplicates: list[int] = []
     lock = threading.Lock()
@@ -224,7 +271,7 @@ def drive_workload(coordinator, scenario, input_shape, update: Callable[[int, in
             if request_id in results:
                 duplicates.append(request_id)
                 return
-            results[request_id] = (record, output if request_id == 0 else None)
+            results[request_id] = (record, output if request_id in (0, total - 1) else None)
             done = len(results)
         update(done, total)
 

@@ -32,19 +32,34 @@ from amp4ec.errors import UsageError
 from amp4ec.metrics import RequestRecord, summarise
 from amp4ec.monitor import NodeState
 from amp4ec.partition import Plan
-from amp4ec.scenario import CapacityChange, EventSpec, NodeSpec, Scenario
+from amp4ec.scenario import EventSpec, NodeSpec, Scenario
 from amp4ec.schedule import NoNodeAvailable, Scheduler, StageTask
 from amp4ec.sim.cfs import CfsCpu
+from amp4ec.timeline import PAUSED_STAGE_TIMEOUT_S, first_kinds, ordered_events
 from amp4ec.workload import open_loop_arrivals_s, request_count, rng_for
 
 # CPUs a stage requests in the AMP4EC node filter. The published rule gives no value.
 DEFAULT_CPU_NEEDED = 0.1
 # The progress callback is called about this many times per run, not once per request.
 PROGRESS_STEPS = 1000
+# No nodes excluded from a stage's selection; one shared object, so the hot path allocates nothing.
+NO_NODES: frozenset[str] = frozenset()
 
 
 class NodeLost(Exception):
     """Interrupt cause: the node running a stage failed."""
+
+    def __init__(self, node: str):
+        super().__init__(node)
+        self.node = node
+
+
+class NodePaused(Exception):
+    """Interrupt cause: the node running a stage froze; the stage waits for the resume."""
+
+
+class StageTimedOut(Exception):
+    """A stage waited on a paused node for longer than PAUSED_STAGE_TIMEOUT_S."""
 
     def __init__(self, node: str):
         super().__init__(node)
@@ -102,6 +117,9 @@ class SimNode:
     """incremented when the node fails, so a stage can tell it outlived its container"""
     in_flight: dict = field(default_factory=dict)
     """request id -> the request's process, for the stages dispatched to this node"""
+    resumed: simpy.Event | None = None
+    """while the node is paused: the event its resume triggers; None while it runs"""
+    paused_s: float = 0.0
 
 
 @dataclass
@@ -134,13 +152,14 @@ class Simulation:
         self.total_requests = request_count(scenario.workload)
         check_fits_in_memory(self.total_requests, len(self.plan.segments))
         self._stages = self._stage_table()
+        # A node whose first event is join is absent until then, as in replay.
+        self._first_kinds = first_kinds(scenario)
         self.nodes = {spec.name: self._make_node(spec) for spec in scenario.nodes}
         self.adapter = (
             Adapter(scenario, costs, self.plan, bandwidth_bps=self.bandwidth_bps, hop_latency_ms=self.hop_latency_ms)
             if scenario.adaptation.enabled
             else None
         )
-        self.adaptations: list[dict] = []
         self._published: dict[str, NodeState] = {}
         self.records: list[RequestRecord] = []
         self._done = 0
@@ -205,7 +224,7 @@ class Simulation:
             latency_ms=latency_ms,
             quota_cpus=spec.cpus,
         )
-        if not spec.present:
+        if not spec.present or self._first_kinds.get(spec.name) == "join":
             node.alive = False
             node.failure = "not joined"
         if memory_used > spec.memory_bytes:
@@ -237,7 +256,8 @@ class Simulation:
                 cpu_utilisation=utilisation,
                 memory_used_bytes=min(node.memory_used_bytes, node.spec.memory_bytes),
                 link_latency_ms=node.latency_ms,
-                alive=node.alive,
+                # A paused node sends the monitor no stats, as a frozen container sends none.
+                alive=node.alive and node.resumed is None,
             )
         return states
 
@@ -261,46 +281,37 @@ class Simulation:
 
     def _adapt(self) -> None:
         """Repartition when the published snapshot shows a quota change beyond the threshold."""
-        if self.adapter is None:
-            return
-        decision = self.adapter.check(self._published, self.env.now)
-        if decision is None:
-            return
-        self.adaptations.append(decision.to_dict())
-        if decision.error is not None:
-            self.warnings.append(f"adaptation at {self.env.now:.3f} s kept the old plan: {decision.error}")
-            return
+        if self.adapter is not None:
+            self.adapter.step(self._published, self.env.now, self._switch_plan, self.warnings.append)
+
+    def _switch_plan(self, decision) -> None:
         # Requests already in flight keep the stage table they started with, so they finish on
         # the old plan's segments; new requests take the new table.
         self.plan = self.adapter.plan
         self._stages = self._stage_table()
+        ready_s = self.env.now
         for name, node in self.nodes.items():
             node.memory_used_bytes = self._deployed_bytes(name)
             if name in decision.redeploy_ms:
-                self._redeploy(node, decision.redeploy_ms[name])
+                ready_s = max(ready_s, self._redeploy(node, decision.redeploy_ms[name]))
+        decision.ready_s = ready_s
 
-    def _redeploy(self, node: SimNode, duration_ms: float) -> None:
-        """Book the node's uplink and worker for shipping and loading the weights it newly hosts.
+    def _redeploy(self, node: SimNode, duration_ms: float) -> float:
+        """Book the node's uplink and worker for shipping and loading the weights it newly hosts; return the end.
 
         The redeploy starts when both are free and keeps both busy until it ends, so stages dispatched
         afterwards queue behind it; stages already booked keep their times.
         """
         start_s = max(self.env.now, node.up_free_s, node.worker_free_s)
         node.up_free_s = node.worker_free_s = start_s + duration_ms / 1e3
+        return node.worker_free_s
 
-    # The dynamics timeline: [[events]] and the capacity changes of [adaptation], one process so
-    # that changes at the same time apply in a fixed order (capacity changes first), the order
-    # the scenario checks replay.
-    def _timeline(self, events: list[EventSpec], changes: list[CapacityChange]):
-        items = [(c.time_s, 0, i, c) for i, c in enumerate(changes)] + [(e.time_s, 1, i, e) for i, e in enumerate(events)]
-        for time_s, is_event, _, item in sorted(items, key=lambda entry: entry[:3]):
-            yield self.env.timeout(max(0.0, time_s - self.env.now))
-            if is_event:
-                self._apply(item)
-            else:
-                node = self.nodes[item.node]
-                node.quota_cpus = item.cpus
-                self._set_worker_quota(node)
+    # The dynamics timeline: one process applies every event, by time and then in list order,
+    # the order the scenario checks replay.
+    def _timeline(self, events: list[EventSpec]):
+        for event in events:
+            yield self.env.timeout(max(0.0, event.time_s - self.env.now))
+            self._apply(event)
 
     def _set_worker_quota(self, node: SimNode) -> None:
         """Give the worker the container's quota less the CPUs background work takes.
@@ -344,37 +355,112 @@ class Simulation:
         node = self.nodes[event.node]
         kind = event.kind
         if kind in ("join", "recover"):
-            if node.alive or node.failure in ("oom", "deploying"):
-                return
-            node.failure = "deploying"
-            self.env.process(self._deploy(node))
+            self._start(node)
         elif kind in ("leave", "fail"):
-            if node.failure == "deploying":
-                node.failure = "left" if kind == "leave" else "failed"
-                return
-            if not node.alive:
-                return
-            node.alive = False
-            node.failure = "left" if kind == "leave" else "failed"
-            if kind == "fail":
-                node.epoch += 1
-                lost = list(node.in_flight.values())
-                node.in_flight.clear()
-                for process in lost:
-                    if process.is_alive:
-                        process.interrupt(NodeLost(node.spec.name))
-                self._fresh_container(node)
-            if node in self._idle:
-                self._idle.remove(node)
-        elif kind == "background":
+            self._stop(node, kind)
+        elif kind == "restart":
+            # The container restarts: work in flight is lost and its segments are deployed again.
+            self._stop(node, "fail")
+            self._start(node)
+        elif kind == "pause":
+            self._pause(node)
+        elif kind == "resume":
+            self._resume(node)
+        elif kind == "cpu":
+            node.quota_cpus = event.cpus
+            self._set_worker_quota(node)
+        elif kind == "background_load":
             node.background_cpus = event.cpus
             # The quota left for the worker changes from the next stage on.
             self._set_worker_quota(node)
-        elif kind == "bandwidth":
+        elif kind == "link_bandwidth":
             if event.bandwidth_mbps is not None:
                 node.bandwidth_bps = event.bandwidth_mbps * 1e6
             if event.latency_ms is not None:
                 node.latency_ms = event.latency_ms
+        else:
+            raise ValueError(f"event kind {kind!r} has no simulation; amp4ec.timeline.SUPPORTED_KINDS is out of date")
+
+    def _start(self, node: SimNode) -> None:
+        if node.resumed is not None:
+            # Replay unpauses a paused container before it starts it again.
+            self._resume(node)
+        if node.alive or node.failure in ("oom", "deploying"):
+            return
+        node.failure = "deploying"
+        self.env.process(self._deploy(node))
+
+    def _stop(self, node: SimNode, kind: str) -> None:
+        if node.failure == "deploying":
+            node.failure = "left" if kind == "leave" else "failed"
+            return
+        if not node.alive:
+            return
+        if kind == "leave" and node.resumed is not None:
+            # A paused node that leaves is thawed first, so its stages finish as on any leaving node.
+            self._resume(node)
+        node.alive = False
+        node.failure = "left" if kind == "leave" else "failed"
+        if kind == "fail":
+            # A killed container is not paused any more; stages waiting for its resume are lost.
+            resumed, node.resumed = node.resumed, None
+            node.epoch += 1
+            lost = list(node.in_flight.values())
+            node.in_flight.clear()
+            for process in lost:
+                if process.is_alive:
+                    process.interrupt(NodeLost(node.spec.name))
+            self._fresh_container(node)
+            if resumed is not None:
+                resumed.succeed()
+        if node in self._idle:
+            self._idle.remove(node)
+
+    def _pause(self, node: SimNode) -> None:
+        """Freeze the node: stages in flight stop where they are and continue after the resume."""
+        if not node.alive or node.resumed is not None:
+            return
+        node.resumed = self.env.event()
+        node.paused_s = self.env.now
+        for process in list(node.in_flight.values()):
+            if process.is_alive:
+                process.interrupt(NodePaused(node.spec.name))
+
+    def _resume(self, node: SimNode) -> None:
+        if node.resumed is None:
+            return
+        # Everything booked on the node after the pause began moves by the pause's length.
+        frozen_s = self.env.now - node.paused_s
+        for attribute in ("up_free_s", "worker_free_s", "down_free_s"):
+            free_s = getattr(node, attribute)
+            if free_s > node.paused_s:
+                setattr(node, attribute, free_s + frozen_s)
+        resumed, node.resumed = node.resumed, None
+        resumed.succeed()
+
+    def _wait_stage(self, node: SimNode, end_s: float, deadline_s: float):
+        """Wait until a stage booked to end at ``end_s`` ends, standing still while its node is paused.
+
+        NodeLost interrupts propagate to the caller. StageTimedOut is raised when the node is
+        still paused at ``deadline_s``, as replay's request to a frozen worker times out.
+        """
+        env = self.env
+        remaining_s = end_s - env.now
+        while True:
+            resumed = node.resumed
+            if resumed is not None:
+                # A failure interrupts this wait directly (the stage is in node.in_flight).
+                yield resumed | env.timeout(max(0.0, deadline_s - env.now))
+                if not resumed.triggered:
+                    raise StageTimedOut(node.spec.name)
+            started_s = env.now
+            try:
+                yield env.timeout(remaining_s)
+                return
+            except simpy.Interrupt as interrupt:
+                if not isinstance(interrupt.cause, NodePaused):
+                    raise
+                remaining_s -= env.now - started_s
 
     def _work_ms(self, cpu_ms: float) -> float:
         if not self._exponential:
@@ -455,6 +541,8 @@ class Simulation:
         retries_left = policy.max_retries if policy.on_failure == "retry" else 0
         process = env.active_process
         for segment, task, in_bytes, out_bytes, allowed in self._stages:
+            # Nodes that refused or lost this stage; a retry picks among the others, as replay's does.
+            excluded = NO_NODES
             while True:
                 if pull:
                     if allowed is not None and not any(
@@ -468,8 +556,11 @@ class Simulation:
                     node = yield from self._pull(allowed)
                     name = node.spec.name
                 else:
+                    states = self._published
+                    if excluded:
+                        states = {n: state for n, state in states.items() if n not in excluded}
                     try:
-                        name = self.scheduler.select(task, self._published)
+                        name = self.scheduler.select(task, states)
                     except NoNodeAvailable:
                         record.fail(env.now, "no live node")
                         self._leave()
@@ -482,6 +573,7 @@ class Simulation:
                             retries_left -= 1
                             record.retries += 1
                             self.retries += 1
+                            excluded = excluded | {name}
                             continue
                         record.fail(env.now, f"node {name} is down ({node.failure})")
                         self._leave()
@@ -496,17 +588,45 @@ class Simulation:
                 if pull:
                     env.timeout(exec_end_s - stage_start_s).callbacks.append(lambda _, n=node, e=epoch: self._release(n, e))
                 node.in_flight[request_id] = process
+                deadline_s = stage_start_s + PAUSED_STAGE_TIMEOUT_S
+                cause = None
                 try:
-                    yield env.timeout(out_end_s - stage_start_s)
+                    if node.resumed is None:
+                        yield env.timeout(out_end_s - stage_start_s)
+                    else:
+                        # Sent to a paused node: the stage waits for the resume, then runs.
+                        yield from self._wait_stage(node, out_end_s, deadline_s)
+                        out_end_s = env.now
                 except simpy.Interrupt as interrupt:
-                    if not isinstance(interrupt.cause, NodeLost):
-                        raise
+                    cause = interrupt.cause
+                except StageTimedOut as timed_out:
+                    cause = timed_out
+                if isinstance(cause, NodePaused):
+                    # The node froze mid-stage: the rest of the stage runs after the resume.
+                    # NOTE: the CFS accounting and a pull release booked before the pause are not moved.
+                    cause = None
+                    try:
+                        yield from self._wait_stage(node, out_end_s, deadline_s)
+                        out_end_s = env.now
+                    except simpy.Interrupt as interrupt:
+                        cause = interrupt.cause
+                    except StageTimedOut as timed_out:
+                        cause = timed_out
+                if cause is not None:
+                    if not isinstance(cause, (NodeLost, StageTimedOut)):
+                        raise RuntimeError(f"stage of request {request_id} interrupted by {cause!r}")
+                    node.in_flight.pop(request_id, None)
                     if retries_left > 0:
                         retries_left -= 1
                         record.retries += 1
                         self.retries += 1
+                        excluded = excluded | {name}
                         continue
-                    record.fail(env.now, f"node {name} failed during stage {segment.id}")
+                    if isinstance(cause, StageTimedOut):
+                        reason = f"node {name} is paused and did not reply within {PAUSED_STAGE_TIMEOUT_S:g} s"
+                    else:
+                        reason = f"node {name} failed during stage {segment.id}"
+                    record.fail(env.now, reason)
                     self._leave()
                     return
                 node.in_flight.pop(request_id, None)
@@ -540,8 +660,8 @@ class Simulation:
         workload = self.scenario.workload
         wall_start = time.perf_counter()
         self.env.process(self._monitor())
-        if self.scenario.events or self.scenario.adaptation.capacity_changes:
-            self.env.process(self._timeline(list(self.scenario.events), list(self.scenario.adaptation.capacity_changes)))
+        if self.scenario.events:
+            self.env.process(self._timeline(ordered_events(self.scenario)))
         if self.scenario.policy.dispatch == "pull":
             self._idle.extend(node for node in self.nodes.values() if node.alive)
         arrivals_s = open_loop_arrivals_s(workload, self.scenario.seed)
@@ -567,7 +687,7 @@ class Simulation:
             summary["plan"]["nodes"] = [list(s.nodes) for s in self.plan.segments]
         summary["warnings"] = list(self.warnings)
         if self.adapter is not None:
-            summary["adaptations"] = self.adaptations
+            summary["adaptations"] = self.adapter.history
         summary["retries"] = self.retries
         summary["littles_law"] = self.littles_law()
         error = summary["littles_law"]["relative_error"]

@@ -23,8 +23,8 @@ def scenario(*, enabled=True, to_cpus=0.25, threshold=0.2, load_ms_per_mb=0.0, n
                 "enabled": enabled,
                 "threshold": threshold,
                 "load_ms_per_mb": load_ms_per_mb,
-                "capacity_changes": [{"time_s": 0.55, "node": node, "cpus": to_cpus}],
             },
+            "events": [{"time_s": 0.55, "kind": "cpu", "node": node, "cpus": to_cpus}],
             "nodes": [
                 {"name": "a", "cpus": 1.0, "memory_mb": 1024},
                 {"name": "b", "cpus": 1.0, "memory_mb": 1024},
@@ -76,6 +76,21 @@ def test_adaptation_disabled_keeps_plan():
     assert result.summary["plan"]["bounds"] == [0, 4, 8]
 
 
-def test_capacity_change_unknown_node():
-    with pytest.raises(UsageError, match="unknown node 'ghost'"):
+def test_cpu_event_unknown_node():
+    with pytest.raises(UsageError, match="events\\[0\\].node: unknown node 'ghost'"):
         scenario(node="ghost")
+
+
+def test_capacity_changes_still_trigger():
+    # The deprecated [adaptation] capacity_changes is read as a cpu event.
+    with pytest.warns(FutureWarning, match="capacity_changes is deprecated"):
+        legacy = parse_scenario(
+            {
+                **scenario().resolved(),
+                "events": [],
+                "adaptation": {"enabled": True, "capacity_changes": [{"time_s": 0.55, "node": "b", "cpus": 0.25}]},
+            }
+        )
+    assert [(e.kind, e.node, e.cpus) for e in legacy.events] == [("cpu", "b", 0.25)]
+    result = simulate(legacy, costs())
+    assert result.summary["adaptations"][0]["trigger"] == {"b": {"from_cpus": 1.0, "to_cpus": 0.25}}

@@ -74,6 +74,12 @@ def test_calibrate_factory_model_measures_both_regimes(tmp_path, docker_client, 
                 assert measurement.cpu_stat is not None
                 assert measurement.cpu_stat.nr_periods is not None
                 assert measurement.peak_rss_bytes > 100 * 2**20
+    # Both profiles are measured unit by unit in turn, with a drift sample before the first unit and after each one.
+    assert calibration.drift_profile == "a"
+    assert [sample.after for sample in calibration.drift] == ["start", *(u.name for u in calibration.profiles[0].units), "model"]
+    assert all(sample.cpu_ms > 0 for sample in calibration.drift)
+    times = [sample.time_s for sample in calibration.drift]
+    assert times == sorted(times)
     link = calibration.container_link
     assert link is not None
     assert link.transport.startswith("zeromq")
@@ -82,6 +88,7 @@ def test_calibrate_factory_model_measures_both_regimes(tmp_path, docker_client, 
     validated = subprocess.run(amp4ec_command("calibrate", "validate", str(out)), env=cli_env(), capture_output=True, text=True, timeout=120)
     assert validated.returncode == 0, validated.stderr
     assert "within 10 %" in validated.stdout
+    assert "simulator:" in validated.stdout
     assert labelled_containers(docker_client, logged_run_id(result.stderr)) == set()
 
 

@@ -234,3 +234,82 @@ def test_validate_needs_two_profiles(tmp_path):
     result = CliRunner().invoke(main, ["calibrate", "validate", str(path)])
     assert result.exit_code == 2
     assert "at least two" in result.output
+
+
+class ClockedWorker:
+    """A worker that records when each single-run request arrives, for the interleaved spaced regime."""
+
+    def __init__(self, name: str, log: list, noise: float = 0.001):
+        self.name = name
+        self.log = log
+        self.rng = np.random.default_rng(len(name))
+        self.noise = noise
+
+    def profile(self, segment_id, inputs, *, warmup, repeats, gap_ms):
+        import time
+
+        self.log.append((self.name, time.perf_counter(), warmup, repeats, gap_ms))
+        values = list(5 * (1 + self.noise * self.rng.standard_normal(repeats)))
+        return {"wall_ms": values, "cpu_ms": values, "peak_rss_bytes": 7}
+
+
+def test_spaced_interleaved_round_robin_keeps_gaps():
+    from amp4ec.calibrate.measure import measure_spaced_interleaved
+
+    log: list = []
+    workers = {name: ClockedWorker(name, log) for name in ("a", "b", "c")}
+    policy = RepeatPolicy(min_repeats=4, max_repeats=8, batch=2)
+    results = measure_spaced_interleaved(workers, "u", [], gap_ms=30.0, warmup=2, policy=policy)
+    assert [entry[0] for entry in log[:3]] == ["a", "b", "c"]
+    assert all(entry[2] == 1 and entry[3] == 1 for entry in log[:3])
+    timed = log[3:]
+    # Quiet samples are precise after the least count, so four rounds of a, b, c.
+    assert [entry[0] for entry in timed] == ["a", "b", "c"] * 4
+    assert all(entry[2] == 0 and entry[4] == 0.0 for entry in timed)
+    for name in workers:
+        times = [entry[1] for entry in log if entry[0] == name]
+        assert min(np.diff(times)) >= 0.030
+        assert len(results[name].wall_ms) == 4
+        assert results[name].converged
+    # Three workers share each gap, so four rounds take about four gaps, not twelve.
+    assert timed[-1][1] - log[0][1] < 12 * 0.030
+
+
+def test_spaced_interleaved_stops_at_max_rounds():
+    from amp4ec.calibrate.measure import measure_spaced_interleaved
+
+    log: list = []
+    workers = {"quiet": ClockedWorker("quiet", log), "noisy": ClockedWorker("noisy", log, noise=0.5)}
+    policy = RepeatPolicy(min_repeats=4, max_repeats=9, batch=2)
+    results = measure_spaced_interleaved(workers, "u", [], gap_ms=1.0, warmup=0, policy=policy)
+    assert len(results["quiet"].wall_ms) == 9
+    assert len(results["noisy"].wall_ms) == 9
+    assert not results["noisy"].converged
+    assert results["quiet"].converged
+
+
+@pytest.mark.parametrize(
+    ("guess_mib", "first_probes"),
+    [(None, [1024]), (400, [400]), (250, [250, 1024])],
+)
+def test_memory_search_starts_from_guess(monkeypatch, guess_mib, first_probes):
+    from amp4ec.calibrate import memory
+    from amp4ec.scenario import NodeSpec
+
+    mib = memory.MIB
+    need_bytes = 300 * mib
+
+    def fake_probe(client, image, run_id, profile, memory_bytes, name, blob, inputs):
+        runs = memory_bytes >= need_bytes
+        return MemoryProbe(segment=name, memory_bytes=memory_bytes, ran=runs, oom_killed=not runs)
+
+    monkeypatch.setattr(memory, "probe", fake_probe)
+    result = memory.search_min_memory(
+        None, "image", "run", NodeSpec(name="p", cpus=1.0, memory_mb=1024), "u", b"", [],
+        low_bytes=200 * mib, high_bytes=1024 * mib, guess_bytes=None if guess_mib is None else guess_mib * mib, log=lambda _: None,
+    )  # fmt: skip
+    assert [p.memory_bytes // mib for p in result.probes[: len(first_probes)]] == first_probes
+    assert need_bytes <= result.min_memory_bytes < need_bytes + memory.DEFAULT_RESOLUTION_BYTES
+    if guess_mib == 400:
+        # The narrower bracket needs fewer probes than starting from the profile's limit.
+        assert len(result.probes) < 6

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from amp4ec.costs import CostModel, load_calibration
@@ -74,7 +75,49 @@ def test_segment_cost_pays_call_overhead_and_cold_start_once():
     assert split == pytest.approx(7.5 + 1.5)
 
 
-def test_uncalibrated_thread_count_borrows_nearest():
+def test_profiles_for_threads_picks_nearest():
     costs = CostModel(make_calibration([2.0], profiles=(("one", 1.0, 1), ("two", 2.0, 2))))
     assert costs.profiles_for_threads(3)[0] == 2
     assert costs.profiles_for_threads(1)[0] == 1
+
+
+def power_law_calibration(base_ms, *, beta, gamma, parallelism_2, profiles):
+    """A calibration whose CPU times follow base * cpus**beta * threads**gamma exactly."""
+    calibration = make_calibration(base_ms, profiles=profiles)
+    for profile in calibration.profiles:
+        factor = profile.cpus**beta * profile.threads**gamma
+        parallelism = parallelism_2 if profile.threads == 2 else 1.0
+        for unit, base in [*zip(profile.units, base_ms), (profile.model, sum(base_ms) - 1.0)]:
+            unit.warm_cpu_ms = base * factor
+            unit.cpu_ms = (base + 0.5) * factor
+            unit.warm_wall.p50_ms = unit.warm_cpu_ms / parallelism
+    return calibration
+
+
+def test_fit_predicts_unmeasured_quota():
+    profiles = (("high", 1.0, 1), ("medium", 0.6, 1), ("low", 0.4, 1))
+    costs = CostModel(power_law_calibration([2.0, 4.0, 6.0], beta=-0.1, gamma=0.0, parallelism_2=1.0, profiles=profiles))
+    assert costs.fit.slopes["warm"]["beta"] == pytest.approx(-0.1)
+    assert costs.work_ms("warm", 1, cpus=0.8) == pytest.approx([v * 0.8**-0.1 for v in (2.0, 4.0, 6.0, 11.0)])
+    # One call of all units costs the whole model's warm work (11 ms) plus one cold start (0.5 ms).
+    expected = (11.0 + 0.5) * 0.8**-0.1
+    assert costs.segment_cost(0, 3, 1, cpus=0.8).cpu_ms == pytest.approx(expected)
+    assert costs.segment_cost(0, 3, 1, cpus=0.5).cpu_ms > costs.segment_cost(0, 3, 1, cpus=0.8).cpu_ms
+
+
+def test_fit_predicts_unmeasured_thread_count():
+    profiles = (("high", 1.0, 1), ("low", 0.4, 1), ("double", 2.0, 2))
+    costs = CostModel(power_law_calibration([2.0, 4.0], beta=-0.05, gamma=0.3, parallelism_2=1.6, profiles=profiles))
+    assert costs.fit.slopes["warm"]["gamma"] == pytest.approx(0.3)
+    assert costs.fit.slopes["warm"]["beta"] == pytest.approx(-0.05)
+    assert costs.work_ms("warm", 3, cpus=3.0) == pytest.approx([v * 3.0**-0.05 * 3**0.3 for v in (2.0, 4.0, 5.0)])
+    assert costs.parallelism(0, 2) == pytest.approx(1.6)
+    assert costs.parallelism(0, 3) == pytest.approx(3 ** (np.log(1.6) / np.log(2)))
+
+
+def test_fit_without_variation_keeps_measured_work():
+    # Quota and threads rise together, so the fit cannot separate them and keeps only threads.
+    costs = CostModel(make_calibration([2.0, 3.0], profiles=(("one", 1.0, 1), ("two", 2.0, 2))))
+    assert costs.fit.terms == ["gamma"]
+    assert costs.work_ms("warm", 1, cpus=0.3) == pytest.approx([2.0, 3.0, 5.0])
+    assert costs.parallelism(0, 4) == 1.0

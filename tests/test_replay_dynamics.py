@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,18 +48,21 @@ def base_scenario(**dynamics_and_more) -> dict:
 
 
 def test_dynamics_parse_and_validate():
-    scenario = parse_scenario(
-        base_scenario(dynamics=[{"at_s": 1.0, "node": "a", "action": "fail"}, {"at_s": 2.0, "node": "b", "action": "set_cpus", "cpus": 0.25}])
-    )
-    assert [e.action for e in scenario.dynamics] == ["fail", "set_cpus"]
-    assert scenario.dynamics[1].cpus == 0.25
-    assert scenario.resolved()["dynamics"][0] == {"at_s": 1.0, "node": "a", "action": "fail", "cpus": None}
+    # [[dynamics]] is the deprecated form of [[events]]; it still loads, translated.
+    with pytest.warns(FutureWarning):
+        scenario = parse_scenario(
+            base_scenario(dynamics=[{"at_s": 1.0, "node": "a", "action": "fail"}, {"at_s": 2.0, "node": "b", "action": "set_cpus", "cpus": 0.25}])
+        )
+    assert [e.kind for e in scenario.events] == ["fail", "cpu"]
+    assert scenario.events[1].cpus == 0.25
+    assert scenario.resolved()["dynamics"] == []
+    assert scenario.resolved()["events"][0] == {"time_s": 1.0, "kind": "fail", "node": "a", "cpus": None, "bandwidth_mbps": None, "latency_ms": None}
 
 
 @pytest.mark.parametrize(
     ("event", "message"),
     [
-        ({"at_s": 1.0, "node": "c", "action": "fail"}, "'c' is not a node"),
+        ({"at_s": 1.0, "node": "c", "action": "fail"}, "dynamics\\[0\\].node: unknown node 'c'"),
         ({"at_s": 1.0, "node": "a", "action": "explode"}, "dynamics\\[0\\].action"),
         ({"at_s": 1.0, "node": "a", "action": "set_cpus"}, "needs cpus"),
         ({"at_s": 1.0, "node": "a", "action": "pause", "cpus": 1.0}, "applies to set_cpus only"),
@@ -66,8 +70,10 @@ def test_dynamics_parse_and_validate():
     ],
 )
 def test_dynamics_rejects_bad_event(event, message):
-    with pytest.raises(UsageError, match=message):
-        parse_scenario(base_scenario(dynamics=[event]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        with pytest.raises(UsageError, match=message):
+            parse_scenario(base_scenario(dynamics=[event]))
 
 
 def test_retries_must_not_be_negative():
@@ -89,7 +95,8 @@ name = "faults"
 seed = 3
 [policy]
 scheduler = "round_robin"
-retries = 1
+on_failure = "retry"
+max_retries = 1
 [workload]
 kind = "poisson"
 rate_rps = 1.5
@@ -99,26 +106,26 @@ period_s = 0.5
 """
         + TWO_NODES
         + """
-[[dynamics]]
-at_s = 0.5
+[[events]]
+time_s = 0.5
 node = "high"
-action = "pause"
-[[dynamics]]
-at_s = 0.9
+kind = "pause"
+[[events]]
+time_s = 0.9
 node = "high"
-action = "resume"
-[[dynamics]]
-at_s = 1.0
+kind = "resume"
+[[events]]
+time_s = 1.0
 node = "low"
-action = "fail"
-[[dynamics]]
-at_s = 1.3
+kind = "fail"
+[[events]]
+time_s = 1.3
 node = "low"
-action = "recover"
-[[dynamics]]
-at_s = 2.0
+kind = "recover"
+[[events]]
+time_s = 2.0
 node = "high"
-action = "set_cpus"
+kind = "cpu"
 cpus = 0.5
 """
     )

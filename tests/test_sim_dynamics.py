@@ -160,7 +160,7 @@ def test_join_and_leave_change_where_stages_go():
 def test_background_load_slows_the_node():
     costs = CostModel(make_calibration([20.0]))
     workload = {"kind": "closed", "requests": 200}
-    events = [{"time_s": 1.0, "kind": "background", "node": "a", "cpus": 0.6}]
+    events = [{"time_s": 1.0, "kind": "background_load", "node": "a", "cpus": 0.6}]
     result = simulate(scenario([node("a")], workload=workload, events=events, partitioner="monolithic"), costs)
     before = [r.latency_ms for r in result.records if r.end_s < 1.0]
     after = [r.latency_ms for r in result.records if r.start_s > 1.2]
@@ -171,7 +171,7 @@ def test_background_load_slows_the_node():
 
 def test_bandwidth_change_slows_transfers():
     costs = CostModel(make_calibration([1.0]))
-    events = [{"time_s": 0.5, "kind": "bandwidth", "node": "a", "bandwidth_mbps": 8.0}]
+    events = [{"time_s": 0.5, "kind": "link_bandwidth", "node": "a", "bandwidth_mbps": 8.0}]
     result = simulate(scenario([node("a")], workload={"kind": "closed", "requests": 1000}, events=events, partitioner="monolithic"), costs)
     before = [r.latency_ms for r in result.records if r.end_s < 0.5]
     after = [r.latency_ms for r in result.records if r.start_s > 0.5]
@@ -249,7 +249,7 @@ memory_mb = 1024
     [
         ('kind = "trace"\ntrace = "missing.csv"', "", "workload.trace: trace file"),
         ('kind = "closed"', '[[events]]\ntime_s = 1.0\nkind = "fail"\nnode = "ghost"', "events[0].node: unknown node 'ghost'"),
-        ('kind = "closed"', '[[events]]\ntime_s = 1.0\nkind = "background"\nnode = "a"\ncpus = 1.5', "events[0].cpus"),
+        ('kind = "closed"', '[[events]]\ntime_s = 1.0\nkind = "background_load"\nnode = "a"\ncpus = 1.5', "events[0].cpus"),
         ('kind = "bursty"', "", "needs rate_rps"),
         ('kind = "closed"', '[[node_groups]]\nprefix = "a"\ncount = 0\nprofiles = [{ cpus = 1.0, memory_mb = 512 }]', "node_groups[0].count"),
     ],

@@ -70,7 +70,7 @@ def test_capacity_change_and_background_share_one_quota():
     # 0.3 CPU, not the 0.8 the node's spec would leave.
     scenario = timeline_scenario(
         capacity_changes=[{"time_s": 1.0, "node": "a", "cpus": 0.5}],
-        events=[{"time_s": 2.0, "kind": "background", "node": "a", "cpus": 0.2}],
+        events=[{"time_s": 2.0, "kind": "background_load", "node": "a", "cpus": 0.2}],
     )
     result = simulate(scenario, CostModel(make_calibration([20.0])))
     before = [r.latency_ms for r in result.records if r.end_s < 1.0]
@@ -86,7 +86,7 @@ def test_capacity_change_and_background_share_one_quota():
 def test_monitor_reports_the_changed_quota():
     scenario = timeline_scenario(
         capacity_changes=[{"time_s": 0.35, "node": "a", "cpus": 0.5}],
-        events=[{"time_s": 0.35, "kind": "background", "node": "a", "cpus": 0.2}],
+        events=[{"time_s": 0.35, "kind": "background_load", "node": "a", "cpus": 0.2}],
         requests=50,
     )
     simulation = Simulation(scenario, CostModel(make_calibration([20.0])))
@@ -105,7 +105,7 @@ def test_background_must_leave_quota_after_a_capacity_change(capacity_time_s, ba
     with pytest.raises(UsageError, match="would take all of node a's 0.5 CPUs") as caught:
         timeline_scenario(
             capacity_changes=[{"time_s": capacity_time_s, "node": "a", "cpus": 0.5}],
-            events=[{"time_s": background_time_s, "kind": "background", "node": "a", "cpus": 0.6}],
+            events=[{"time_s": background_time_s, "kind": "background_load", "node": "a", "cpus": 0.6}],
         )
     assert f"{field}: background cpus" in str(caught.value)
 

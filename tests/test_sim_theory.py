@@ -134,7 +134,7 @@ def test_littles_law_holds_for_every_workload_and_with_failures(workload):
     events = [
         {"time_s": 0.5, "kind": "fail", "node": "b"},
         {"time_s": 1.5, "kind": "recover", "node": "b"},
-        {"time_s": 1.0, "kind": "background", "node": "a", "cpus": 0.5},
+        {"time_s": 1.0, "kind": "background_load", "node": "a", "cpus": 0.5},
     ]
     result = simulate(
         scenario(
