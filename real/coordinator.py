@@ -278,7 +278,7 @@ class Coordinator:
             self._all_clients.clear()
         self.links.close()
 
-    def choose_route(self, request_id: int, excluded: set[str]) -> list[tuple]:
+    def choose_route(self, request_id: int, segments, excluded: set[str]) -> list[tuple]:
         """Return (segment, node) for every stage, all chosen now from one monitor snapshot.
 
         The scheduler is called once per stage, in stage order, with no ``observe`` between
@@ -287,7 +287,7 @@ class Coordinator:
         """
         states = {name: state for name, state in self.monitor.snapshot().items() if name not in excluded}
         with self._scheduler_lock:
-            return [(segment, self.scheduler.select(self._task(request_id, segment), states)) for segment in self.plan.segments]
+            return [(segment, self.scheduler.select(self._task(request_id, segment), states)) for segment in segments]
 
     def choose_stage(self, request_id: int, segment, excluded: set[str]) -> str:
         """Return the node for one stage, chosen now from the latest monitor snapshot."""

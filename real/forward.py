@@ -87,11 +87,12 @@ def run_attempt(coordinator, record: RequestRecord, specs: list, frames: list, e
     stage has no live node, and WorkerError when the attempt fails.
     """
     table = coordinator.table
+    # Read once: an adaptation may replace coordinator.plan while the attempt runs.
     segments = coordinator.plan.segments
     if coordinator.route_decision == "per_stage":
         route = [(segments[0], coordinator.choose_stage(record.request_id, segments[0], excluded))]
     else:
-        route = coordinator.choose_route(record.request_id, excluded)
+        route = coordinator.choose_route(record.request_id, segments, excluded)
 
     def admit(name: str) -> None:
         node = table[name]
