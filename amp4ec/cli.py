@@ -608,6 +608,15 @@ def bench_real(scenario: Path, requests: int, clients: int | None, repeats: int,
     stdout.print(table)
     verdict = "ok" if hops["passed"] else "ABOVE TARGET"
     stdout.print(f"overhead at 100 KB: {hops['overhead_ms_at_100kb']:.3f} ms (target < {hops['target_ms']} ms): {verdict}")
+    forward_table = Table(title="per-hop time, forwarded route coordinator -> worker -> worker -> coordinator (median)")
+    for column in ("payload", "hop (ms)", "overhead beyond bytes/bandwidth (ms)"):
+        forward_table.add_column(column, justify="right")
+    for row in hops["forward_rows"]:
+        forward_table.add_row(f"{row['bytes'] / 1e3:g} KB", f"{row['hop_ms']:.3f}", f"{row['overhead_ms']:.3f}")
+    forward_table.caption = f"bandwidth fitted over the sizes: {hops['forward_fitted_bandwidth_bps'] / 1e9:.2f} Gbit/s"
+    stdout.print(forward_table)
+    verdict = "ok" if hops["forward_passed"] else "ABOVE TARGET"
+    stdout.print(f"forwarded overhead at 100 KB: {hops['forward_overhead_ms_at_100kb']:.3f} ms (target < {hops['target_ms']} ms): {verdict}")
     pipeline = bench_pipeline(scenario, requests=requests, clients=clients, base_image=base_image, log=log)
     if pipeline["ratio"] is None:
         stdout.print(f"pipelined replay completed {pipeline['completed']} requests; no capacity ratio")

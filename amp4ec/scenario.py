@@ -171,6 +171,26 @@ class MonitorSpec(_Strict):
 
 ENGINE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
+
+class ReplaySpec(_Strict):
+    """Replay only: how activations travel between the coordinator and the worker containers."""
+
+    transport: Literal["forward", "relay"] = Field(
+        default="forward",
+        description=(
+            "forward: each worker sends its outputs straight to the next stage's worker; "
+            "relay: every stage's input and output pass through the coordinator"
+        ),
+    )
+    route: Literal["per_stage", "at_dispatch"] = Field(
+        default="per_stage",
+        description=(
+            "forward only. per_stage: the scheduler picks each stage's node when the stage before has finished, "
+            "as the simulator does; at_dispatch: it picks every stage's node when the request starts"
+        ),
+    )
+
+
 DYNAMICS_ACTIONS = ("fail", "recover", "leave", "join", "pause", "resume", "restart", "set_cpus")
 
 
@@ -308,6 +328,7 @@ class Scenario(_Strict):
         description="replay only: Docker engines by name, each a URL such as unix:///var/run/docker-b.sock or "
         "tcp://10.0.0.2:2375; nodes and node groups name them in their engine field",
     )
+    replay: ReplaySpec = Field(default_factory=ReplaySpec)
     # Where each event came from (events[i], dynamics[j], adaptation.capacity_changes[k]), for messages.
     _event_origins: list[str] = PrivateAttr(default_factory=list)
 

@@ -47,7 +47,7 @@ def encode_arrays(arrays: Sequence[np.ndarray]) -> tuple[list[dict], list[memory
 def decode_arrays(specs: Sequence[dict], frames: Sequence[bytes]) -> list[np.ndarray]:
     """Return the arrays that specs and frames describe.
 
-    The arrays are read-only views of the received frames; copy one before writing to it.
+    The arrays are views of the received frames, not copies.
     Raises WorkerError when the specs and frames disagree.
     """
     if len(specs) != len(frames):
@@ -124,8 +124,8 @@ class WorkerClient:
         *,
         timeout_s: float | None = None,
         cancelled: Callable[[], bool] | None = None,
-    ) -> tuple[dict, list[bytes]]:
-        """Send one request and return the reply header and frames.
+    ) -> tuple[dict, list[memoryview]]:
+        """Send one request and return the reply header and frames (writable views, not copies).
 
         Raises WorkerError when no reply arrives within timeout_s (default: the client's), when
         ``cancelled()`` turns true while waiting (checked every CANCEL_POLL_S), or when the
@@ -145,19 +145,20 @@ class WorkerClient:
                 raise self._error(
                     f"no reply to {op!r} within {timeout_s:g} s; the worker is busy, stopped or unreachable"
                 )
-            message = self._socket.recv_multipart(copy=True)
+            # No copy: the payload frames are returned as views of the received messages.
+            message = self._socket.recv_multipart(copy=False)
         except zmq.ZMQError as error:
             self._reset()
             raise self._error(f"request {op!r} failed: {error}") from error
         try:
-            reply = json.loads(message[0].decode("utf-8"))
+            reply = json.loads(message[0].bytes)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise self._error(f"reply to {op!r} is not a JSON header: {error}") from error
         if not isinstance(reply, dict) or not reply.get("ok"):
             error_text = reply.get("error") if isinstance(reply, dict) else reply
             raise self._error(f"{op!r} failed: {error_text}")
         log.debug("%s %s took %.2f ms", self.node or self.address, op, (time.monotonic() - started) * 1e3)
-        return reply, message[1:]
+        return reply, [frame.buffer for frame in message[1:]]
 
     def _wait_reply(self, deadline: float, cancelled: Callable[[], bool] | None) -> bool:
         """Return True once a reply is readable, False at the deadline or on cancellation."""

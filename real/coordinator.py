@@ -1,17 +1,24 @@
 """The replay coordinator: many requests in flight, a monitor, and the scenario's dynamics.
 
-Every request in flight runs in its own thread with its own REQ socket per worker. While one
-request runs stage 2 on node B, another can run stage 1 on node A, so the stages pipeline.
-Each worker serves the requests queued on it one at a time, as the simulator's workers do. Activations are relayed through the coordinator (each stage's output comes back to the
-host and is sent to the next stage's node).
+Every request in flight runs in a thread of the workload driver. While one request runs
+stage 2 on node B, another can run stage 1 on node A, so the stages pipeline. Each worker
+serves the messages queued on it one at a time, as the simulator's workers do.
+
+Activations travel one of two ways (``[replay] transport``). With "forward", the default,
+the coordinator sends the input to the first stage's worker, and each worker sends its
+outputs straight to the next one. The last worker returns the result and every stage's
+timings. The scheduler picks each stage's node when the stage before has finished, or the
+whole route at dispatch (``[replay] route``, see forward.py). With
+"relay", each stage's output comes back to the coordinator, which picks the next stage's
+node and sends it there over the thread's own REQ socket to that worker.
 
 Faults come from the scenario's ``[[events]]`` timeline and are applied to the containers
 with the Docker API. The coordinator learns that a node went down from the Docker call it
 made itself, which stands in for the connection errors a remote coordinator would see. A
 stage in flight on a node that goes down is cancelled at once and retried on another node
-up to ``policy.max_retries`` times per request (with ``on_failure = "retry"``); after that
-the request fails with the reason. Every request
-ends completed or failed, exactly once.
+up to ``policy.max_retries`` times per request (with ``on_failure = "retry"``); a forwarded
+request is retried as a whole, from its first stage. After that the request fails with the
+reason. Every request ends completed or failed, exactly once.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -38,6 +45,8 @@ DEFAULT_CPU_NEEDED = 0.1
 STAGE_TIMEOUT_S = 60.0
 # Seconds `docker stop` waits for SIGTERM before SIGKILL (leave, restart).
 STOP_TIMEOUT_S = 2
+# Seconds the monitor waits for every worker's first stats push when the run starts.
+START_STATS_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -82,38 +91,68 @@ class NodeTable:
 
 
 class StatsMonitor:
-    """Samples each serving worker's cgroup counters every ``monitor.period_s`` and publishes NodeStates.
+    """Turns the cgroup counters each worker pushes into NodeStates, published every ``monitor.period_s``.
 
-    A node that is down or paused is published as not alive without asking it. CPU time is
-    accumulated from differences between samples, so a restarted container, whose
+    Every worker pushes its own counters at the scenario's monitor period over the links (see
+    links.py); the coordinator never polls. As the simulator's monitor does, this one
+    publishes a snapshot of every node once per period, after ``monitor.delay_s``: a serving
+    node with its latest pushed state, a node that is down or paused as not alive. A node
+    whose last push is older than two periods keeps that stale state and counts as missed.
+    CPU time is accumulated from differences between pushes, so a restarted container, whose
     cpuacct.usage starts again from zero, keeps its earlier CPU time.
     """
 
-    def __init__(self, scenario, table: NodeTable, hop_latency_ms: float, connect: Callable[[str], object]):
+    method = "push"
+
+    def __init__(self, scenario, table: NodeTable, hop_latency_ms: float):
         self.scenario = scenario
         self.table = table
         self.hop_latency_ms = hop_latency_ms
-        self._connect = connect
+        self.links = None
         self._published: dict[str, NodeState] = {}
+        self._latest: dict[str, tuple[float, NodeState]] = {}
         self._previous: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="amp4ec-monitor", daemon=True)
         self.samples = 0
         self.missed = 0
+        self.pushes = 0
 
     def start(self) -> None:
+        """Wait up to a few seconds for a first push from every serving node, publish, and start the period."""
+        serving = [name for name in self.table.names() if self.table[name].serving]
+        arrived = self.links.request_stats(serving, period_s=self.scenario.monitor.period_s, timeout_s=START_STATS_TIMEOUT_S)
+        for name in sorted(set(serving) - set(arrived)):
+            log.warning("monitor: no stats from node %s within %g s of the start", name, START_STATS_TIMEOUT_S)
         self._publish(self._sample())
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop publishing, and take a final sample of every serving node so its CPU time is complete."""
         self._stop.set()
         self._thread.join(timeout=10)
+        serving = [name for name in self.table.names() if self.table[name].serving]
+        arrived = self.links.request_stats(serving, period_s=0, timeout_s=max(2.0, self.scenario.monitor.period_s))
+        for name in sorted(set(serving) - set(arrived)):
+            self.missed += 1
+            log.warning("monitor: node %s sent no final stats; its CPU time ends at its last push", name)
         self._publish(self._sample())
 
     def snapshot(self) -> dict[str, NodeState]:
         with self._lock:
             return dict(self._published)
+
+    def on_stats(self, name: str, stats: dict) -> None:
+        """Take one pushed stats message (runs in the links' I/O thread)."""
+        node = self.table[name]
+        if not node.up:
+            # A push from a container already marked down must not revive it.
+            return
+        state = self._state_from_stats(node, stats)
+        with self._lock:
+            self.pushes += 1
+            self._latest[name] = (time.monotonic(), state)
 
     def _publish(self, sample: dict[str, NodeState]) -> None:
         with self._lock:
@@ -124,25 +163,21 @@ class StatsMonitor:
 
     def _sample(self) -> dict[str, NodeState]:
         self.samples += 1
+        stale_after_s = 2 * self.scenario.monitor.period_s
+        now = time.monotonic()
         states = {}
-        # stats waits behind the stages queued on the worker, so the timeout is generous.
-        timeout_s = max(2.0, self.scenario.monitor.period_s)
-        previous_sample = self.snapshot()
         for name in self.table.names():
             node = self.table[name]
-            if not node.serving:
+            with self._lock:
+                latest = self._latest.get(name)
+            if not node.serving or latest is None:
                 states[name] = self._down_state(node)
                 continue
-            try:
-                stats = self._connect(name).stats(timeout_s=timeout_s)
-            except WorkerError as error:
-                # A node the coordinator believes up keeps its last published state (stale, as a
-                # real monitor's would be) rather than being reported dead.
+            received_s, state = latest
+            if now - received_s > stale_after_s:
                 self.missed += 1
-                log.warning("monitor: node %s did not return stats: %s", name, error)
-                states[name] = previous_sample.get(name) or self._down_state(node)
-                continue
-            states[name] = self._state_from_stats(node, stats)
+            # The CPU limit can change live (set_cpus), so the snapshot carries the current one.
+            states[name] = state if state.cpus == node.cpus else replace(state, cpus=node.cpus)
         return states
 
     def _state_from_stats(self, node: NodeRuntime, stats: dict) -> NodeState:
@@ -198,7 +233,16 @@ class Coordinator:
         self._local = threading.local()
         self._clients_lock = threading.Lock()
         self._all_clients: list = []
-        self.monitor = StatsMonitor(scenario, table, hop_latency_ms, self.client)
+        replay = getattr(scenario, "replay", None)
+        self.transport = replay.transport if replay is not None else "forward"
+        self.route_decision = replay.route if replay is not None else "per_stage"
+        self.monitor = StatsMonitor(scenario, table, hop_latency_ms)
+        from amp4ec.real.links import WorkerLinks
+
+        self.links = WorkerLinks(self.monitor.on_stats, monitor_period_s=scenario.monitor.period_s)
+        self.monitor.links = self.links
+        for name in table.names():
+            self.links.connect(name, table[name].address)
         self.t0 = time.perf_counter()
         self.aborted = threading.Event()
 
@@ -232,27 +276,55 @@ class Coordinator:
             for client in self._all_clients:
                 client.close()
             self._all_clients.clear()
+        self.links.close()
+
+    def choose_route(self, request_id: int, segments, excluded: set[str]) -> list[tuple]:
+        """Return (segment, node) for every stage, all chosen now from one monitor snapshot.
+
+        The scheduler is called once per stage, in stage order, with no ``observe`` between
+        the calls, because the route is fixed before its first stage runs. Raises
+        NoNodeAvailable when a stage has no live node.
+        """
+        states = {name: state for name, state in self.monitor.snapshot().items() if name not in excluded}
+        with self._scheduler_lock:
+            return [(segment, self.scheduler.select(self._task(request_id, segment), states)) for segment in segments]
+
+    def choose_stage(self, request_id: int, segment, excluded: set[str]) -> str:
+        """Return the node for one stage, chosen now from the latest monitor snapshot."""
+        return self._select(self._task(request_id, segment), excluded)
+
+    def observe(self, name: str, exec_ms: float) -> None:
+        """Tell the scheduler a stage's execution time on node ``name``."""
+        with self._scheduler_lock:
+            self.scheduler.observe(name, exec_ms)
 
     def _select(self, task: StageTask, excluded: set[str]) -> str:
         states = {name: state for name, state in self.monitor.snapshot().items() if name not in excluded}
         with self._scheduler_lock:
             return self.scheduler.select(task, states)
 
+    def _task(self, request_id: int, segment) -> StageTask:
+        return StageTask(
+            request_id=request_id,
+            segment=segment,
+            cpu_needed=DEFAULT_CPU_NEEDED,
+            memory_needed_bytes=self.graph.segment_param_bytes(segment.start, segment.stop)
+            + self.graph.segment_peak_activation_bytes(segment.start, segment.stop),
+        )
+
     def run_request(self, request_id: int, x: np.ndarray, arrival_s: float) -> tuple[RequestRecord, np.ndarray | None]:
         """Run one request through every stage; return its record and its final output (None on failure)."""
+        if self.transport == "forward":
+            from amp4ec.real.forward import run_forwarded
+
+            return run_forwarded(self, request_id, x, arrival_s)
         record = RequestRecord(request_id=request_id, arrival_s=arrival_s)
         tensors = [x]
         for segment in self.plan.segments:
             if self.aborted.is_set():
                 record.fail(self.now_s(), "replay aborted")
                 return record, None
-            task = StageTask(
-                request_id=request_id,
-                segment=segment,
-                cpu_needed=DEFAULT_CPU_NEEDED,
-                memory_needed_bytes=self.graph.segment_param_bytes(segment.start, segment.stop)
-                + self.graph.segment_peak_activation_bytes(segment.start, segment.stop),
-            )
+            task = self._task(request_id, segment)
             outcome = self._run_stage(record, task, tensors)
             if outcome is None:
                 return record, None
@@ -401,6 +473,9 @@ def bring_up(coordinator: Coordinator, name: str, *, deadline_s: float = 120.0) 
         node.generation += 1
         # The new container's cpuacct.usage starts from zero.
         node.last_usage_ns = 0
+    # The new worker needs the coordinator's link (for the last hop's replies) and a new
+    # monitor subscription.
+    coordinator.links.connect(name, address)
 
 
 def deploy_segments(client, node: str, plan, graph, blobs: dict[str, bytes]) -> None:
@@ -445,6 +520,13 @@ def pause_container(container) -> str:
     return "sigstop"
 
 
+def reshape(coordinator: Coordinator, name: str) -> None:
+    """Shape a node's link again after its container started anew, which resets its qdiscs."""
+    shapes = getattr(coordinator.cluster, "shapes", None)
+    if shapes and name in shapes:
+        coordinator.cluster.apply_shaping(name)
+
+
 def apply_action(coordinator: Coordinator, name: str, action: str, cpus: float | None) -> None:
     import docker.errors
 
@@ -464,10 +546,12 @@ def apply_action(coordinator: Coordinator, name: str, action: str, cpus: float |
                 container.unpause()
             if container.status != "running":
                 container.start()
+                reshape(coordinator, name)
             bring_up(coordinator, name)
         elif action == "restart":
             mark_down(coordinator, name, f"restarting at {coordinator.now_s():.2f} s")
             container.restart(timeout=STOP_TIMEOUT_S)
+            reshape(coordinator, name)
             bring_up(coordinator, name)
         elif action == "pause":
             node.pause_method = pause_container(container)

@@ -4,8 +4,9 @@ The coordinator runs on the host. It builds the same plan and scheduler the simu
 exports the plan's segments with torch.export, and deploys them where the plan puts them, as
 the simulator does: on the assigned nodes, or on every worker when the plan assigns none. The
 coordinator in coordinator.py then drives the requests through the stages, many at a time,
-relaying each activation through itself. A monitor thread samples each worker's own cgroup
-counters every ``monitor.period_s``, and the scheduler sees only those samples.
+forwarding activations worker to worker or relaying them through itself
+(``[replay] transport``). Each worker pushes its own cgroup counters every
+``monitor.period_s``, and the scheduler sees only those samples.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from amp4ec.workload import open_loop_arrivals_s, request_count, rng_for
 OPEN_LOOP_MAX_THREADS = 64
 # Tolerance of the end-to-end output check against the unsplit model on the host.
 OUTPUT_ATOL = 1e-4
+TRANSPORT_DETAILS = {
+    "forward": "each worker sends its outputs straight to the next stage's worker, the last one to the coordinator",
+    "relay": "every stage's input and output pass through the coordinator",
+}
 # The coordinator's container actions for event kinds whose name differs.
 REPLAY_ACTIONS = {"cpu": "set_cpus"}
 
@@ -138,7 +143,15 @@ def run_replay(
             deploy_segments(cluster[node.name], node.name, plan, graph, blobs)
         table = NodeTable([NodeRuntime(n.name, n.cpus, n.memory_bytes, cluster.addresses[n.name]) for n in scenario.nodes])
         coordinator = Coordinator(scenario, plan, graph, scheduler, cluster, blobs, table, hop_latency_ms)
-        delay_sender_clients(coordinator, sender_delays_s(cluster.shaping.values()))
+        sender_delays = sender_delays_s(cluster.shaping.values())
+        if any(delay_s > 0 for delay_s in sender_delays.values()) and coordinator.transport == "forward":
+            # Sender-side delay wraps the coordinator's clients, which forwarded hops bypass.
+            coordinator.transport = "relay"
+            warnings.append(
+                "the kernel has no netem, so the coordinator adds the links' delay itself and relays every "
+                "activation; set [replay] transport = \"relay\" to say so in the scenario"
+            )
+        delay_sender_clients(coordinator, sender_delays)
         # A node whose first event is join is absent until it joins.
         for name in _late_joiners(scenario):
             mark_down(coordinator, name, "not joined yet")
@@ -211,11 +224,18 @@ def run_replay(
                 "shaping": {name: result.as_dict() for name, result in cluster.shaping.items()},
                 "engines": {n.name: scenario.engine_url(n.name) or default_engine_url() for n in scenario.nodes},
                 "transport": {
-                    "activations": "relay",
-                    "detail": "every stage's input and output pass through the coordinator",
+                    "activations": coordinator.transport,
+                    "detail": TRANSPORT_DETAILS[coordinator.transport],
                     "max_in_flight": max_in_flight(scenario),
+                    "dropped_replies": coordinator.links.dropped_replies,
                 },
-                "monitor": {"method": "poll", "samples": coordinator.monitor.samples, "missed": coordinator.monitor.missed},
+                "monitor": {
+                    "method": coordinator.monitor.method,
+                    "period_s": scenario.monitor.period_s,
+                    "pushes": coordinator.monitor.pushes,
+                    "samples": coordinator.monitor.samples,
+                    "missed": coordinator.monitor.missed,
+                },
                 "dynamics": [event.as_dict() for event in dynamics.applied],
                 "adaptations": adaptation.adapter.history if adaptation is not None else [],
             },

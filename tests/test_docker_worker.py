@@ -240,7 +240,7 @@ def test_ping_reports_threads(cluster):
         assert reply["torch"] == "2.13.0+cpu"
         assert reply["threads"] == node.threads
         assert reply["node"] == node.name
-        assert reply["protocol"] == 1
+        assert reply["protocol"] == 2
 
 
 @pytest.mark.docker

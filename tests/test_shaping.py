@@ -309,3 +309,18 @@ def test_replay_records_shaping_methods(tmp_path, docker_client, worker_image, r
     assert run["engines"] == {"high": "unix:///var/run/docker.sock", "medium": "unix:///var/run/docker.sock"}
     assert summary["requests"]["completed"] == 3
     assert not any("not applied" in warning for warning in summary["warnings"])
+
+
+def test_reshape_shapes_only_shaped_nodes_again():
+    from types import SimpleNamespace
+
+    from amp4ec.real.coordinator import reshape
+
+    shaped = []
+    cluster = SimpleNamespace(shapes={"a": object()}, apply_shaping=shaped.append)
+    coordinator = SimpleNamespace(cluster=cluster)
+    reshape(coordinator, "a")
+    reshape(coordinator, "b")
+    assert shaped == ["a"]
+    reshape(SimpleNamespace(cluster=SimpleNamespace(shapes={}, apply_shaping=shaped.append)), "a")
+    assert shaped == ["a"]

@@ -4,9 +4,13 @@ This file is copied into the worker image and runs there on its own. It imports 
 standard library, torch, numpy and pyzmq, never amp4ec, so the image does not depend on the
 host's package version.
 
-Protocol (version 1). The worker binds a pyzmq REP socket on tcp://*:AMP4EC_PORT. Every
-message is multipart: frame 0 is a UTF-8 JSON object (the header), frames 1.. are raw
-payloads. A tensor travels as its raw C-contiguous bytes in native (little-endian) byte order,
+Protocol (version 2). The worker binds a pyzmq ROUTER socket on tcp://*:AMP4EC_PORT. One
+compute thread runs the segment work (load, unload, run, profile, forward, and shutdown after
+them) one message at a time in arrival order. The I/O thread replies to ping, stats, monitor
+and next at once. A REQ client works as with a REP server. A DEALER client
+sends an empty delimiter frame first and gets its replies in the same form. After the
+delimiter, every message is multipart: the first frame is a UTF-8 JSON object (the header),
+the frames after it are raw payloads. A tensor travels as its raw C-contiguous bytes in native (little-endian) byte order,
 described in the header by a spec {"dtype": "float32", "shape": [1, 32, 112, 112]}. Specs
 and tensor frames are in the same order. Nothing is pickled.
 
@@ -46,6 +50,28 @@ Requests (header field "op") and their replies:
   set. throttled_time is in nanoseconds (v1 unit; v2 throttled_usec is converted). Network
   bytes are the sums over every interface in /proc/net/dev except lo. A value the worker
   cannot read is null.
+- forward {"token": "...", "reply_to": "...", "route": [{"segment": "s0", "node": "a",
+  "address": "tcp://ip:port"}, ...], "hop": 0, "inputs": [spec, ...], "timings": []} + input
+  frames. The worker runs route[hop]'s segment and appends its timing to "timings". Unless
+  it is the last hop, it sends the same message with hop + 1, its outputs and the longer
+  "timings" to route[hop + 1]'s address, itself a worker, over a DEALER socket it keeps open
+  per address. The last hop sends {"ok": true, "op": "forward", "token", "outputs": [spec,
+  ...], "timings": [...]} + output frames to the peer whose routing id is reply_to (UTF-8),
+  which must be connected to this worker's ROUTER: the coordinator connects to every worker.
+  A failing hop sends {"ok": false, "op": "forward", "token", "hop", "node", "error"} there
+  instead. A route entry may be null while the coordinator has not chosen that stage's node:
+  the worker before it then keeps its outputs ("parks" them, for up to PARKED_TTL_S) and
+  sends {"ok": true, "op": "forward", "token", "hop", "parked": true, "timing"} to reply_to.
+- next {"token", "step": {"segment", "node", "address"}} names the next stage of parked
+  outputs. The worker sends them on as above, with no reply; an error goes to reply_to. A timing is {"node", "segment", "received_s", "start_s", "end_s", "sent_s",
+  "wall_ms", "cpu_ms", "in_bytes", "out_bytes"}, the *_s values from time.time() when the
+  message was taken from the socket, around the forward call, and before the outputs were
+  sent. Nothing is sent back to the previous hop.
+- monitor {"period_s": p, "request": id or null} -> the stats reply with "op": "stats",
+  "seq": 0 and the request id echoed, and then the
+  same stats message, "seq" counting up, every p seconds to the peer that sent monitor,
+  without a request. period_s 0 stops the pushes. A later monitor replaces the subscriber,
+  and a subscriber that has disconnected is dropped.
 - shutdown -> {"ok": true}, then the worker closes its socket and exits with status 0.
 
 Errors: {"ok": false, "error": "message"}. A malformed request, an unknown op or segment,
@@ -60,13 +86,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
+import queue
 import resource
 import signal
 import sys
+import threading
 import time
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 log = logging.getLogger("amp4ec.worker")
 
@@ -79,6 +108,11 @@ CGROUP_V1_CPU_DIRS = ("/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu")
 CGROUP_V1_CPUACCT_DIRS = ("/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpuacct")
 CGROUP_V1_MEMORY_DIR = "/sys/fs/cgroup/memory"
 CGROUP_V2_DIR = "/sys/fs/cgroup"
+
+# Parked outputs whose next stage the coordinator has not named after this long, or beyond
+# this many, are dropped (the coordinator has given up on them by then).
+PARKED_TTL_S = 300.0
+MAX_PARKED = 1000
 
 # cgroup v1 reports "no memory limit" as a huge page-aligned number near 2**63.
 UNLIMITED_MEMORY_BYTES = 2**62
@@ -276,9 +310,12 @@ class Worker:
                     f"inputs[{index}]: frame has {len(frame)} bytes but dtype {dtype} "
                     f"and shape {shape} need {expected_bytes}"
                 )
-            # Copy into a writable buffer, since torch warns on read-only memory and a
-            # segment may write into its input.
-            array = self.np.frombuffer(frame, dtype=np_dtype).reshape(shape).copy()
+            # No copy: received zmq frames are writable, and the array keeps its frame alive.
+            # A read-only buffer is copied, since torch warns on one and a segment may write
+            # into its input.
+            array = self.np.frombuffer(frame, dtype=np_dtype).reshape(shape)
+            if not array.flags.writeable:
+                array = array.copy()
             tensors.append(self.torch.from_numpy(array))
         return tensors
 
@@ -472,52 +509,361 @@ def read_env_int(name: str, default: int, minimum: int) -> int:
     return value
 
 
-def serve(worker: Worker, zmq_module, port: int) -> None:
-    handlers = {
-        "ping": worker.handle_ping,
-        "load": worker.handle_load,
-        "unload": worker.handle_unload,
-        "run": worker.handle_run,
-        "profile": worker.handle_profile,
-        "stats": worker.handle_stats,
-    }
-    context = zmq_module.Context()
-    socket = context.socket(zmq_module.REP)
-    socket.setsockopt(zmq_module.LINGER, 1000)
-    socket.bind(f"tcp://*:{port}")
-    log.info("listening on tcp://*:%d", port)
-    error_count = 0
-    try:
+# Returned by the step that replies to a shutdown request, to end the I/O loop.
+STOP_SERVING = object()
+
+
+class Server:
+    """The ROUTER socket loop: requests, forwarded activations and monitor pushes."""
+
+    def __init__(self, worker: Worker, zmq_module, port: int):
+        self.worker = worker
+        self.zmq = zmq_module
+        self.handlers = {
+            "ping": worker.handle_ping,
+            "load": worker.handle_load,
+            "unload": worker.handle_unload,
+            "run": worker.handle_run,
+            "profile": worker.handle_profile,
+            "stats": worker.handle_stats,
+        }
+        self.context = zmq_module.Context()
+        self.socket = self.context.socket(zmq_module.ROUTER)
+        self.socket.setsockopt(zmq_module.LINGER, 1000)
+        # Sending to a routing id that is not connected raises EHOSTUNREACH instead of
+        # dropping the message silently, so the worker can log it.
+        self.socket.setsockopt(zmq_module.ROUTER_MANDATORY, 1)
+        self.socket.bind(f"tcp://*:{port}")
+        self.port = port
+
+        # One DEALER per next-hop address, kept open across requests.
+        self.next_hops: dict[str, object] = {}
+        # Outputs waiting for op next: token -> (time parked, forward header, output frames).
+        self.parked: dict[str, tuple] = {}
+        self.subscriber: bytes | None = None
+        self.monitor_period_s = 0.0
+        self.next_push_s = math.inf
+        self.push_seq = 0
+        self.error_count = 0
+
+        # Work for the compute thread: callables that return the callable the I/O thread runs
+        # when they are done (None stops the thread). The compute thread signals each result
+        # over an inproc socket, so the I/O thread's poll wakes up for it.
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.results: queue.SimpleQueue = queue.SimpleQueue()
+        signal_address = f"inproc://amp4ec-worker-results-{os.getpid()}"
+        self.result_signals = self.context.socket(zmq_module.PULL)
+        self.result_signals.bind(signal_address)
+        self.signal_sender = self.context.socket(zmq_module.PUSH)
+        self.signal_sender.connect(signal_address)
+        self.compute_thread = threading.Thread(target=self.compute_loop, name="amp4ec-compute", daemon=True)
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.compute_thread.join(timeout=10)
+        for next_hop in self.next_hops.values():
+            next_hop.close(linger=0)
+        self.signal_sender.close(linger=0)
+        self.result_signals.close(linger=0)
+        self.socket.close()
+        self.context.term()
+
+    def run(self) -> None:
+        """Serve until a shutdown request: control messages here, segment work on the compute thread.
+
+        Only the compute thread runs segments, one at a time in arrival order. The I/O thread
+        (this one) owns every socket, so stats, pings, monitor pushes and the "next" messages
+        of parked outputs do not queue behind a forward call.
+        """
+        self.compute_thread.start()
+        log.info("listening on tcp://*:%d", self.port)
+        poller = self.zmq.Poller()
+        poller.register(self.socket, self.zmq.POLLIN)
+        poller.register(self.result_signals, self.zmq.POLLIN)
         while True:
-            message = socket.recv_multipart(copy=True)
-            op = None
-            try:
-                header = parse_header(message[0])
-                op = header.get("op")
-                if op == "shutdown":
-                    socket.send_multipart([json.dumps({"ok": True}).encode("utf-8")])
-                    log.info("shutdown requested")
-                    return
-                handler = handlers.get(op)
+            timeout_ms = None
+            if self.subscriber is not None:
+                timeout_ms = max(0, int((self.next_push_s - time.monotonic()) * 1e3))
+            events = dict(poller.poll(timeout_ms))
+            if self.result_signals in events:
+                while True:
+                    try:
+                        self.result_signals.recv(flags=self.zmq.NOBLOCK)
+                    except self.zmq.Again:
+                        break
+                    if self.results.get()() is STOP_SERVING:
+                        return
+            if self.socket in events:
+                while True:
+                    try:
+                        message = self.socket.recv_multipart(flags=self.zmq.NOBLOCK, copy=False)
+                    except self.zmq.Again:
+                        break
+                    self.handle(message, time.time())
+            if self.subscriber is not None and time.monotonic() >= self.next_push_s:
+                self.push_stats()
+
+    def compute_loop(self) -> None:
+        while True:
+            work = self.jobs.get()
+            if work is None:
+                return
+            self.results.put(work())
+            self.signal_sender.send(b"")
+
+    def handle(self, message: list, received_s: float) -> None:
+        """Serve one control message now, or queue its segment work for the compute thread."""
+        envelope, body = split_envelope(message)
+        if not body:
+            self.count_error(None, "message without a header frame after the routing envelope")
+            return
+        payloads = [frame.buffer for frame in body[1:]]
+        op = None
+        try:
+            header = parse_header(body[0].bytes)
+            op = header.get("op")
+            if op == "forward":
+                self.jobs.put(lambda: self.compute_forward(header, payloads, received_s))
+                return
+            if op == "next":
+                self.handle_next(header)
+                return
+            if op == "shutdown":
+                # Queued behind the segment work that arrived before it.
+                self.jobs.put(lambda: lambda: self.finish_shutdown(envelope))
+                return
+            if op == "monitor":
+                reply, frames = self.subscribe(envelope[0], header)
+            elif op in ("ping", "stats"):
+                reply, frames = self.handlers[op](header, payloads)
+            else:
+                handler = self.handlers.get(op)
                 if handler is None:
                     raise RequestError(
-                        f"unknown op {op!r}; expected one of {', '.join(sorted(handlers))}, shutdown"
+                        f"unknown op {op!r}; expected one of {', '.join(sorted(self.handlers))}, forward, next, monitor, shutdown"
                     )
-                reply, frames = handler(header, message[1:])
-            except RequestError as error:
-                reply, frames = {"ok": False, "error": str(error)}, []
-            except Exception as error:  # a failing segment must not stop the worker
-                reply, frames = {"ok": False, "error": f"{type(error).__name__}: {error}"}, []
-            if not reply["ok"]:
-                error_count += 1
-                # Log the first errors in full, then one line in every 100, so a client that
-                # keeps sending bad requests cannot flood the container log.
-                if error_count <= 20 or error_count % 100 == 0:
-                    log.warning("request op=%r failed (error %d): %s", op, error_count, reply["error"])
-            socket.send_multipart([json.dumps(reply).encode("utf-8"), *frames], copy=False)
+                self.jobs.put(lambda: self.compute_request(envelope, op, handler, header, payloads))
+                return
+        except Exception as error:  # a malformed request must not stop the worker
+            reply, frames = self.error_reply(op, error), []
+        self.send(envelope, reply, frames)
+
+    def error_reply(self, op, error: Exception) -> dict:
+        message = str(error) if isinstance(error, RequestError) else f"{type(error).__name__}: {error}"
+        self.count_error(op, message)
+        return {"ok": False, "error": message}
+
+    def compute_request(self, envelope: list, op, handler, header: dict, payloads: list):
+        """Run a request's handler on the compute thread; return the I/O thread's reply step."""
+        try:
+            reply, frames = handler(header, payloads)
+        except Exception as error:  # a failing segment must not stop the worker
+            reply, frames = self.error_reply(op, error), []
+        return lambda: self.send(envelope, reply, frames)
+
+    def finish_shutdown(self, envelope: list) -> object:
+        self.send(envelope, {"ok": True}, [])
+        log.info("shutdown requested")
+        return STOP_SERVING
+
+    def count_error(self, op, message: str) -> None:
+        self.error_count += 1
+        # Log the first errors in full, then one line in every 100, so a client that keeps
+        # sending bad requests cannot flood the container log.
+        if self.error_count <= 20 or self.error_count % 100 == 0:
+            log.warning("request op=%r failed (error %d): %s", op, self.error_count, message)
+
+    def send(self, envelope: list, reply: dict, frames: list) -> bool:
+        """Send a reply through the ROUTER socket; return False when the peer has gone."""
+        try:
+            self.socket.send_multipart([*envelope, json.dumps(reply).encode("utf-8"), *frames], copy=False)
+        except self.zmq.ZMQError as error:
+            # EHOSTUNREACH: the peer disconnected (a timed-out REQ client, a stopped coordinator).
+            log.warning("cannot send %s reply: %s", reply.get("op", "a"), error)
+            return False
+        return True
+
+    def compute_forward(self, header: dict, frames: list, received_s: float):
+        """Run a forward hop's segment on the compute thread; return the I/O thread's sending step."""
+        token = header.get("token")
+        reply_to = header.get("reply_to")
+        hop = header.get("hop")
+        try:
+            if not isinstance(reply_to, str) or not reply_to:
+                raise RequestError("field 'reply_to' must be the coordinator's routing id")
+            route = header.get("route")
+            if not isinstance(route, list) or not route:
+                raise RequestError("field 'route' must be a non-empty list of {segment, node, address}")
+            if not isinstance(hop, int) or isinstance(hop, bool) or not 0 <= hop < len(route):
+                raise RequestError(f"field 'hop' must index the route (0 to {len(route) - 1}), got {hop!r}")
+            step = route[hop]
+            if not isinstance(step, dict):
+                raise RequestError(f"route[{hop}] must be an object with segment, node and address")
+            module = self.worker.segment(step)
+            inputs = self.worker.decode_inputs(header, frames)
+            cpu_start = time.process_time()
+            start_s = time.time()
+            wall_start = time.perf_counter()
+            result = self.worker.forward(module, inputs)
+            wall_ms = (time.perf_counter() - wall_start) * 1e3
+            end_s = time.time()
+            cpu_ms = (time.process_time() - cpu_start) * 1e3
+            specs, output_frames = self.worker.encode_outputs(result)
+            timings = header.get("timings")
+            if not isinstance(timings, list):
+                raise RequestError("field 'timings' must be a list")
+            timing = {
+                "node": self.worker.node,
+                "segment": step["segment"],
+                "received_s": received_s,
+                "start_s": start_s,
+                "end_s": end_s,
+                "sent_s": None,
+                "wall_ms": wall_ms,
+                "cpu_ms": cpu_ms,
+                "in_bytes": sum(len(frame) for frame in frames),
+                "out_bytes": sum(len(frame) for frame in output_frames),
+            }
+            timings.append(timing)
+            header["inputs"] = specs
+        except Exception as error:  # any failure goes back to the coordinator, which retries
+            return lambda failure=error: self.fail_forward(header, failure)
+        return lambda: self.route_forward(header, output_frames)
+
+    def route_forward(self, header: dict, output_frames: list) -> None:
+        """Send a finished hop's outputs on: to the next stage, parked, or back to reply_to."""
+        try:
+            route = header["route"]
+            hop = header["hop"]
+            reply_to = header["reply_to"]
+            if hop + 1 < len(route):
+                if route[hop + 1] is None:
+                    self.park(header, output_frames, reply_to)
+                else:
+                    self.send_next_stage(header, output_frames)
+                return
+            header["timings"][-1]["sent_s"] = time.time()
+            reply = {"ok": True, "op": "forward", "token": header.get("token"), "outputs": header["inputs"], "timings": header["timings"]}
+            self.send([reply_to.encode("utf-8"), b""], reply, output_frames)
+        except Exception as error:  # any failure goes back to the coordinator, which retries
+            self.fail_forward(header, error)
+
+    def fail_forward(self, header: dict, error: Exception) -> None:
+        message = str(error) if isinstance(error, RequestError) else f"{type(error).__name__}: {error}"
+        self.count_error("forward", message)
+        reply_to = header.get("reply_to")
+        if isinstance(reply_to, str) and reply_to:
+            reply = {"ok": False, "op": "forward", "token": header.get("token"), "hop": header.get("hop"), "node": self.worker.node, "error": message}
+            self.send([reply_to.encode("utf-8"), b""], reply, [])
+
+    def send_next_stage(self, header: dict, output_frames: list) -> None:
+        """Send a forward message whose "hop" is still the stage just run on to the next stage."""
+        route = header["route"]
+        hop = header["hop"] + 1
+        step = route[hop]
+        address = step.get("address") if isinstance(step, dict) else None
+        if not isinstance(address, str) or not address.startswith("tcp://"):
+            raise RequestError(f"route[{hop}].address must be a tcp:// address, got {address!r}")
+        header["hop"] = hop
+        header["timings"][-1]["sent_s"] = time.time()
+        self.send_next_hop(address, [b"", json.dumps(header).encode("utf-8"), *output_frames])
+
+    def park(self, header: dict, output_frames: list, reply_to: str) -> None:
+        """Keep the outputs until the coordinator names the next stage's node (op next)."""
+        now_s = time.monotonic()
+        for token in [t for t, parked in self.parked.items() if now_s - parked[0] > PARKED_TTL_S]:
+            del self.parked[token]
+        while len(self.parked) >= MAX_PARKED:
+            del self.parked[next(iter(self.parked))]
+        self.parked[str(header.get("token"))] = (now_s, header, output_frames)
+        timing = header["timings"][-1]
+        notice = {"ok": True, "op": "forward", "token": header.get("token"), "hop": header["hop"], "parked": True, "timing": timing}
+        self.send([reply_to.encode("utf-8"), b""], notice, [])
+
+    def handle_next(self, header: dict) -> None:
+        """Send parked outputs to the stage the coordinator chose; errors go to reply_to."""
+        token = str(header.get("token"))
+        parked = self.parked.pop(token, None)
+        if parked is None:
+            self.count_error("next", f"no parked outputs for token {token}; they expired or were sent")
+            return
+        _, forward_header, output_frames = parked
+        reply_to = forward_header["reply_to"]
+        hop = forward_header["hop"] + 1
+        try:
+            step = header.get("step")
+            if not isinstance(step, dict):
+                raise RequestError("field 'step' must be an object with segment, node and address")
+            forward_header["route"][hop] = step
+            self.send_next_stage(forward_header, output_frames)
+        except Exception as error:  # reported like a failing forward hop
+            message = str(error) if isinstance(error, RequestError) else f"{type(error).__name__}: {error}"
+            self.count_error("next", message)
+            reply = {"ok": False, "op": "forward", "token": token, "hop": hop, "node": self.worker.node, "error": message}
+            self.send([reply_to.encode("utf-8"), b""], reply, [])
+
+    def send_next_hop(self, address: str, message: list) -> None:
+        next_hop = self.next_hops.get(address)
+        if next_hop is None:
+            next_hop = self.context.socket(self.zmq.DEALER)
+            next_hop.setsockopt(self.zmq.LINGER, 0)
+            next_hop.connect(address)
+            self.next_hops[address] = next_hop
+            log.info("connected to next hop %s", address)
+        try:
+            next_hop.send_multipart(message, flags=self.zmq.NOBLOCK, copy=False)
+        except self.zmq.Again:
+            raise RequestError(f"next hop {address} is not accepting messages (send queue full)") from None
+
+    def subscribe(self, subscriber: bytes, header: dict) -> tuple[dict, list]:
+        period_s = header.get("period_s")
+        if not isinstance(period_s, (int, float)) or isinstance(period_s, bool) or period_s < 0:
+            raise RequestError(f"field 'period_s' must be a non-negative number of seconds, got {period_s!r}")
+        if period_s == 0:
+            self.subscriber = None
+            self.next_push_s = math.inf
+            log.info("monitor pushes stopped")
+        else:
+            self.subscriber = subscriber
+            self.monitor_period_s = float(period_s)
+            self.next_push_s = time.monotonic() + self.monitor_period_s
+            log.info("pushing stats every %.3f s", self.monitor_period_s)
+        self.push_seq = 0
+        reply, _ = self.worker.handle_stats(header, [])
+        reply.update(op="stats", seq=0, request=header.get("request"))
+        return reply, []
+
+    def push_stats(self) -> None:
+        self.push_seq += 1
+        reply, _ = self.worker.handle_stats({}, [])
+        reply.update(op="stats", seq=self.push_seq)
+        if not self.send([self.subscriber, b""], reply, []):
+            log.warning("monitor subscriber disconnected; pushes stopped")
+            self.subscriber = None
+            self.next_push_s = math.inf
+            return
+        # Keep the period's phase, but skip the pushes missed while a long request ran.
+        self.next_push_s += self.monitor_period_s
+        now_s = time.monotonic()
+        if self.next_push_s <= now_s:
+            self.next_push_s = now_s + self.monitor_period_s
+
+
+def split_envelope(message: list) -> tuple[list, list]:
+    """Split a ROUTER message into its routing envelope (ids and the empty delimiter) and body."""
+    for index, frame in enumerate(message):
+        if len(frame) == 0:
+            return message[: index + 1], message[index + 1 :]
+    # No delimiter: a raw DEALER without one. Reply with the routing id alone.
+    return message[:1], message[1:]
+
+
+def serve(worker: Worker, zmq_module, port: int) -> None:
+    server = Server(worker, zmq_module, port)
+    try:
+        server.run()
     finally:
-        socket.close()
-        context.term()
+        server.close()
 
 
 def main() -> int:
