@@ -69,29 +69,32 @@ class StageModel:
         self.bandwidth_bps = bandwidth_mbps * 1e6
         self.hop_latency_ms = costs.hop_latency_ms(hop_latency_ms)
         self.cache = cache
-        self._prefix: dict[int, tuple[float, float, list[float], list[float]]] = {}
+        self._prefix: dict[tuple[int, float], tuple[float, float, list[float], list[float]]] = {}
         self._memory: dict[tuple[int, int], int] = {}
 
-    def prefix_sums(self, threads: int) -> tuple[float, float, list[float], list[float]]:
-        """Return the per-call CPU and wall ms and the prefix sums of the units' CPU and wall ms."""
+    def prefix_sums(self, threads: int, cpus: float) -> tuple[float, float, list[float], list[float]]:
+        """Return the per-call CPU and wall ms and the prefix sums of the units' CPU and wall ms.
+
+        The costs are the calibration's fit at the node's thread count and CPU quota.
+        """
         # Prefix sums of CPU and wall time make every segment's cost O(1). They add up the same
         # terms as CostModel.segment_cost: one call overhead, one cold start, the units' warm work.
-        cached = self._prefix.get(threads)
+        cached = self._prefix.get((threads, cpus))
         if cached is None:
-            base = [self.costs.call_overhead(threads), self.costs.cold_start(threads)]
+            base = [self.costs.call_overhead(threads, cpus), self.costs.cold_start(threads, cpus)]
             base_cpu = sum(c.cpu_ms for c in base)
             base_wall = sum(c.cpu_ms / c.parallelism for c in base)
             cpu, wall = [0.0], [0.0]
             for i in range(self.graph.n_units):
-                unit = self.costs.unit_cost(i, threads)
+                unit = self.costs.unit_cost(i, threads, cpus)
                 cpu.append(cpu[-1] + unit.cpu_ms)
                 wall.append(wall[-1] + unit.cpu_ms / unit.parallelism)
             cached = (base_cpu, base_wall, cpu, wall)
-            self._prefix[threads] = cached
+            self._prefix[(threads, cpus)] = cached
         return cached
 
     def exec_ms(self, start: int, stop: int, node: NodeSpec) -> float:
-        base_cpu, base_wall, cpu, wall = self.prefix_sums(node.torch_threads)
+        base_cpu, base_wall, cpu, wall = self.prefix_sums(node.torch_threads, node.cpus)
         cpu_ms = base_cpu + cpu[stop] - cpu[start]
         wall_ms = base_wall + wall[stop] - wall[start]
         parallelism = cpu_ms / wall_ms if wall_ms > 0 else 1.0
@@ -212,7 +215,7 @@ def stage_terms(
     valid = np.triu(np.ones((n_units + 1, n_units + 1), dtype=bool), k=1)
     terms = np.full((len(nodes), n_units + 1, n_units + 1), math.inf)
     for k, node in enumerate(nodes):
-        base_cpu, base_wall, cpu, wall = model.prefix_sums(node.torch_threads)
+        base_cpu, base_wall, cpu, wall = model.prefix_sums(node.torch_threads, node.cpus)
         cpu = np.asarray(cpu[: n_units + 1])
         wall = np.asarray(wall[: n_units + 1])
         cpu_ms = base_cpu + cpu[None, :] - cpu[:, None]
