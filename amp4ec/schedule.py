@@ -256,6 +256,15 @@ class Amp4ecScheduler:
         self._draw_next += 1
         return draw
 
+    def _uniforms(self, count: int) -> list[float]:
+        """Return the next ``count`` draws of :meth:`_uniform`, in the same order, in one call."""
+        start = self._draw_next
+        end = start + count
+        if end <= len(self._draws):
+            self._draw_next = end
+            return self._draws[start:end]
+        return [self._uniform() for _ in range(count)]
+
     def _static_terms(self, task: StageTask) -> list[tuple[str, float] | None]:
         """Per live node: None if the snapshot alone rules it out, else its name and S_R."""
         key = (task.cpu_needed, task.memory_needed_bytes)
@@ -284,17 +293,17 @@ class Amp4ecScheduler:
         candidates = self._candidates.indices(task.segment)
         if not candidates:
             raise NoNodeAvailable(task)
-        if len(candidates) > self.max_candidates:
-            n_candidates = len(candidates)
-            indices = list(
-                dict.fromkeys(candidates[int(self._uniform() * n_candidates)] for _ in range(self.max_candidates))
-            )
+        n_candidates = len(candidates)
+        if n_candidates > self.max_candidates:
+            indices = list(dict.fromkeys([candidates[int(draw * n_candidates)] for draw in self._uniforms(self.max_candidates)]))
         else:
             indices = candidates
         terms = self._static_terms(task)
         loads = self._load
         performance = self._performance
         assigned = self.tasks_assigned
+        max_load = self.max_load
+        w_resources, w_load, w_performance, w_balance = self.w_resources, self.w_load, self.w_performance, self.w_balance
         names: list[str] = []
         scores: list[float] = []
         for i in indices:
@@ -303,21 +312,22 @@ class Amp4ecScheduler:
                 continue
             name, s_resources = term
             load = loads.get(name, 0.0)
-            if load > self.max_load:
+            if load > max_load:
                 continue
             # Same terms, in the same order, as score().
             names.append(name)
             scores.append(
-                self.w_resources * s_resources
-                + self.w_load * (1.0 - load)
-                + self.w_performance * performance.get(name, 0.5)
-                + self.w_balance * (1.0 / (1.0 + 2.0 * assigned[name]))
+                w_resources * s_resources
+                + w_load * (1.0 - load)
+                + w_performance * performance.get(name, 0.5)
+                + w_balance * (1.0 / (1.0 + 2.0 * assigned[name]))
             )
         if names:
             best = 0
             best_score = -math.inf
-            for i, score in enumerate(scores):
-                noisy = score * (1.0 + self.noise * self._uniform())
+            noise = self.noise
+            for i, (score, draw) in enumerate(zip(scores, self._uniforms(len(scores)))):
+                noisy = score * (1.0 + noise * draw)
                 if noisy > best_score:
                     best, best_score = i, noisy
             chosen = names[best]

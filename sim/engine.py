@@ -5,12 +5,14 @@ stage's input over the node's link, the node runs the segment when its worker is
 the output comes back over the same link. The scheduler picks the node of every stage from
 the monitor's snapshots only.
 
-Hot path: a node's uplink, worker and downlink are each a first-come-first-served single
-server, so instead of a SimPy resource per server the engine keeps the time each becomes
-free. A stage's input transfer, run and output transfer are then known the moment it is
-dispatched, and the stage costs one timeout. Stages reach a node's worker in the order they
-were dispatched to it (its uplink is FIFO), so this is the same queue a resource would give.
-Links are full duplex: an output transfer never waits behind an input transfer.
+Hot path: a request is a chain of callbacks on SimPy events, not a SimPy process, and its
+record is a row of preallocated columns (:mod:`amp4ec.sim.records`). A node's worker is a
+first-come-first-served single server, so the engine keeps the time it becomes free instead
+of a SimPy resource. Each direction of a node's link is a :class:`SharedLink`: concurrent
+transfers share its bandwidth, and the link needs one event per finished transfer. A stage
+therefore costs two events: its input arriving (when the worker's run is booked and the
+output's start is known) and its output arriving. Links are full duplex: output transfers
+never share bandwidth with input transfers.
 """
 
 from __future__ import annotations
@@ -24,17 +26,20 @@ from typing import Callable
 
 import numpy as np
 import simpy
+from simpy.events import URGENT
 
 from amp4ec import policies
 from amp4ec.adapt import Adapter
 from amp4ec.costs import CostModel
 from amp4ec.errors import UsageError
-from amp4ec.metrics import RequestRecord, summarise
+from amp4ec.metrics import summarise_arrays
 from amp4ec.monitor import NodeState
 from amp4ec.partition import Plan
 from amp4ec.scenario import CapacityChange, EventSpec, NodeSpec, Scenario
 from amp4ec.schedule import NoNodeAvailable, Scheduler, StageTask
 from amp4ec.sim.cfs import CfsCpu
+from amp4ec.sim.links import SharedLink
+from amp4ec.sim.records import COMPLETED, REQUEST_BYTES, STAGE_BYTES, RecordColumns
 from amp4ec.workload import open_loop_arrivals_s, request_count, rng_for
 
 # CPUs a stage requests in the AMP4EC node filter. The published rule gives no value.
@@ -51,10 +56,13 @@ class NodeLost(Exception):
         self.node = node
 
 
-# Measured with tracemalloc on a 3-stage run: about 1.4 kB per request record, most of it
-# the four per-stage lists; the parquet table written at the end adds about 60 bytes per stage.
-RECORD_BYTES = 500
-RECORD_STAGE_BYTES = 320
+# Memory per node that does not depend on requests: its spec, CFS state, links, monitor
+# snapshots and scheduler entries. An estimate, rounded up from tracemalloc on the 10,000-node
+# scenario of scenarios/scale.
+NODE_BYTES = 8_000
+# Memory per request beyond the record columns: its arrival time (array and list) and the
+# summary's arrays. An estimate, as NODE_BYTES.
+REQUEST_OVERHEAD_BYTES = 100
 
 
 def available_memory_bytes() -> int | None:
@@ -68,14 +76,21 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def check_fits_in_memory(requests: int, stages: int) -> None:
-    """Refuse, before the run, a workload whose records would not fit in the memory available."""
-    needed_bytes = requests * (RECORD_BYTES + RECORD_STAGE_BYTES * stages)
+def estimated_run_bytes(nodes: int, requests: int, stages: int) -> int:
+    """Estimate the memory a run's state and records take at their peak (writing records.parquet)."""
+    # The columns are built once while running and copied once into the Parquet table.
+    per_request_bytes = 2 * (REQUEST_BYTES + STAGE_BYTES * stages) + REQUEST_OVERHEAD_BYTES
+    return nodes * NODE_BYTES + requests * per_request_bytes
+
+
+def check_fits_in_memory(requests: int, stages: int, nodes: int = 0) -> None:
+    """Reject, before the run, a scenario whose state and records would not fit in the memory available."""
+    needed_bytes = estimated_run_bytes(nodes, requests, stages)
     available_bytes = available_memory_bytes()
     if available_bytes is not None and needed_bytes > available_bytes:
         raise UsageError(
-            f"{requests:,} requests of {stages} stages need about {needed_bytes / 2**30:.1f} GiB for their "
-            f"records but {available_bytes / 2**30:.1f} GiB of memory is available; lower requests or "
+            f"{requests:,} requests of {stages} stages on {nodes:,} nodes need about {needed_bytes / 2**30:.1f} GiB "
+            f"but {available_bytes / 2**30:.1f} GiB of memory is available; lower workload.requests or "
             "split the run into several seeds",
             field="workload.requests",
         )
@@ -95,18 +110,20 @@ class SimNode:
     background_cpus: float = 0.0
     quota_cpus: float = 0.0
     """the container's CFS quota: the spec's, until a capacity change; background work takes a share"""
-    up_free_s: float = 0.0
+    uplink: SharedLink | None = None
+    downlink: SharedLink | None = None
+    index: int = 0
+    """position in the scenario's node list, the node's id in the record columns"""
     worker_free_s: float = 0.0
-    down_free_s: float = 0.0
     epoch: int = 0
     """incremented when the node fails, so a stage can tell it outlived its container"""
     in_flight: dict = field(default_factory=dict)
-    """request id -> the request's process, for the stages dispatched to this node"""
+    """request id -> the request's flow, for the stages dispatched to this node"""
 
 
 @dataclass
 class SimResult:
-    records: list[RequestRecord]
+    records: RecordColumns
     summary: dict
     warnings: list[str] = field(default_factory=list)
 
@@ -132,9 +149,11 @@ class Simulation:
         self.hop_latency_ms = costs.hop_latency_ms(scenario.network.latency_ms)
         self.bandwidth_bps = scenario.network.bandwidth_mbps * 1e6
         self.total_requests = request_count(scenario.workload)
-        check_fits_in_memory(self.total_requests, len(self.plan.segments))
+        check_fits_in_memory(self.total_requests, len(self.plan.segments), len(scenario.nodes))
         self._stages = self._stage_table()
         self.nodes = {spec.name: self._make_node(spec) for spec in scenario.nodes}
+        for index, node in enumerate(self.nodes.values()):
+            node.index = index
         self.adapter = (
             Adapter(scenario, costs, self.plan, bandwidth_bps=self.bandwidth_bps, hop_latency_ms=self.hop_latency_ms)
             if scenario.adaptation.enabled
@@ -142,7 +161,14 @@ class Simulation:
         )
         self.adaptations: list[dict] = []
         self._published: dict[str, NodeState] = {}
-        self.records: list[RequestRecord] = []
+        self.records = RecordColumns(self.total_requests, list(self.nodes))
+        self._all_done = self.env.event()
+        self._arrivals_s: list[float] = []
+        self._next_arrival = 0
+        self._pull = scenario.policy.dispatch == "pull"
+        self._batch = scenario.workload.batch
+        # (segment start, stop, torch threads) -> (CPU ms per request, parallelism)
+        self._costs: dict[tuple[int, int, int], tuple[float, float]] = {}
         self._done = 0
         self._progress_step = max(1, self.total_requests // PROGRESS_STEPS)
         self._exponential = scenario.model.service == "exponential"
@@ -205,6 +231,8 @@ class Simulation:
             latency_ms=latency_ms,
             quota_cpus=spec.cpus,
         )
+        node.uplink = SharedLink(self.env, bandwidth_bps)
+        node.downlink = SharedLink(self.env, bandwidth_bps)
         if not spec.present:
             node.alive = False
             node.failure = "not joined"
@@ -280,13 +308,14 @@ class Simulation:
                 self._redeploy(node, decision.redeploy_ms[name])
 
     def _redeploy(self, node: SimNode, duration_ms: float) -> None:
-        """Book the node's uplink and worker for shipping and loading the weights it newly hosts.
+        """Book the node's worker for shipping and loading the weights it newly hosts.
 
-        The redeploy starts when both are free and keeps both busy until it ends, so stages dispatched
-        afterwards queue behind it; stages already booked keep their times.
+        The redeploy starts when the worker is free and keeps it busy until it ends, so stages
+        booked afterwards queue behind it. Stages already booked keep their times.
         """
-        start_s = max(self.env.now, node.up_free_s, node.worker_free_s)
-        node.up_free_s = node.worker_free_s = start_s + duration_ms / 1e3
+        # NOTE: the weights do not take a share of the uplink here; inputs keep its full bandwidth.
+        start_s = max(self.env.now, node.worker_free_s)
+        node.worker_free_s = start_s + duration_ms / 1e3
 
     # The dynamics timeline: [[events]] and the capacity changes of [adaptation], one process so
     # that changes at the same time apply in a fixed order (capacity changes first), the order
@@ -319,7 +348,9 @@ class Simulation:
             max(1e-6, node.quota_cpus - node.background_cpus), cores=node.spec.torch_threads, phase_ms=node.cpu.phase_ms
         )
         node.cpu.throttled_jobs = throttled_jobs
-        node.up_free_s = node.worker_free_s = node.down_free_s = now
+        node.worker_free_s = now
+        node.uplink.reset()
+        node.downlink.reset()
 
     def _deploy(self, node: SimNode):
         """Send every segment's weights over the node's link, load them, then take stages.
@@ -373,6 +404,8 @@ class Simulation:
         elif kind == "bandwidth":
             if event.bandwidth_mbps is not None:
                 node.bandwidth_bps = event.bandwidth_mbps * 1e6
+                node.uplink.set_bandwidth(node.bandwidth_bps)
+                node.downlink.set_bandwidth(node.bandwidth_bps)
             if event.latency_ms is not None:
                 node.latency_ms = event.latency_ms
 
@@ -386,35 +419,25 @@ class Simulation:
         self._service_next += 1
         return cpu_ms * draw
 
-    def _dispatch(self, node: SimNode, in_bytes: int, out_bytes: int, work_ms: float, parallelism: float):
-        """Reserve the node's uplink, worker and downlink for one stage; return its times in s."""
-        now = self.env.now
-        in_end_s = max(now, node.up_free_s) + (node.latency_ms + in_bytes * 8e3 / node.bandwidth_bps) / 1e3
-        node.up_free_s = in_end_s
-        exec_start_s = max(in_end_s, node.worker_free_s)
-        exec_end_s = node.cpu.run(exec_start_s * 1e3, work_ms, parallelism) / 1e3
-        node.worker_free_s = exec_end_s
-        out_end_s = max(exec_end_s, node.down_free_s) + (node.latency_ms + out_bytes * 8e3 / node.bandwidth_bps) / 1e3
-        node.down_free_s = out_end_s
-        return exec_start_s, exec_end_s, out_end_s
-
-    def _pull(self, allowed: frozenset[str] | None):
-        """Pull dispatch: wait until a node is idle and return it.
+    def _pull_node(self, allowed: frozenset[str] | None, flow: "RequestFlow") -> None:
+        """Pull dispatch: run the flow's stage on an idle node, now or once one is released.
 
         ``allowed`` lists the nodes the plan assigns the stage to (None: any node); an idle
         node outside it is left for other stages.
         """
         if allowed is None:
             if self._idle:
-                return self._idle.popleft()
+                self._run_stage(flow, self._idle.popleft())
+                return
         else:
             for node in self._idle:
                 if node.spec.name in allowed:
                     self._idle.remove(node)
-                    return node
+                    self._run_stage(flow, node)
+                    return
         waiter = self.env.event()
+        waiter.callbacks.append(lambda event: self._run_stage(flow, event.value))
         self._waiting.append((waiter, allowed))
-        return (yield waiter)
 
     def _release(self, node: SimNode, epoch: int) -> None:
         if not node.alive or node.epoch != epoch:
@@ -445,96 +468,185 @@ class Simulation:
         if self.progress and (self._done % self._progress_step == 0 or self._done == self.total_requests):
             self.progress(self._done, self.total_requests)
 
-    def _request(self, request_id: int):
-        env = self.env
-        record = RequestRecord(request_id=request_id, arrival_s=env.now)
-        self.records.append(record)
-        self._arrive()
-        policy = self.scenario.policy
-        pull = policy.dispatch == "pull"
-        retries_left = policy.max_retries if policy.on_failure == "retry" else 0
-        process = env.active_process
-        for segment, task, in_bytes, out_bytes, allowed in self._stages:
-            while True:
-                if pull:
-                    if allowed is not None and not any(
-                        self.nodes[n].alive or self.nodes[n].failure == "deploying" for n in allowed
-                    ):
-                        # No assigned node can take the stage now or after a deployment under way,
-                        # as a push scheduler finds no live node among them.
-                        record.fail(env.now, "no live node")
-                        self._leave()
-                        return
-                    node = yield from self._pull(allowed)
-                    name = node.spec.name
-                else:
-                    try:
-                        name = self.scheduler.select(task, self._published)
-                    except NoNodeAvailable:
-                        record.fail(env.now, "no live node")
-                        self._leave()
-                        return
-                    node = self.nodes[name]
-                    if not node.alive:
-                        # The scheduler chose from a stale snapshot; the stage is refused as a dead
-                        # container would refuse it.
-                        if retries_left > 0:
-                            retries_left -= 1
-                            record.retries += 1
-                            self.retries += 1
-                            continue
-                        record.fail(env.now, f"node {name} is down ({node.failure})")
-                        self._leave()
-                        return
-                stage_start_s = env.now
-                if math.isnan(record.start_s):
-                    record.start_s = stage_start_s
-                cost = self.costs.segment_cost(segment.start, segment.stop, node.spec.torch_threads)
-                work_ms = self._work_ms(cost.cpu_ms * self.scenario.workload.batch)
-                exec_start_s, exec_end_s, out_end_s = self._dispatch(node, in_bytes, out_bytes, work_ms, cost.parallelism)
-                epoch = node.epoch
-                if pull:
-                    env.timeout(exec_end_s - stage_start_s).callbacks.append(lambda _, n=node, e=epoch: self._release(n, e))
-                node.in_flight[request_id] = process
-                try:
-                    yield env.timeout(out_end_s - stage_start_s)
-                except simpy.Interrupt as interrupt:
-                    if not isinstance(interrupt.cause, NodeLost):
-                        raise
-                    if retries_left > 0:
-                        retries_left -= 1
-                        record.retries += 1
-                        self.retries += 1
-                        continue
-                    record.fail(env.now, f"node {name} failed during stage {segment.id}")
-                    self._leave()
-                    return
-                node.in_flight.pop(request_id, None)
+    # A request's life, as callbacks. RequestFlow keeps its state between events.
+
+    def _start_request(self, request_id: int) -> None:
+        self._start_flow(RequestFlow(self, request_id))
+
+    def _next_stage(self, flow: "RequestFlow") -> None:
+        """Pick a node for the flow's current stage (or finish the request) and dispatch it."""
+        if flow.stage == len(flow.stages):
+            self._finish(flow, None)
+            return
+        segment, task, in_bytes, out_bytes, allowed = flow.stages[flow.stage]
+        if self._pull:
+            if allowed is not None and not any(self.nodes[n].alive or self.nodes[n].failure == "deploying" for n in allowed):
+                # No assigned node can take the stage now or after a deployment under way,
+                # as a push scheduler finds no live node among them.
+                self._finish(flow, "no live node")
+                return
+            self._pull_node(allowed, flow)
+            return
+        while True:
+            try:
+                name = self.scheduler.select(task, self._published)
+            except NoNodeAvailable:
+                self._finish(flow, "no live node")
+                return
+            node = self.nodes[name]
+            if node.alive:
                 break
-            exec_ms = (exec_end_s - exec_start_s) * 1e3
-            node.busy_cpu_ms += work_ms
-            self.scheduler.observe(name, exec_ms)
-            record.stage_nodes.append(name)
-            record.stage_start_s.append(stage_start_s)
-            record.stage_end_s.append(out_end_s)
-            record.stage_exec_ms.append(exec_ms)
-            record.bytes_moved += in_bytes + out_bytes
-        record.complete(env.now)
+            # The scheduler chose from a stale snapshot; the stage is refused as a dead
+            # container would refuse it.
+            if not self._use_retry(flow):
+                self._finish(flow, f"node {name} is down ({node.failure})")
+                return
+        self._run_stage(flow, node)
+
+    def _use_retry(self, flow: "RequestFlow") -> bool:
+        if flow.retries_left <= 0:
+            return False
+        flow.retries_left -= 1
+        self.records.retries[flow.request_id] += 1
+        self.retries += 1
+        return True
+
+    def _run_stage(self, flow: "RequestFlow", node: SimNode) -> None:
+        """Send the stage's input to ``node``; the rest follows when the input has arrived."""
+        now = self.env.now
+        segment, _, in_bytes, _, _ = flow.stages[flow.stage]
+        records = self.records
+        if math.isnan(records.start_s[flow.request_id]):
+            records.start_s[flow.request_id] = now
+        key = (segment.start, segment.stop, node.spec.torch_threads)
+        cost = self._costs.get(key)
+        if cost is None:
+            segment_cost = self.costs.segment_cost(*key)
+            cost = self._costs[key] = (segment_cost.cpu_ms * self._batch, segment_cost.parallelism)
+        flow.node = node
+        flow.epoch = node.epoch
+        flow.stage_start_s = now
+        flow.work_ms = self._work_ms(cost[0])
+        flow.parallelism = cost[1]
+        node.in_flight[flow.request_id] = flow
+        node.uplink.send(in_bytes, node.latency_ms, flow.input_arrived)
+
+    def _input_arrived(self, flow: "RequestFlow") -> None:
+        """Book the worker for the stage (first come, first served) and the output transfer after it."""
+        node = flow.node
+        if node.epoch != flow.epoch:
+            return
+        now = self.env.now
+        exec_start_s = max(now, node.worker_free_s)
+        exec_end_s = node.cpu.run(exec_start_s * 1e3, flow.work_ms, flow.parallelism) / 1e3
+        node.worker_free_s = exec_end_s
+        flow.exec_ms = (exec_end_s - exec_start_s) * 1e3
+        if self._pull:
+            epoch = node.epoch
+            self.env.timeout(exec_end_s - now).callbacks.append(lambda _: self._release(node, epoch))
+        out_bytes = flow.stages[flow.stage][3]
+        node.downlink.send(out_bytes, node.latency_ms, flow.output_arrived, start_s=exec_end_s)
+
+    def _output_arrived(self, flow: "RequestFlow") -> None:
+        node = flow.node
+        if node.epoch != flow.epoch:
+            return
+        request_id = flow.request_id
+        node.in_flight.pop(request_id, None)
+        node.busy_cpu_ms += flow.work_ms
+        self.scheduler.observe(node.spec.name, flow.exec_ms)
+        _, _, in_bytes, out_bytes, _ = flow.stages[flow.stage]
+        records = self.records
+        records.add_stage(request_id, node.index, flow.stage_start_s, self.env.now, flow.exec_ms)
+        records.bytes_moved[request_id] += in_bytes + out_bytes
+        flow.stage += 1
+        self._next_stage(flow)
+
+    def _node_lost(self, flow: "RequestFlow") -> None:
+        """Run the stage again elsewhere after its node failed, or fail the request when no retry is left."""
+        if self._use_retry(flow):
+            self._next_stage(flow)
+            return
+        segment = flow.stages[flow.stage][0]
+        self._finish(flow, f"node {flow.node.spec.name} failed during stage {segment.id}")
+
+    def _finish(self, flow: "RequestFlow", failure: str | None) -> None:
+        """End the request: completed when ``failure`` is None, else failed for that reason."""
+        flow.is_alive = False
+        if failure is None:
+            self.records.end_s[flow.request_id] = self.env.now
+            self.records.outcome[flow.request_id] = COMPLETED
+        else:
+            self.records.fail(flow.request_id, self.env.now, failure)
         self._leave()
+        if flow.on_done is not None:
+            flow.on_done()
+        if self._done == self.total_requests:
+            self._all_done.succeed()
 
-    def _closed_client(self, request_ids: range):
+    # Workloads
+
+    def _later(self, callback: Callable[[], None], delay_s: float = 0.0, *, urgent: bool = False) -> None:
+        """Call ``callback`` after ``delay_s``; urgent: now, before the events already due now."""
+        if urgent:
+            event = simpy.Event(self.env)
+            event._ok = True
+            event._value = None
+            event.callbacks.append(lambda _: callback())
+            self.env.schedule(event, URGENT)
+        else:
+            self.env.timeout(delay_s).callbacks.append(lambda _: callback())
+
+    def _closed_client(self, request_ids: range) -> None:
+        """Send the client's requests one after another, ``think_time_ms`` after each reply.
+
+        The steps go through the same events a SimPy process per client and per request would,
+        so equal-time events keep the order they had when requests were processes.
+        """
         think_s = self.scenario.workload.think_time_ms / 1e3
-        for request_id in request_ids:
-            yield self.env.process(self._request(request_id))
-            if think_s > 0:
-                yield self.env.timeout(think_s)
+        ids = iter(request_ids)
 
-    def _open_source(self, arrivals_s, requests: list):
-        env = self.env
-        for request_id, arrival_s in enumerate(arrivals_s.tolist()):
-            if arrival_s > env.now:
-                yield env.timeout(arrival_s - env.now)
-            requests.append(env.process(self._request(request_id)))
+        def send_next() -> None:
+            request_id = next(ids, None)
+            if request_id is not None:
+                flow = RequestFlow(self, request_id)
+                flow.on_done = lambda: self._later(after_reply)
+                self._later(lambda: self._start_flow(flow), urgent=True)
+
+        def after_reply() -> None:
+            if think_s > 0:
+                self._later(send_next, think_s)
+            else:
+                send_next()
+
+        self._later(send_next, urgent=True)
+
+    def _start_flow(self, flow: "RequestFlow") -> None:
+        self.records.arrival_s[flow.request_id] = self.env.now
+        self._arrive()
+        self._next_stage(flow)
+
+    def _open_arrivals(self, _event=None) -> None:
+        """Start every request due now, then wait for the next arrival time."""
+        arrivals_s = self._arrivals_s
+        now = self.env.now
+        first = self._next_arrival
+        last = first + 1
+        while last < len(arrivals_s) and not arrivals_s[last] > now:
+            last += 1
+        self._next_arrival = last
+        if last < len(arrivals_s):
+            self.env.timeout(arrivals_s[last] - now).callbacks.append(self._open_arrivals)
+        for request_id in range(first, last):
+            self._start_request(request_id)
+
+    def _open_source(self) -> None:
+        if not self._arrivals_s:
+            return
+        if self._arrivals_s[0] > self.env.now:
+            self.env.timeout(self._arrivals_s[0] - self.env.now).callbacks.append(self._open_arrivals)
+        else:
+            self._open_arrivals()
 
     def run(self) -> SimResult:
         workload = self.scenario.workload
@@ -546,22 +658,14 @@ class Simulation:
             self._idle.extend(node for node in self.nodes.values() if node.alive)
         arrivals_s = open_loop_arrivals_s(workload, self.scenario.seed)
         if arrivals_s is None:
-            clients = [
-                self.env.process(self._closed_client(range(c, workload.requests, workload.clients)))
-                for c in range(workload.clients)
-            ]
-            self.env.run(until=simpy.AllOf(self.env, clients))
+            for c in range(workload.clients):
+                self._closed_client(range(c, workload.requests, workload.clients))
         else:
-            requests: list = []
-            source = self.env.process(self._open_source(arrivals_s, requests))
-            self.env.run(until=source)
-            self.env.run(until=simpy.AllOf(self.env, requests))
-        self.records.sort(key=lambda r: r.request_id)
-        summary = summarise(
-            self.records,
-            {name: node.busy_cpu_ms for name, node in self.nodes.items()},
-            {name: node.spec.cpus for name, node in self.nodes.items()},
-        )
+            self._arrivals_s = arrivals_s.tolist()
+            self._later(self._open_source, urgent=True)
+        if self.total_requests:
+            self.env.run(until=self._all_done)
+        summary = self._summarise()
         summary["plan"] = {"partitioner": self.plan.partitioner, "bounds": self.plan.bounds}
         if any(s.nodes for s in self.plan.segments):
             summary["plan"]["nodes"] = [list(s.nodes) for s in self.plan.segments]
@@ -580,6 +684,19 @@ class Simulation:
             summary["nodes"][name]["throttled_stages"] = node.cpu.throttled_jobs
         return SimResult(self.records, summary, self.warnings)
 
+    def _summarise(self) -> dict:
+        records = self.records
+        outcome = records.outcome_array()
+        return summarise_arrays(
+            arrival_s=records.float_column("arrival_s"),
+            end_s=records.float_column("end_s"),
+            completed=outcome == COMPLETED,
+            failure_reasons=[records.reasons[i] for i in sorted(records.reasons)],
+            stages_per_node=records.stage_counts_by_node(),
+            node_busy_cpu_ms={name: node.busy_cpu_ms for name, node in self.nodes.items()},
+            node_cpus={name: node.spec.cpus for name, node in self.nodes.items()},
+        )
+
     def littles_law(self) -> dict:
         """L from the engine's own integral of the number in system; lambda and W from the records.
 
@@ -588,10 +705,10 @@ class Simulation:
         so a bookkeeping error in either shows as a difference.
         """
         span_s = self._last_change_s - self._first_arrival_s
-        if not span_s > 0 or not self.records:
+        if not span_s > 0 or not len(self.records):
             return {"L": None, "lambda_W": None, "relative_error": None, "in_system_at_end": self._in_system}
         time_average_l = self._area_s / span_s
-        sojourn_s = np.array([r.end_s - r.arrival_s for r in self.records])
+        sojourn_s = self.records.float_column("end_s") - self.records.float_column("arrival_s")
         arrival_rate = len(self.records) / span_s
         lambda_w = arrival_rate * float(sojourn_s.mean())
         return {
@@ -600,6 +717,53 @@ class Simulation:
             "relative_error": abs(time_average_l - lambda_w) / lambda_w if lambda_w > 0 else 0.0,
             "in_system_at_end": self._in_system,
         }
+
+
+class RequestFlow:
+    """One request's state between the events of its stages."""
+
+    __slots__ = (
+        "sim",
+        "request_id",
+        "stages",
+        "stage",
+        "retries_left",
+        "node",
+        "epoch",
+        "stage_start_s",
+        "work_ms",
+        "parallelism",
+        "exec_ms",
+        "is_alive",
+        "on_done",
+    )
+
+    def __init__(self, sim: Simulation, request_id: int):
+        policy = sim.scenario.policy
+        self.sim = sim
+        self.request_id = request_id
+        # A request keeps the stage table it started with, so an adaptation does not split it.
+        self.stages = sim._stages
+        self.stage = 0
+        self.retries_left = policy.max_retries if policy.on_failure == "retry" else 0
+        self.node: SimNode | None = None
+        self.epoch = 0
+        self.stage_start_s = 0.0
+        self.work_ms = 0.0
+        self.parallelism = 1.0
+        self.exec_ms = 0.0
+        self.is_alive = True
+        self.on_done: Callable[[], None] | None = None
+
+    def input_arrived(self) -> None:
+        self.sim._input_arrived(self)
+
+    def output_arrived(self) -> None:
+        self.sim._output_arrived(self)
+
+    def interrupt(self, cause: NodeLost) -> None:
+        """Lose the stage in flight; the flow goes on at an urgent event, as a SimPy interrupt would."""
+        self.sim._later(lambda: self.sim._node_lost(self), urgent=True)
 
 
 def simulate(scenario: Scenario, costs: CostModel, *, progress: Callable[[int, int], None] | None = None) -> SimResult:
