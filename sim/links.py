@@ -146,6 +146,18 @@ class SharedLink:
             return
         self._timer = None
         self._timer_s = math.inf
+        lone = None
+        if not self._pending and len(self._active) == 1:
+            lone = self._active
+        elif not self._active and len(self._pending) == 1 and self._pending[0][0] <= self.env.now:
+            lone = self._pending
+        if lone is not None:
+            # A lone transfer: the timer was set for its finish.
+            done = lone.pop()[-1]
+            self._virtual_bits = 0.0
+            self._updated_s = self.env.now
+            done()
+            return
         self._advance(self.env.now)
         active = self._active
         finished = []
