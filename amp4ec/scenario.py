@@ -237,6 +237,18 @@ class AdaptationSpec(_Strict):
     capacity_changes: list[CapacityChange] = Field(default_factory=list)
 
 
+class HostSpec(_Strict):
+    """The machine every node's container runs on, as in the AMP4EC experiments (one Docker host).
+
+    A node whose ``cpus`` or ``memory_mb`` exceeds the host's is rejected before the run,
+    because a container cannot use more CPUs or memory than the machine it runs on. Leave a
+    value out when it is not known, and it is not checked.
+    """
+
+    cpus: float | None = Field(default=None, gt=0, description="CPUs of the host; no node may ask for more")
+    memory_mb: float | None = Field(default=None, gt=0, description="memory of the host in MiB; no node may ask for more")
+
+
 class Scenario(_Strict):
     """A cluster, a workload and a policy: everything one run needs."""
 
@@ -256,6 +268,11 @@ class Scenario(_Strict):
         default_factory=list, description="replay only: node failures, recoveries and limit changes over time"
     )
     adaptation: AdaptationSpec = Field(default_factory=AdaptationSpec)
+    host: HostSpec | None = Field(
+        default=None,
+        description="the machine the nodes' containers run on; a node larger than it is rejected. Default: no host "
+        "(each simulated node is a machine of its own)",
+    )
 
     @field_validator("nodes")
     @classmethod
@@ -269,8 +286,9 @@ class Scenario(_Strict):
 
     @model_validator(mode="after")
     def _expand_and_check(self) -> "Scenario":
-        from amp4ec.cluster import check_events, expand_groups  # late import: cluster imports this module
+        from amp4ec.cluster import check_events, check_host, expand_groups  # late import: cluster imports this module
 
+        check_host(self)
         if self.node_groups:
             self.nodes = self.nodes + expand_groups(self.node_groups, self.seed, {n.name for n in self.nodes})
             self.node_groups = []
@@ -315,7 +333,9 @@ def parse_scenario(data: dict[str, Any], *, source: str = "scenario") -> Scenari
     except UsageError as exc:
         # Raised by the cross-field checks (events, node groups), which know the field but not the file.
         if exc.source is None:
-            raise UsageError(str(exc), source=source) from exc
+            located = UsageError(str(exc), source=source)
+            located.field = exc.field
+            raise located from exc
         raise
     except ValidationError as exc:
         lines = []

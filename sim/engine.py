@@ -57,12 +57,14 @@ class NodeLost(Exception):
         self.node = node
 
 
-# Memory per node that does not depend on requests: its spec, CFS state, links, monitor
-# snapshots and scheduler entries. An estimate, rounded up from tracemalloc on the 10,000-node
-# scenario of scenarios/scale.
-NODE_BYTES = 8_000
-# Memory per request beyond the record columns: its arrival time (array and list) and the
-# summary's arrays. An estimate, as NODE_BYTES.
+# Memory estimates for the check before a run. They are rounded up from the peak resident
+# set size of a simulation that writes records.parquet, measured with Python 3.11 on
+# scenarios/scale/10-nodes.toml and 10k-nodes.toml. The measurement gave about 120 MiB of
+# imports, 9 kB per node (its spec, CFS state, links, snapshots, scheduler entries and
+# summary) and 460 bytes per 3-stage request. REQUEST_OVERHEAD_BYTES covers a request's
+# arrival time and summary arrays.
+RUNTIME_BYTES = 150 * 2**20
+NODE_BYTES = 10_000
 REQUEST_OVERHEAD_BYTES = 100
 
 
@@ -81,20 +83,22 @@ def estimated_run_bytes(nodes: int, requests: int, stages: int) -> int:
     """Estimate the memory a run's state and records take at their peak (writing records.parquet)."""
     # The columns are built once while running and copied once into the Parquet table.
     per_request_bytes = 2 * (REQUEST_BYTES + STAGE_BYTES * stages) + REQUEST_OVERHEAD_BYTES
-    return nodes * NODE_BYTES + requests * per_request_bytes
+    return RUNTIME_BYTES + nodes * NODE_BYTES + requests * per_request_bytes
 
 
 def check_fits_in_memory(requests: int, stages: int, nodes: int = 0) -> None:
     """Reject, before the run, a scenario whose state and records would not fit in the memory available."""
     needed_bytes = estimated_run_bytes(nodes, requests, stages)
     available_bytes = available_memory_bytes()
-    if available_bytes is not None and needed_bytes > available_bytes:
-        raise UsageError(
-            f"{requests:,} requests of {stages} stages on {nodes:,} nodes need about {needed_bytes / 2**30:.1f} GiB "
-            f"but {available_bytes / 2**30:.1f} GiB of memory is available; lower workload.requests or "
-            "split the run into several seeds",
-            field="workload.requests",
-        )
+    if available_bytes is None or needed_bytes <= available_bytes:
+        return
+    message = (
+        f"{requests:,} requests of {stages} stages on {nodes:,} nodes need about {needed_bytes / 2**30:.1f} GiB "
+        f"(an estimate) but {available_bytes / 2**30:.1f} GiB of memory is available; "
+    )
+    if nodes * NODE_BYTES > estimated_run_bytes(0, requests, stages) - RUNTIME_BYTES:
+        raise UsageError(message + "use fewer nodes (nodes or node_groups counts)", field="nodes")
+    raise UsageError(message + "lower workload.requests or split the run into several seeds", field="workload.requests")
 
 
 @dataclass(slots=True)
