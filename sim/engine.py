@@ -172,7 +172,8 @@ class Simulation:
         self._next_arrival = 0
         self._pull = scenario.policy.dispatch == "pull"
         self._batch = scenario.workload.batch
-        # (segment start, stop, torch threads) -> (CPU ms per request, parallelism)
+        # (segment start, stop, torch threads) -> (CPU ms per request, parallelism); a node's CfsCpu
+        # has as many cores as the node has torch threads.
         self._costs: dict[tuple[int, int, int], tuple[float, float]] = {}
         self._done = 0
         self._progress_step = max(1, self.total_requests // PROGRESS_STEPS)
@@ -523,7 +524,7 @@ class Simulation:
         records = self.records
         if math.isnan(records.start_s[flow.request_id]):
             records.start_s[flow.request_id] = now
-        key = (segment.start, segment.stop, node.spec.torch_threads)
+        key = (segment.start, segment.stop, node.cpu.cores)
         cost = self._costs.get(key)
         if cost is None:
             segment_cost = self.costs.segment_cost(*key)
