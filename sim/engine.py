@@ -563,7 +563,12 @@ class Simulation:
         self.scheduler.observe(node.spec.name, flow.exec_ms)
         _, _, in_bytes, out_bytes, _ = flow.stages[flow.stage]
         records = self.records
-        records.add_stage(request_id, node.index, flow.stage_start_s, self.env.now, flow.exec_ms)
+        # RecordColumns.add_stage, inlined on the hot path.
+        records.stage_request.append(request_id)
+        records.stage_node.append(node.index)
+        records.stage_start_s.append(flow.stage_start_s)
+        records.stage_end_s.append(self.env.now)
+        records.stage_exec_ms.append(flow.exec_ms)
         records.bytes_moved[request_id] += in_bytes + out_bytes
         flow.stage += 1
         self._next_stage(flow)
@@ -669,14 +674,18 @@ class Simulation:
         else:
             self._arrivals_s = arrivals_s.tolist()
             self._later(self._open_source, urgent=True)
-        # The nodes and arrival times live for the whole run. Frozen, they are left out of the
-        # cyclic garbage collector's full collections, whose cost grows with the objects tracked.
-        gc.freeze()
+        # Requests create no reference cycles (refcounting frees their flows and events), but
+        # every monitor snapshot adds a tracked object per node, so the cyclic collector's full
+        # passes cost more the more nodes there are. Switching it off for the run took the CPU
+        # time per request at 10,000 nodes from about 225 to 182 us (60,000 requests, 2-core VM).
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             if self.total_requests:
                 self.env.run(until=self._all_done)
         finally:
-            gc.unfreeze()
+            if collecting:
+                gc.enable()
         summary = self._summarise()
         summary["plan"] = {"partitioner": self.plan.partitioner, "bounds": self.plan.bounds}
         if any(s.nodes for s in self.plan.segments):

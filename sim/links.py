@@ -61,10 +61,15 @@ class SharedLink:
             self._updated_s = now
             if join_s > now:
                 self._pending.append((join_s, self._seq, bits, done))
-                self._set_timer(join_s + bits / self.bandwidth_bps)
+                finish_s = join_s + bits / self.bandwidth_bps
             else:
                 self._active.append((bits, self._seq, done))
-                self._set_timer(now + bits / self.bandwidth_bps)
+                finish_s = now + bits / self.bandwidth_bps
+            # An idle link has no timer under way, and finish_s is not before now.
+            timer = self.env.timeout(finish_s - now)
+            timer.callbacks.append(self._on_timer)
+            self._timer = timer
+            self._timer_s = finish_s
             return
         self._advance(now)
         if join_s > now:

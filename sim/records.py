@@ -52,7 +52,8 @@ class RecordColumns(Sequence[RequestRecord]):
         self.stage_start_s = array("d")
         self.stage_end_s = array("d")
         self.stage_exec_ms = array("d")
-        self._grouped: tuple[np.ndarray, np.ndarray] | None = None
+        # The grouping of stages by request, with the stage count it was built for.
+        self._grouped: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def add_stage(self, request_id: int, node_index: int, start_s: float, end_s: float, exec_ms: float) -> None:
         self.stage_request.append(request_id)
@@ -60,7 +61,6 @@ class RecordColumns(Sequence[RequestRecord]):
         self.stage_start_s.append(start_s)
         self.stage_end_s.append(end_s)
         self.stage_exec_ms.append(exec_ms)
-        self._grouped = None
 
     def fail(self, request_id: int, end_s: float, reason: str) -> None:
         self.end_s[request_id] = end_s
@@ -74,14 +74,14 @@ class RecordColumns(Sequence[RequestRecord]):
 
     def _stage_groups(self) -> tuple[np.ndarray, np.ndarray]:
         """Return the stage rows sorted by request (stable, so in stage order) and each request's offsets."""
-        if self._grouped is None:
+        if self._grouped is None or self._grouped[0] != len(self.stage_request):
             request_ids = np.frombuffer(self.stage_request, dtype=np.int64) if len(self.stage_request) else np.empty(0, np.int64)
             order = np.argsort(request_ids, kind="stable")
             counts = np.bincount(request_ids, minlength=self.requests)
             offsets = np.zeros(self.requests + 1, dtype=np.int64)
             np.cumsum(counts, out=offsets[1:])
-            self._grouped = (order, offsets)
-        return self._grouped
+            self._grouped = (len(self.stage_request), order, offsets)
+        return self._grouped[1], self._grouped[2]
 
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
