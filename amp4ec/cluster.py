@@ -13,7 +13,7 @@ import numpy as np
 from amp4ec.errors import UsageError
 
 if TYPE_CHECKING:
-    from amp4ec.scenario import NodeGroupSpec, NodeSpec, Scenario
+    from amp4ec.scenario import HostSpec, NodeGroupSpec, NodeSpec, Scenario
 
 
 def expand_groups(groups: list["NodeGroupSpec"], seed: int, taken: set[str]) -> list["NodeSpec"]:
@@ -51,6 +51,34 @@ def expand_groups(groups: list["NodeGroupSpec"], seed: int, taken: set[str]) -> 
                 )
             )
     return nodes
+
+
+def check_host(scenario: "Scenario", host: "HostSpec | None" = None) -> None:
+    """Reject nodes and node-group profiles that ask for more CPUs or memory than the host has.
+
+    ``host`` defaults to the scenario's own. Real mode can pass the Docker host's figures
+    (``docker info``: NCPU, and MemTotal in MiB) to check the same before starting containers.
+    """
+    host = host if host is not None else scenario.host
+    if host is None:
+        return
+    sized = [(f"nodes[{i}]", node.name, node.cpus, node.memory_mb) for i, node in enumerate(scenario.nodes)]
+    for g, group in enumerate(scenario.node_groups):
+        for p, profile in enumerate(group.profiles):
+            sized.append((f"node_groups[{g}].profiles[{p}]", f"profile {p} of group {group.prefix}", profile.cpus, profile.memory_mb))
+    for where, label, cpus, memory_mb in sized:
+        if host.cpus is not None and cpus > host.cpus:
+            raise UsageError(
+                f"node {label} asks for cpus = {cpus:g} but its host has {host.cpus:g} CPUs; "
+                "lower the node's cpus or raise host.cpus",
+                field=f"{where}.cpus",
+            )
+        if host.memory_mb is not None and memory_mb > host.memory_mb:
+            raise UsageError(
+                f"node {label} asks for memory_mb = {memory_mb:g} but its host has {host.memory_mb:g} MiB; "
+                "lower the node's memory_mb or raise host.memory_mb",
+                field=f"{where}.memory_mb",
+            )
 
 
 def check_events(scenario: "Scenario") -> None:

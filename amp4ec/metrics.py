@@ -92,24 +92,47 @@ def summarise(records: list[RequestRecord], node_busy_cpu_ms: dict[str, float], 
     A node's utilisation is the CPU time it spent over the CPU time its quota allowed during
     the run: ``busy_cpu_ms / (cpus * duration)``.
     """
-    completed = [r for r in records if r.outcome == "completed"]
-    failed = [r for r in records if r.outcome == "failed"]
-    latencies = np.array([r.latency_ms for r in completed])
-    first_arrival = min((r.arrival_s for r in records), default=0.0)
-    last_end = max((r.end_s for r in completed), default=first_arrival)
-    duration_s = last_end - first_arrival
-
-    def percentile(q: float) -> float | None:
-        return float(np.percentile(latencies, q)) if len(latencies) else None
-
     # Stage counts in one pass over the records, not one pass per node.
     stages_per_node: dict[str, int] = {}
     for record in records:
         for name in record.stage_nodes:
             stages_per_node[name] = stages_per_node.get(name, 0) + 1
+    return summarise_arrays(
+        arrival_s=np.array([r.arrival_s for r in records], dtype=float),
+        end_s=np.array([r.end_s for r in records], dtype=float),
+        completed=np.array([r.outcome == "completed" for r in records], dtype=bool),
+        failure_reasons=[r.reason for r in records if r.outcome == "failed"],
+        stages_per_node=stages_per_node,
+        node_busy_cpu_ms=node_busy_cpu_ms,
+        node_cpus=node_cpus,
+    )
+
+
+def summarise_arrays(
+    *,
+    arrival_s: np.ndarray,
+    end_s: np.ndarray,
+    completed: np.ndarray,
+    failure_reasons: list[str],
+    stages_per_node: dict[str, int],
+    node_busy_cpu_ms: dict[str, float],
+    node_cpus: dict[str, float],
+) -> dict[str, Any]:
+    """The summary of :func:`summarise`, from record columns: one entry per request, in record order.
+
+    ``failure_reasons`` contains the reason of each failed request, in record order.
+    """
+    latencies = (end_s[completed] - arrival_s[completed]) * 1e3
+    first_arrival = float(arrival_s.min()) if len(arrival_s) else 0.0
+    last_end = float(end_s[completed].max()) if completed.any() else first_arrival
+    duration_s = last_end - first_arrival
+
+    def percentile(q: float) -> float | None:
+        return float(np.percentile(latencies, q)) if len(latencies) else None
+
     reasons: dict[str, int] = {}
-    for record in failed:
-        reasons[record.reason] = reasons.get(record.reason, 0) + 1
+    for reason in failure_reasons:
+        reasons[reason] = reasons.get(reason, 0) + 1
     return {
         "latency_ms": {
             "mean": float(latencies.mean()) if len(latencies) else None,
@@ -117,8 +140,8 @@ def summarise(records: list[RequestRecord], node_busy_cpu_ms: dict[str, float], 
             "p95": percentile(95),
             "p99": percentile(99),
         },
-        "throughput_rps": len(completed) / duration_s if duration_s > 0 else None,
-        "requests": {"completed": len(completed), "failed": len(failed), "failure_reasons": reasons},
+        "throughput_rps": int(completed.sum()) / duration_s if duration_s > 0 else None,
+        "requests": {"completed": int(completed.sum()), "failed": len(failure_reasons), "failure_reasons": reasons},
         "duration_s": duration_s,
         "nodes": {
             name: {
@@ -135,9 +158,11 @@ def summarise(records: list[RequestRecord], node_busy_cpu_ms: dict[str, float], 
     }
 
 
-def write_run(directory: Path, records: list[RequestRecord], summary: dict[str, Any]) -> None:
+def write_run(directory: Path, records: Any, summary: dict[str, Any]) -> None:
+    """Write records.parquet and summary.json; ``records`` is a list of RequestRecord or has ``to_table()``."""
     directory.mkdir(parents=True, exist_ok=True)
-    pq.write_table(records_table(records), directory / "records.parquet")
+    table = records.to_table() if hasattr(records, "to_table") else records_table(records)
+    pq.write_table(table, directory / "records.parquet")
     (directory / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
 
 

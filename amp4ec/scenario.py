@@ -243,10 +243,12 @@ class EventSpec(_Strict):
     node finishes); a node whose first event is join is absent until then. fail: the node
     dies and the stages in flight on it are lost (see policy.on_failure). recover: a failed
     node comes back, its segments deployed again. restart: fail, then recover. pause /
-    resume: the node freezes and thaws; nothing is lost. cpu: the node's CPU quota becomes
-    ``cpus``. background_load: ``cpus`` of the node's quota go to other work from then on
-    (0 ends it). link_bandwidth: the node's link changes to ``bandwidth_mbps`` (and
-    ``latency_ms`` if given). Changes of speed apply to stages that start after the event.
+    resume: the node freezes and thaws. A stage still waiting 60 s after it was sent counts
+    as lost. cpu: the node's CPU quota becomes ``cpus``. background_load: ``cpus`` of the
+    node's quota go to other work from then on (0 ends it). link_bandwidth: the node's link
+    changes to ``bandwidth_mbps`` (and ``latency_ms`` if given). CPU changes apply to stages
+    that start after the event. In simulation a new bandwidth applies at once, to transfers
+    under way too.
     The table "Event kinds by mode" in the scenario reference gives what each mode does for each kind.
     """
 
@@ -306,6 +308,18 @@ class AdaptationSpec(_Strict):
     capacity_changes: list[CapacityChange] = Field(default_factory=list, description="deprecated: write cpu events in [[events]]")
 
 
+class HostSpec(_Strict):
+    """The machine every node's container runs on, as in the AMP4EC experiments (one Docker host).
+
+    A node whose ``cpus`` or ``memory_mb`` exceeds the host's is rejected before the run,
+    because a container cannot use more CPUs or memory than the machine it runs on. Leave a
+    value out when it is not known, and it is not checked.
+    """
+
+    cpus: float | None = Field(default=None, gt=0, description="CPUs of the host; no node may ask for more")
+    memory_mb: float | None = Field(default=None, gt=0, description="memory of the host in MiB; no node may ask for more")
+
+
 class Scenario(_Strict):
     """A cluster, a workload and a policy: everything one run needs."""
 
@@ -329,6 +343,11 @@ class Scenario(_Strict):
         "tcp://10.0.0.2:2375; nodes and node groups name them in their engine field",
     )
     replay: ReplaySpec = Field(default_factory=ReplaySpec)
+    host: HostSpec | None = Field(
+        default=None,
+        description="the machine the nodes' containers run on; a node larger than it is rejected. Default: no host "
+        "(each simulated node is a machine of its own)",
+    )
     # Where each event came from (events[i], dynamics[j], adaptation.capacity_changes[k]), for messages.
     _event_origins: list[str] = PrivateAttr(default_factory=list)
 
@@ -344,9 +363,10 @@ class Scenario(_Strict):
 
     @model_validator(mode="after")
     def _expand_and_check(self) -> "Scenario":
-        from amp4ec.cluster import check_events, expand_groups  # late import: cluster imports this module
+        from amp4ec.cluster import check_events, check_host, expand_groups  # late import: cluster imports this module
         from amp4ec.timeline import translate_legacy
 
+        check_host(self)
         if self.node_groups:
             self.nodes = self.nodes + expand_groups(self.node_groups, self.seed, {n.name for n in self.nodes})
             self.node_groups = []
@@ -412,7 +432,9 @@ def parse_scenario(data: dict[str, Any], *, source: str = "scenario") -> Scenari
     except UsageError as exc:
         # Raised by the cross-field checks (events, node groups), which know the field but not the file.
         if exc.source is None:
-            raise UsageError(str(exc), source=source) from exc
+            located = UsageError(str(exc), source=source)
+            located.field = exc.field
+            raise located from exc
         raise
     except ValidationError as exc:
         lines = []

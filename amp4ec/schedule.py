@@ -133,6 +133,17 @@ class NoNodeAvailable(RuntimeError):
         self.task = task
 
 
+class _NodeStats:
+    """What select() needs of one node between snapshots, in one object to keep lookups few."""
+
+    __slots__ = ("load", "performance", "assigned")
+
+    def __init__(self) -> None:
+        self.load = 0.0
+        self.performance = 0.5
+        self.assigned = 0
+
+
 class Amp4ecScheduler:
     """The node-selection rule of AMP4EC (Zhang et al., 2025), as the authors' code implements it.
 
@@ -208,6 +219,8 @@ class Amp4ecScheduler:
         self._static: dict[tuple[float, int], list[tuple[str, float] | None]] = {}
         self._draws: list[float] = []
         self._draw_next = 0
+        # The same load, S_P and task count as the dicts above, kept per node for select().
+        self._stats: dict[str, _NodeStats] = {}
 
     def load(self, node: str) -> float:
         return self._load.get(node, 0.0)
@@ -256,8 +269,30 @@ class Amp4ecScheduler:
         self._draw_next += 1
         return draw
 
-    def _static_terms(self, task: StageTask) -> list[tuple[str, float] | None]:
-        """Per live node: None if the snapshot alone rules it out, else its name and S_R."""
+    def _ensure_draws(self, count: int) -> None:
+        """Make the block hold at least ``count`` unused draws.
+
+        Appending the next blocks early keeps the stream's order, so the draws are the same
+        as when each block is fetched only once the previous one is spent.
+        """
+        if self._draw_next + count > len(self._draws):
+            remaining = self._draws[self._draw_next :]
+            while len(remaining) < count:
+                remaining += self._rng.random(4096).tolist()
+            self._draws = remaining
+            self._draw_next = 0
+
+    def _node_stats(self, name: str) -> _NodeStats:
+        stats = self._stats.get(name)
+        if stats is None:
+            stats = self._stats[name] = _NodeStats()
+            stats.load = self._load.get(name, 0.0)
+            stats.performance = self._performance.get(name, 0.5)
+            stats.assigned = self.tasks_assigned.get(name, 0)
+        return stats
+
+    def _static_terms(self, task: StageTask) -> list[tuple[str, float, _NodeStats] | None]:
+        """Per live node: None if the snapshot alone rules it out, else its name, S_R and stats."""
         key = (task.cpu_needed, task.memory_needed_bytes)
         terms = self._static.get(key)
         if terms is None:
@@ -271,7 +306,7 @@ class Amp4ecScheduler:
                     s_resources = 0.5 * self._ratio(state.cpu_available, task.cpu_needed) + 0.5 * self._ratio(
                         state.memory_available_bytes, task.memory_needed_bytes
                     )
-                    terms.append((state.name, s_resources))
+                    terms.append((state.name, s_resources, self._node_stats(state.name)))
                 else:
                     terms.append(None)
             self._static[key] = terms
@@ -284,54 +319,63 @@ class Amp4ecScheduler:
         candidates = self._candidates.indices(task.segment)
         if not candidates:
             raise NoNodeAvailable(task)
-        if len(candidates) > self.max_candidates:
-            n_candidates = len(candidates)
-            indices = list(
-                dict.fromkeys(candidates[int(self._uniform() * n_candidates)] for _ in range(self.max_candidates))
-            )
+        n_candidates = len(candidates)
+        sampled = n_candidates > self.max_candidates
+        # Uniform draws are read straight from the block: first the sample's, then one per
+        # scored node, in the order _uniform() would return them.
+        needed = (self.max_candidates if sampled else 0) + min(n_candidates, self.max_candidates)
+        self._ensure_draws(needed)
+        draws = self._draws
+        position = self._draw_next
+        if sampled:
+            end = position + self.max_candidates
+            indices = list(dict.fromkeys([candidates[int(draw * n_candidates)] for draw in draws[position:end]]))
+            position = end
         else:
             indices = candidates
         terms = self._static_terms(task)
         loads = self._load
-        performance = self._performance
-        assigned = self.tasks_assigned
-        names: list[str] = []
-        scores: list[float] = []
+        max_load = self.max_load
+        noise = self.noise
+        w_resources, w_load, w_performance, w_balance = self.w_resources, self.w_load, self.w_performance, self.w_balance
+        chosen = None
+        best_score = -math.inf
         for i in indices:
             term = terms[i]
             if term is None:
                 continue
-            name, s_resources = term
-            load = loads.get(name, 0.0)
-            if load > self.max_load:
+            name, s_resources, stats = term
+            load = stats.load
+            if load > max_load:
                 continue
             # Same terms, in the same order, as score().
-            names.append(name)
-            scores.append(
-                self.w_resources * s_resources
-                + self.w_load * (1.0 - load)
-                + self.w_performance * performance.get(name, 0.5)
-                + self.w_balance * (1.0 / (1.0 + 2.0 * assigned[name]))
+            score = (
+                w_resources * s_resources
+                + w_load * (1.0 - load)
+                + w_performance * stats.performance
+                + w_balance * (1.0 / (1.0 + 2.0 * stats.assigned))
             )
-        if names:
-            best = 0
-            best_score = -math.inf
-            for i, score in enumerate(scores):
-                noisy = score * (1.0 + self.noise * self._uniform())
-                if noisy > best_score:
-                    best, best_score = i, noisy
-            chosen = names[best]
-        else:
+            noisy = score * (1.0 + noise * draws[position])
+            position += 1
+            if noisy > best_score:
+                chosen, best_score = name, noisy
+        self._draw_next = position
+        if chosen is None:
             chosen = min((live[i] for i in indices), key=lambda state: loads.get(state.name, 0.0)).name
-        assigned[chosen] += 1
+        self._node_stats(chosen).assigned += 1
+        self.tasks_assigned[chosen] += 1
         return chosen
 
     def observe(self, node: str, exec_ms: float) -> None:
         recent = self._exec_ms[node]
         recent.append(exec_ms)
-        self._load[node] = min(1.0, sum(recent) / len(recent) / 100.0)
+        load = self._load[node] = min(1.0, sum(recent) / len(recent) / 100.0)
         sums = self._all_exec_ms[node]
         sums[0] += exec_ms
         sums[1] += 1
         # S_P takes the mean execution time in seconds.
-        self._performance[node] = 1.0 / (1.0 + sums[0] / sums[1] / 1e3)
+        performance = self._performance[node] = 1.0 / (1.0 + sums[0] / sums[1] / 1e3)
+        stats = self._stats.get(node)
+        if stats is not None:
+            stats.load = load
+            stats.performance = performance

@@ -16,7 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from amp4ec.monitor import NodeState
-from amp4ec.schedule import NoNodeAvailable, StageTask, plan_candidates
+from amp4ec.schedule import LiveCandidates, NoNodeAvailable, StageTask, plan_candidates
 
 
 class _Tracking:
@@ -74,12 +74,12 @@ class RandomScheduler:
 
     def __init__(self, rng: np.random.Generator):
         self._rng = rng
+        # The candidates are listed once per snapshot, in plan_candidates' order, not per stage.
+        self._candidates = LiveCandidates()
 
     def select(self, task: StageTask, states: Mapping[str, NodeState]) -> str:
-        candidates = plan_candidates(task, states)
-        if not candidates:
-            raise NoNodeAvailable(task)
-        return candidates[int(self._rng.integers(len(candidates)))].name
+        indices = self._candidates.for_task(task, states)
+        return self._candidates.live[indices[int(self._rng.integers(len(indices)))]].name
 
     def observe(self, node: str, exec_ms: float) -> None:
         pass

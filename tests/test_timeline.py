@@ -263,3 +263,66 @@ def test_pause_without_resume_times_out():
     assert all(r.end_s == pytest.approx(r.start_s + 60.0) for r in timed_out)
     assert result.summary["littles_law"]["in_system_at_end"] == 0
     assert sorted(r.request_id for r in result.records) == list(range(60))
+
+
+def test_pause_timeout_retries_elsewhere():
+    events = [{"time_s": 0.5, "kind": "pause", "node": "a"}]
+    data = scenario_data(
+        events=events,
+        policy={"on_failure": "retry", "max_retries": 2},
+        workload={"kind": "poisson", "rate_rps": 20.0, "requests": 100},
+    )
+    result = simulate(parse_scenario(data), costs_20ms())
+    retried = [r for r in result.records if r.retries]
+    assert result.summary["requests"]["failed"] == 0
+    assert retried
+    # The retry leaves out the paused node that lost the stage.
+    assert all(r.stage_nodes == ["b"] for r in retried)
+    assert all(r.end_s >= r.start_s + 60.0 for r in retried)
+
+
+def test_pause_timeout_under_pull_dispatch():
+    # A stage that times out before the paused worker was booked gives the node back, so the
+    # node takes (and times out) further stages instead of being lost to the pull queue.
+    events = [{"time_s": 0.5, "kind": "pause", "node": "a"}]
+    data = scenario_data(
+        events=events,
+        policy={"dispatch": "pull", "on_failure": "fail"},
+        workload={"kind": "poisson", "rate_rps": 20.0, "requests": 3000},
+    )
+    result = simulate(parse_scenario(data), costs_20ms())
+    timed_out = [r for r in result.records if "did not reply within 60 s" in r.reason]
+    assert len(timed_out) >= 3
+    assert result.summary["requests"]["completed"] + len(timed_out) == 3000
+    assert result.summary["littles_law"]["in_system_at_end"] == 0
+
+
+def test_retry_excludes_failed_node():
+    # The faster node a fails. Until the next sample the snapshot still shows it alive, so a
+    # stage sent to it is refused, and only the exclusion keeps the retry off node a.
+    events = [{"time_s": 1.01, "kind": "fail", "node": "a"}]
+    data = scenario_data(
+        events=events,
+        policy={"scheduler": "amp4ec", "on_failure": "retry", "max_retries": 1},
+        workload={"kind": "closed", "requests": 100},
+    )
+    data["nodes"][0]["cpus"] = 2.0
+    result = simulate(parse_scenario(data), costs_20ms())
+    retried = [r for r in result.records if r.retries]
+    assert retried
+    assert all(r.outcome == "completed" for r in retried)
+    assert all(r.stage_nodes == ["b"] for r in retried)
+
+
+def test_pause_shifts_stages_on_shared_link():
+    events = [{"time_s": 1.0, "kind": "pause", "node": "a"}, {"time_s": 1.5, "kind": "resume", "node": "a"}]
+    network = {"latency_ms": 1.0, "bandwidth_mbps": 10.0}
+    plain = scenario_data(network=network)
+    plain["nodes"] = plain["nodes"][:1]
+    paused = dict(plain, events=events)
+    base = simulate(parse_scenario(plain), costs_20ms())
+    result = simulate(parse_scenario(paused), costs_20ms())
+    # The request in flight at the pause ends half a second later than without it.
+    assert max(r.latency_ms for r in result.records) == pytest.approx(max(r.latency_ms for r in base.records) + 500.0)
+    assert not any(1.0 < r.end_s < 1.5 for r in result.records)
+    assert result.summary["requests"]["completed"] == 100

@@ -1,0 +1,109 @@
+"""Scenarios the simulator must reject before the run: exit status 2, the field named, no output."""
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from amp4ec.cli import main
+from amp4ec.cluster import check_host
+from amp4ec.errors import UsageError
+from amp4ec.scenario import HostSpec, parse_scenario
+from amp4ec.sim import engine
+
+GROUP_SCENARIO = """
+name = "host"
+[host]
+cpus = 2.0
+memory_mb = 4096
+[[nodes]]
+name = "fits"
+cpus = 2.0
+memory_mb = 1024
+[[node_groups]]
+prefix = "edge"
+count = 50
+profiles = [{ cpus = 1.0, memory_mb = 1024 }, { cpus = 0.6, memory_mb = {memory_mb} }]
+"""
+
+
+def simulate(tmp_path: Path, text: str):
+    scenario = tmp_path / "scenario.toml"
+    scenario.write_text(text)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["simulate", str(scenario), "--out", str(out), "--quiet"], catch_exceptions=False)
+    return result, out
+
+
+def test_node_larger_than_host_cpus(tmp_path):
+    text = 'name = "x"\n[host]\ncpus = 2.0\n[[nodes]]\nname = "big"\ncpus = 4.0\nmemory_mb = 1024\n'
+    result, out = simulate(tmp_path, text)
+    assert result.exit_code == 2
+    assert "nodes[0].cpus" in result.output
+    assert "host has 2 CPUs" in result.output
+    assert not out.exists()
+
+
+def test_group_profile_larger_than_host_memory(tmp_path):
+    result, out = simulate(tmp_path, GROUP_SCENARIO.replace("{memory_mb}", "8192"))
+    assert result.exit_code == 2
+    assert "node_groups[0].profiles[1].memory_mb" in result.output
+    assert "raise host.memory_mb" in result.output
+    assert not out.exists()
+
+
+def test_nodes_within_host_are_accepted():
+    data = {
+        "name": "x",
+        "host": {"cpus": 2.0, "memory_mb": 1024},
+        "nodes": [{"name": "a", "cpus": 2.0, "memory_mb": 1024}],
+    }
+    assert parse_scenario(data).host.cpus == 2.0
+
+
+def test_no_host_means_no_check():
+    data = {"name": "x", "nodes": [{"name": "a", "cpus": 64.0, "memory_mb": 10**6}]}
+    assert parse_scenario(data).host is None
+
+
+def test_check_host_against_docker_figures():
+    # Real mode passes the Docker host's CPU count and memory instead of the scenario's.
+    scenario = parse_scenario({"name": "x", "nodes": [{"name": "a", "cpus": 3.0, "memory_mb": 512}]})
+    check_host(scenario, HostSpec(cpus=4.0, memory_mb=2048))
+    with pytest.raises(UsageError) as caught:
+        check_host(scenario, HostSpec(cpus=2.0, memory_mb=2048))
+    assert caught.value.field == "nodes[0].cpus"
+
+
+def test_parse_keeps_field_of_host_error():
+    data = {"name": "x", "host": {"memory_mb": 512}, "nodes": [{"name": "a", "cpus": 1.0, "memory_mb": 1024}]}
+    with pytest.raises(UsageError) as caught:
+        parse_scenario(data, source="s.toml")
+    assert caught.value.field == "nodes[0].memory_mb"
+    assert caught.value.exit_status == 2
+
+
+def test_too_many_requests_for_memory(tmp_path, monkeypatch):
+    # With 1 GiB available, 10 million 3-stage requests (about 6 GiB of records) cannot fit.
+    monkeypatch.setattr(engine, "available_memory_bytes", lambda: 2**30)
+    text = Path(__file__).resolve().parents[1].joinpath("scenarios/scale/10-nodes.toml").read_text()
+    text = text.replace("requests = 20_000", "requests = 10_000_000")
+    result, out = simulate(tmp_path, text)
+    assert result.exit_code == 2
+    assert "workload.requests" in result.output
+    assert "lower workload.requests" in result.output
+    assert not out.exists()
+
+
+def test_too_many_nodes_for_memory(monkeypatch):
+    monkeypatch.setattr(engine, "available_memory_bytes", lambda: 2**30)
+    with pytest.raises(UsageError) as caught:
+        engine.check_fits_in_memory(requests=1000, stages=3, nodes=1_000_000)
+    assert caught.value.field == "nodes"
+
+
+def test_estimate_grows_with_nodes_and_requests():
+    small = engine.estimated_run_bytes(10, 1000, 3)
+    assert engine.estimated_run_bytes(10_000, 1000, 3) > small
+    assert engine.estimated_run_bytes(10, 1_000_000, 3) > small
+    assert engine.estimated_run_bytes(10, 1000, 6) > small
