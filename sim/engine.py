@@ -185,9 +185,9 @@ class Simulation:
         self._next_arrival = 0
         self._pull = scenario.policy.dispatch == "pull"
         self._batch = scenario.workload.batch
-        # (segment start, stop, torch threads) -> (CPU ms per request, parallelism); a node's CfsCpu
-        # has as many cores as the node has torch threads.
-        self._costs: dict[tuple[int, int, int], tuple[float, float]] = {}
+        # (segment start, stop, torch threads, container CPU quota) -> (CPU ms per request,
+        # parallelism); a node's CfsCpu has as many cores as the node has torch threads.
+        self._costs: dict[tuple[int, int, int, float], tuple[float, float]] = {}
         self._done = 0
         self._progress_step = max(1, self.total_requests // PROGRESS_STEPS)
         self._exponential = scenario.model.service == "exponential"
@@ -667,9 +667,10 @@ class Simulation:
         records = self.records
         if math.isnan(records.start_s[flow.request_id]):
             records.start_s[flow.request_id] = now
-        key = (segment.start, segment.stop, node.cpu.cores)
+        key = (segment.start, segment.stop, node.cpu.cores, node.quota_cpus)
         cost = self._costs.get(key)
         if cost is None:
+            # The calibration's fit gives the work at this thread count and quota, measured or not.
             segment_cost = self.costs.segment_cost(*key)
             cost = self._costs[key] = (segment_cost.cpu_ms * self._batch, segment_cost.parallelism)
         flow.node = node
