@@ -658,8 +658,9 @@ def calibrate_show(file: Path) -> None:
     from amp4ec.calibrate.views import show_tables
     from amp4ec.costs import load_calibration
 
+    out = wide_stdout()
     for table in show_tables(load_calibration(file)):
-        stdout.print(table)
+        out.print(table)
 
 
 @calibrate.command("plot")
