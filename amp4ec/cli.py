@@ -643,7 +643,7 @@ def calibrate_validate(file: Path, json_out: Path | None, normalise: bool) -> No
     from amp4ec.costs import load_calibration
 
     table, summary = validate_table(load_calibration(file), normalise=normalise)
-    stdout.print(table)
+    wide_stdout().print(table)
     if json_out is not None:
         from amp4ec.graph import write_text_atomic
         import json
