@@ -204,16 +204,20 @@ class Comparison:
         return self.predicted_ms / self.measured_ms - 1 if self.measured_ms > 0 else math.inf
 
 
-def leave_one_out(calibration: Calibration, *, normalise: bool = False) -> list[Comparison]:
-    """Predict every profile from the others; compare mean and p95 wall time per unit and regime.
-
-    With ``normalise`` the held-out profile's own whole-model reference time sets the machine speed.
-    """
+def _require_two_profiles(calibration: Calibration) -> None:
     if len(calibration.profiles) < 2:
         raise UsageError(
             f"the calibration has {len(calibration.profiles)} profile; leaving one out needs at least two. "
             "Calibrate with more --profile options"
         )
+
+
+def leave_one_out(calibration: Calibration, *, normalise: bool = False) -> list[Comparison]:
+    """Predict every profile from the others; compare mean and p95 wall time per unit and regime.
+
+    With ``normalise`` the held-out profile's own whole-model reference time sets the machine speed.
+    """
+    _require_two_profiles(calibration)
     comparisons = []
     for held_out in calibration.profiles:
         others = [p for p in calibration.profiles if p is not held_out]
@@ -275,11 +279,7 @@ def simulator_leave_one_out(calibration: Calibration, *, phases: int = 200) -> l
     """
     from amp4ec.costs import CostModel
 
-    if len(calibration.profiles) < 2:
-        raise UsageError(
-            f"the calibration has {len(calibration.profiles)} profile; leaving one out needs at least two. "
-            "Calibrate with more --profile options"
-        )
+    _require_two_profiles(calibration)
     n_units = calibration.graph.n_units
     comparisons = []
     for held_out in calibration.profiles:
@@ -308,11 +308,7 @@ def cpu_leave_one_out(calibration: Calibration) -> list[Comparison]:
     comparisons separate the fit of the work from host contention, which shows only in
     wall time. Their statistic is ``"cpu mean"``.
     """
-    if len(calibration.profiles) < 2:
-        raise UsageError(
-            f"the calibration has {len(calibration.profiles)} profile; leaving one out needs at least two. "
-            "Calibrate with more --profile options"
-        )
+    _require_two_profiles(calibration)
     comparisons = []
     for held_out in calibration.profiles:
         others = [p for p in calibration.profiles if p is not held_out]
