@@ -125,6 +125,7 @@ def run_replay(
     hop_latency_ms = prepared.costs.hop_latency_ms(scenario.network.latency_ms)
 
     client = docker_client()
+    check_fits_docker_host(scenario, client.info())
     image = ensure_worker_image(client, base_image=base_image, log=log)
     containers = [
         ContainerSpec(n.name, n.cpus, n.memory_bytes, n.torch_threads, scenario.engine_url(n.name)) for n in scenario.nodes
@@ -249,6 +250,32 @@ def _network_configured(scenario) -> bool:
     if network.bandwidth_mbps < 1000 or network.latency_ms:
         return True
     return any(n.bandwidth_mbps is not None or n.latency_ms for n in scenario.nodes)
+
+
+def check_fits_docker_host(scenario, info: dict) -> None:
+    """Reject a node on the default engine that asks for more cores or memory than that engine's host has.
+
+    ``info`` is the engine's ``docker info``. Docker refuses such a container only once the run
+    has started; this says which node and field before anything starts. Nodes on other engines
+    are not checked here.
+    """
+    cores = info.get("NCPU")
+    memory_mb = (info.get("MemTotal") or 0) / 2**20
+    for index, node in enumerate(scenario.nodes):
+        if scenario.engine_url(node.name) is not None:
+            continue
+        if cores and node.cpus > cores:
+            raise UsageError(
+                f"node {node.name} asks for cpus = {node.cpus:g} but the Docker host has {cores} cores; "
+                "lower the node's cpus, or run it on a larger machine's engine with the node's engine field",
+                field=f"nodes[{index}].cpus",
+            )
+        if memory_mb and node.memory_mb > memory_mb:
+            raise UsageError(
+                f"node {node.name} asks for memory_mb = {node.memory_mb:g} but the Docker host has {memory_mb:.0f} MiB; "
+                "lower the node's memory_mb, or run it on a larger machine's engine with the node's engine field",
+                field=f"nodes[{index}].memory_mb",
+            )
 
 
 def _late_joiners(scenario) -> list[str]:
