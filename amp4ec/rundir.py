@@ -18,14 +18,30 @@ from typing import Any, Iterator
 from amp4ec.errors import UsageError
 
 
-RUN_MARKERS = ("run.json", "runs.parquet", "report.md")
+# Every directory staged_output creates holds this file; --force replaces only such directories.
+OUTPUT_MARKER = ".amp4ec-output"
+
+
+def written_by_amp4ec(out: Path) -> bool:
+    """Tell whether ``out`` is an output directory amp4ec wrote.
+
+    It is when it holds OUTPUT_MARKER, or, for runs written before the marker existed, a
+    run.json that amp4ec wrote (a JSON object with the run's mode and amp4ec's version).
+    """
+    if (out / OUTPUT_MARKER).is_file():
+        return True
+    try:
+        info = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and "mode" in info and "amp4ec" in (info.get("versions") or {})
 
 
 def check_output_dir(out: Path, *, force: bool) -> None:
     """Reject an output directory that already contains files, unless ``force`` is set.
 
-    Even with ``force``, only a directory that amp4ec wrote (it contains run.json, runs.parquet
-    or report.md) is replaced, and never the current directory or one of its parents.
+    Even with ``force``, only a directory that amp4ec wrote is replaced (see
+    written_by_amp4ec), and never the current directory or one of its parents.
     """
     if out.exists() and not out.is_dir():
         raise UsageError("exists and is not a directory; choose another --out", source=str(out))
@@ -39,10 +55,10 @@ def check_output_dir(out: Path, *, force: bool) -> None:
     resolved = out.resolve()
     if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
         raise UsageError("is the current directory or one of its parents; choose a new directory for --out", source=str(out))
-    if not any((out / marker).is_file() for marker in RUN_MARKERS):
+    if not written_by_amp4ec(out):
         raise UsageError(
-            "contains files that amp4ec did not write (no run.json, runs.parquet or report.md), "
-            "so --force does not replace it; choose a new directory for --out",
+            f"was not written by amp4ec (no {OUTPUT_MARKER} file and no run.json of an amp4ec run), "
+            "so --force does not replace it and nothing in it was touched; choose a new directory for --out",
             source=str(out),
         )
 
@@ -64,6 +80,7 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)
+    (staging / OUTPUT_MARKER).write_text("written by amp4ec; `--force` may replace this directory\n")
     try:
         yield staging
     except BaseException:

@@ -212,7 +212,13 @@ def test_force_replaces_only_amp4ec_runs(tmp_path, monkeypatch):
     (precious / "thesis.tex").write_text("years of work")
     result = run_cli("simulate", str(PAPER / "2-node.toml"), "--out", str(precious), "--force")
     assert result.exit_code == 2
-    assert "did not write" in result.output
+    assert "was not written by amp4ec" in result.output
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+    # A run.json alone does not make a directory amp4ec's.
+    (precious / "run.json").write_text("{}")
+    result = run_cli("simulate", str(PAPER / "2-node.toml"), "--out", str(precious), "--force")
+    assert result.exit_code == 2
     assert (precious / "thesis.tex").read_text() == "years of work"
 
     monkeypatch.chdir(precious)
@@ -224,6 +230,11 @@ def test_force_replaces_only_amp4ec_runs(tmp_path, monkeypatch):
     assert run_cli("simulate", str(PAPER / "2-node.toml"), "--out", str(run), "--quiet").exit_code == 0
     assert run_cli("simulate", str(PAPER / "2-node.toml"), "--out", str(run), "--quiet", "--force").exit_code == 0
     assert (run / "run.json").is_file()
+    assert (run / ".amp4ec-output").is_file()
+
+    # A run written before the marker existed is still recognised by its run.json.
+    (run / ".amp4ec-output").unlink()
+    assert run_cli("simulate", str(PAPER / "2-node.toml"), "--out", str(run), "--quiet", "--force").exit_code == 0
 
 
 def test_calibration_directory_rejected(tmp_path):
