@@ -97,7 +97,9 @@ class StatsMonitor:
     links.py); the coordinator never polls. As the simulator's monitor does, this one
     publishes a snapshot of every node once per period, after ``monitor.delay_s``: a serving
     node with its latest pushed state, a node that is down or paused as not alive. A node
-    whose last push is older than two periods keeps that stale state and counts as missed.
+    whose last push is older than three periods (at least 1 s) has stopped reporting, as a
+    killed or unreachable container does: it is published as not alive, so schedulers stop
+    sending it stages, and it is named in ``silent``.
     CPU time is accumulated from differences between pushes, so a restarted container, whose
     cpuacct.usage starts again from zero, keeps its earlier CPU time.
     """
@@ -118,13 +120,15 @@ class StatsMonitor:
         self.samples = 0
         self.missed = 0
         self.pushes = 0
+        self.silent: set[str] = set()
 
     def start(self) -> None:
         """Wait up to a few seconds for a first push from every serving node, publish, and start the period."""
         serving = [name for name in self.table.names() if self.table[name].serving]
         arrived = self.links.request_stats(serving, period_s=self.scenario.monitor.period_s, timeout_s=START_STATS_TIMEOUT_S)
         for name in sorted(set(serving) - set(arrived)):
-            log.warning("monitor: no stats from node %s within %g s of the start", name, START_STATS_TIMEOUT_S)
+            self.silent.add(name)
+            log.warning("monitor: no stats from node %s within %g s of the start; it takes no stages until it reports", name, START_STATS_TIMEOUT_S)
         self._publish(self._sample())
         self._thread.start()
 
@@ -163,7 +167,7 @@ class StatsMonitor:
 
     def _sample(self) -> dict[str, NodeState]:
         self.samples += 1
-        stale_after_s = 2 * self.scenario.monitor.period_s
+        stale_after_s = max(3 * self.scenario.monitor.period_s, 1.0)
         now = time.monotonic()
         states = {}
         for name in self.table.names():
@@ -176,6 +180,11 @@ class StatsMonitor:
             received_s, state = latest
             if now - received_s > stale_after_s:
                 self.missed += 1
+                if name not in self.silent:
+                    log.warning("monitor: node %s has sent no stats for %.1f s; it takes no stages until it reports", name, now - received_s)
+                self.silent.add(name)
+                states[name] = replace(state, cpus=node.cpus, alive=False)
+                continue
             # The CPU limit can change live (set_cpus), so the snapshot carries the current one.
             states[name] = state if state.cpus == node.cpus else replace(state, cpus=node.cpus)
         return states

@@ -236,6 +236,7 @@ def run_replay(
                     "pushes": coordinator.monitor.pushes,
                     "samples": coordinator.monitor.samples,
                     "missed": coordinator.monitor.missed,
+                    "silent_nodes": sorted(coordinator.monitor.silent),
                 },
                 "dynamics": [event.as_dict() for event in dynamics.applied],
                 "adaptations": adaptation.adapter.history if adaptation is not None else [],
