@@ -218,11 +218,12 @@ def calibrate(
 
     Subcommands: `validate FILE`, `show FILE`, `plot FILE`.
     """
+    if ctx.invoked_subcommand is not None:
+        # validate, show and plot read a calibration file; they need neither torch nor Docker.
+        return
     require_extras("calibrate")
     from amp4ec.calibrate.run import parse_input_shape, parse_profiles, run_calibration
 
-    if ctx.invoked_subcommand is not None:
-        return
     if out is None:
         raise UsageError("missing --out FILE: the calibration file to write", field="--out")
     if max_repeats < repeats:

@@ -279,3 +279,16 @@ def test_resolved_scenario_parses_again():
         assert parse_scenario(scenario.resolved()) == scenario
     open_loop = parse_scenario({"name": "x", "workload": {"kind": "poisson", "rate_rps": 5.0}, "nodes": [{"name": "a", "cpus": 1.0, "memory_mb": 512}]})
     assert parse_scenario(open_loop.resolved()) == open_loop
+
+
+def test_calibrate_show_needs_no_torch_or_docker(monkeypatch):
+    import amp4ec.cli
+
+    def missing(command):
+        raise AssertionError(f"{command} asked for the torch and Docker extras")
+
+    monkeypatch.setattr(amp4ec.cli, "require_extras", missing)
+    shipped = ROOT / "amp4ec" / "data" / "calibration-mobilenet_v2.json"
+    result = run_cli("calibrate", "show", str(shipped))
+    assert result.exit_code == 0, result.output
+    assert "features.0" in result.output
