@@ -160,7 +160,10 @@ def completed_latencies_ms(run_dir: Path) -> np.ndarray:
     path = Path(run_dir) / "records.parquet"
     if not path.is_file():
         raise UsageError("has no records.parquet; give a directory written by simulate or replay --out", source=str(run_dir))
-    records = read_records(path)
+    try:
+        records = read_records(path)
+    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise UsageError(f"cannot read records.parquet: {exc}; rerun the simulation or replay that wrote it", source=str(run_dir)) from exc
     return records.loc[records["outcome"] == "completed", "latency_ms"].to_numpy(dtype=float)
 
 

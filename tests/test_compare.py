@@ -90,3 +90,12 @@ def test_compare_simulated_runs_from_cli(tmp_path):
     result = runner.invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--max-error-mean", "0", "--max-error-utilisation", "0"])
     # The simulator is deterministic for a seed, so two runs of one scenario agree exactly.
     assert result.exit_code == 0, result.output
+
+
+def test_cli_compare_reports_a_corrupt_records_file(runs, tmp_path):
+    sim, real = runs
+    (real / "records.parquet").write_bytes(b"not parquet")
+    result = CliRunner().invoke(main, ["compare", str(sim), str(real), "--plot", str(tmp_path / "latency.png")])
+    assert result.exit_code == 2, result.output
+    assert "cannot read records.parquet" in result.output
+    assert not (tmp_path / "latency.png").exists()
