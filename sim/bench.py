@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import simpy
 
+from amp4ec.errors import UsageError
+
 SCALE_DIR = Path(__file__).resolve().parents[1] / "scenarios" / "scale"
 
 
@@ -82,7 +84,9 @@ def run_scenario_child(scenario: str, requests: int | None) -> dict:
 
 
 def run_scenario(scenario: Path, requests: int | None) -> dict:
-    command = [sys.executable, "-m", "amp4ec.sim.bench", str(scenario)]
+    # -P: the child must import the installed amp4ec, not a checkout's amp4ec/ folder in the
+    # working directory, which lacks amp4ec.sim on a non-editable install.
+    command = [sys.executable, "-P", "-m", "amp4ec.sim.bench", str(scenario)]
     if requests is not None:
         command.append(str(requests))
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -93,6 +97,11 @@ def run_scenario(scenario: Path, requests: int | None) -> dict:
 
 def bench_sim(*, pipeline_requests: int, mm1_jobs: int, scale_requests: int, small_requests: int, log) -> dict:
     """Run the benchmark and return its figures; ``log`` receives one line per finished part."""
+    if not SCALE_DIR.is_dir():
+        raise UsageError(
+            f"bench sim runs the scenarios of the repository's scenarios/scale, which this installation "
+            f"does not have ({SCALE_DIR}); run it from a checkout installed with pip install -e ."
+        )
     mm1_rate = bare_simpy_mm1_jobs_per_s(mm1_jobs)
     log(f"bare SimPy M/M/1: {mm1_rate:,.0f} jobs/s ({mm1_jobs:,} jobs)")
     pipeline = run_scenario(SCALE_DIR / "3-stage-pipeline.toml", pipeline_requests)
