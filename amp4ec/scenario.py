@@ -176,10 +176,11 @@ class ReplaySpec(_Strict):
     """Replay only: how activations travel between the coordinator and the worker containers."""
 
     transport: Literal["forward", "relay"] = Field(
-        default="forward",
+        default="relay",
         description=(
-            "forward: each worker sends its outputs straight to the next stage's worker; "
-            "relay: every stage's input and output pass through the coordinator"
+            "relay: every stage's input and output pass through the coordinator, as the simulator models; "
+            "forward: each worker sends its outputs straight to the next stage's worker (known issue: "
+            "routes to a node recovered by an event can stop answering)"
         ),
     )
     route: Literal["per_stage", "at_dispatch"] = Field(

@@ -4,12 +4,12 @@ Every request in flight runs in a thread of the workload driver. While one reque
 stage 2 on node B, another can run stage 1 on node A, so the stages pipeline. Each worker
 serves the messages queued on it one at a time, as the simulator's workers do.
 
-Activations travel one of two ways (``[replay] transport``). With "forward", the default,
+Activations travel one of two ways (``[replay] transport``). With "forward",
 the coordinator sends the input to the first stage's worker, and each worker sends its
 outputs straight to the next one. The last worker returns the result and every stage's
 timings. The scheduler picks each stage's node when the stage before has finished, or the
 whole route at dispatch (``[replay] route``, see forward.py). With
-"relay", each stage's output comes back to the coordinator, which picks the next stage's
+"relay", the default, each stage's output comes back to the coordinator, which picks the next stage's
 node and sends it there over the thread's own REQ socket to that worker.
 
 Faults come from the scenario's ``[[events]]`` timeline and are applied to the containers
@@ -45,7 +45,7 @@ DEFAULT_CPU_NEEDED = 0.1
 STAGE_TIMEOUT_S = 60.0
 # Seconds `docker stop` waits for SIGTERM before SIGKILL (leave, restart).
 STOP_TIMEOUT_S = 2
-# Seconds the monitor waits for every worker's first stats push when the run starts.
+# Seconds the monitor waits for every worker's first stats push at the start and its final stats at the end.
 START_STATS_TIMEOUT_S = 5.0
 
 
@@ -137,7 +137,8 @@ class StatsMonitor:
         self._stop.set()
         self._thread.join(timeout=10)
         serving = [name for name in self.table.names() if self.table[name].serving]
-        arrived = self.links.request_stats(serving, period_s=0, timeout_s=max(2.0, self.scenario.monitor.period_s))
+        # A reply, not a periodic push, so it does not wait for the monitor period (1000 s in some scenarios).
+        arrived = self.links.request_stats(serving, period_s=0, timeout_s=START_STATS_TIMEOUT_S)
         for name in sorted(set(serving) - set(arrived)):
             self.missed += 1
             log.warning("monitor: node %s sent no final stats; its CPU time ends at its last push", name)
@@ -243,7 +244,7 @@ class Coordinator:
         self._clients_lock = threading.Lock()
         self._all_clients: list = []
         replay = getattr(scenario, "replay", None)
-        self.transport = replay.transport if replay is not None else "forward"
+        self.transport = replay.transport if replay is not None else "relay"
         self.route_decision = replay.route if replay is not None else "per_stage"
         self.monitor = StatsMonitor(scenario, table, hop_latency_ms)
         from amp4ec.real.links import WorkerLinks

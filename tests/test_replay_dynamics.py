@@ -165,7 +165,7 @@ cpus = 0.5
         assert after_recovery, f"no stage ran on low after it recovered at {recovered_s:.2f} s"
     else:
         print(f"low recovered at {recovered_s:.2f} s, after the last arrival at {last_arrival_s:.2f} s")
-    assert run["transport"]["activations"] == "forward"
+    assert run["transport"]["activations"] == "relay"
     assert run["monitor"]["method"] == "push"
     assert run["monitor"]["pushes"] > 0
     containers, networks = labelled(docker_client, run["run_id"])
