@@ -30,7 +30,7 @@ def test_report_writes_plots_and_markdown(tmp_path, runs):
     result = CliRunner().invoke(main, ["report", *map(str, runs), "--out", str(out)])
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["latency-cdf.png", "report.md", "sim-vs-real.png", "throughput.png", "utilisation.png"]
+    assert names == [".amp4ec-output", "latency-cdf.png", "report.md", "sim-vs-real.png", "throughput.png", "utilisation.png"]
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "report.md").read_text()
