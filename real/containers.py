@@ -14,6 +14,7 @@ whether or not the run shapes links: tc runs in a separate shaper container (sha
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import re
@@ -209,6 +210,9 @@ class WorkerCluster:
         self.addresses: dict[str, str] = {}
         self.clients: dict[str, WorkerClient] = {}
         self._previous_handlers: dict[int, object] = {}
+        # A signal that arrived while a create call was in flight, acted on when it returns.
+        self._creating = False
+        self._deferred_signal: int | None = None
         self._closing = False
         self._closed = False
         self._started = False
@@ -282,9 +286,10 @@ class WorkerCluster:
         import docker.errors
 
         try:
-            self.network = self.client.networks.create(
-                self.network_name, driver="bridge", labels=dict(self.labels), check_duplicate=True
-            )
+            with self._creating_resource():
+                self.network = self.client.networks.create(
+                    self.network_name, driver="bridge", labels=dict(self.labels), check_duplicate=True
+                )
         except docker.errors.APIError as error:
             raise DockerError(
                 f"cannot create network {self.network_name} for run {self.run_id}: {error}. "
@@ -301,9 +306,10 @@ class WorkerCluster:
             engine = self.engines.get(url)
             copy_image(self.client, engine, self.image, log=log.info)
             try:
-                self.other_networks[url] = engine.networks.create(
-                    self.network_name, driver="bridge", labels=dict(self.labels), check_duplicate=True
-                )
+                with self._creating_resource():
+                    self.other_networks[url] = engine.networks.create(
+                        self.network_name, driver="bridge", labels=dict(self.labels), check_duplicate=True
+                    )
             except docker.errors.APIError as error:
                 raise DockerError(f"cannot create network {self.network_name} on engine {url}: {error}") from error
 
@@ -322,29 +328,31 @@ class WorkerCluster:
         # is published on that engine's loopback interface instead.
         ports = None if self.on_default_engine(node) else {f"{WORKER_PORT}/tcp": ("127.0.0.1", None)}
         try:
-            container = self.engines.get(node.engine).containers.run(
-                self.image,
-                detach=True,
-                name=self.container_name(node),
-                hostname=node.name,
-                network=self.network_name,
-                # Docker's units: nano_cpus in 1e-9 CPUs (CFS quota = cpus x period), memory in bytes.
-                nano_cpus=int(round(node.cpus * 1e9)),
-                mem_limit=node.memory_bytes,
-                memswap_limit=node.memory_bytes,
-                environment={
-                    "AMP4EC_THREADS": str(node.threads),
-                    "AMP4EC_PORT": str(WORKER_PORT),
-                    "AMP4EC_NODE": node.name,
-                },
-                labels={**self.labels, NODE_LABEL: node.name},
-                read_only=True,
-                tmpfs={"/tmp": TMPFS_OPTIONS},
-                cap_drop=["ALL"],
-                ports=ports,
-                security_opt=["no-new-privileges"],
-                user=WORKER_USER,
-            )
+            with self._creating_resource():
+                container = self.engines.get(node.engine).containers.run(
+                    self.image,
+                    detach=True,
+                    name=self.container_name(node),
+                    hostname=node.name,
+                    network=self.network_name,
+                    # Docker's units: nano_cpus in 1e-9 CPUs (CFS quota = cpus x period), memory in bytes.
+                    nano_cpus=int(round(node.cpus * 1e9)),
+                    mem_limit=node.memory_bytes,
+                    memswap_limit=node.memory_bytes,
+                    environment={
+                        "AMP4EC_THREADS": str(node.threads),
+                        "AMP4EC_PORT": str(WORKER_PORT),
+                        "AMP4EC_NODE": node.name,
+                    },
+                    labels={**self.labels, NODE_LABEL: node.name},
+                    read_only=True,
+                    tmpfs={"/tmp": TMPFS_OPTIONS},
+                    cap_drop=["ALL"],
+                    ports=ports,
+                    security_opt=["no-new-privileges"],
+                    user=WORKER_USER,
+                )
+                self.containers[node.name] = container
         except docker.errors.ImageNotFound as error:
             raise DockerError(
                 f"worker image {self.image} not found; build it with ensure_worker_image "
@@ -352,7 +360,6 @@ class WorkerCluster:
             ) from error
         except docker.errors.APIError as error:
             raise DockerError(f"cannot start the container of node {node.name} (run {self.run_id}): {error}") from error
-        self.containers[node.name] = container
 
     def _wait_ready(self, node, deadline: float) -> None:
         import docker.errors
@@ -419,7 +426,8 @@ class WorkerCluster:
         from amp4ec.real.shaping import apply_shaping
 
         labels = {**self.labels, NODE_LABEL: node_name}
-        result = apply_shaping(self.containers[node_name], self.shapes[node_name], labels=labels)
+        with self._creating_resource():
+            result = apply_shaping(self.containers[node_name], self.shapes[node_name], labels=labels)
         self.shaping[node_name] = result
         return result
 
@@ -439,7 +447,37 @@ class WorkerCluster:
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous_handlers.clear()
 
+    @contextlib.contextmanager
+    def _creating_resource(self):
+        """Hold back SIGINT and SIGTERM while a call that creates a labelled resource is in flight.
+
+        Interrupted mid-call, the engine would finish creating the network or container after
+        the cleanup had looked for it, and it would stay behind. The signal is acted on as soon
+        as the call returns. Signals reach the main thread only, so calls from other threads
+        (a recovery's reshaping) run unguarded.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self._creating = True
+        try:
+            yield
+        finally:
+            self._creating = False
+            signum, self._deferred_signal = self._deferred_signal, None
+            if signum is not None:
+                self._on_signal(signum, None)
+
     def _on_signal(self, signum, frame) -> None:
+        if self._creating:
+            log.warning("run %s: signal %d received while creating a container or network; stopping once that call returns", self.run_id, signum)
+            self._deferred_signal = signum
+            return
+        if self._closing:
+            # A second Ctrl-C while the first one's cleanup runs would otherwise interrupt it
+            # and leave the network (or a container) behind.
+            log.warning("run %s: signal %d ignored; still removing worker containers", self.run_id, signum)
+            return
         log.warning("run %s: received signal %d, removing worker containers", self.run_id, signum)
         self.close()
         if signum == signal.SIGINT:

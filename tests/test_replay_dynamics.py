@@ -192,7 +192,12 @@ def test_closed_clients_overlap(tmp_path, docker_client, worker_image):
 
 @pytest.mark.docker
 @pytest.mark.torch
-def test_sigterm_mid_replay_removes_containers(tmp_path, docker_client, worker_image):
+@pytest.mark.parametrize(
+    ("signals", "expected_status"),
+    [([signal.SIGTERM], 128 + signal.SIGTERM), ([signal.SIGINT, signal.SIGINT], 130)],
+    ids=["sigterm", "sigint-twice"],
+)
+def test_signal_mid_replay_removes_containers(tmp_path, docker_client, worker_image, signals, expected_status):
     require_torch()
     scenario_path = tmp_path / "long.toml"
     scenario_path.write_text('name = "long"\n[workload]\nrequests = 100000\nclients = 2\n' + TWO_NODES)
@@ -216,13 +221,16 @@ def test_sigterm_mid_replay_removes_containers(tmp_path, docker_client, worker_i
         assert run_id is not None, "the replay exited before its workers were ready"
         time.sleep(3.0)
         assert labelled(docker_client, run_id)[0], "no container of the run exists mid-replay"
-        process.send_signal(signal.SIGTERM)
+        for signum in signals:
+            # A second Ctrl-C lands while the first one's cleanup is removing containers.
+            process.send_signal(signum)
+            time.sleep(0.05)
         status = process.wait(timeout=90)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert status == 128 + signal.SIGTERM
+    assert status == expected_status
     containers, networks = labelled(docker_client, run_id)
     assert [c.name for c in containers] == [] and [n.name for n in networks] == []
     assert not out.exists()
