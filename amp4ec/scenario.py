@@ -176,11 +176,10 @@ class ReplaySpec(_Strict):
     """Replay only: how activations travel between the coordinator and the worker containers."""
 
     transport: Literal["forward", "relay"] = Field(
-        default="relay",
+        default="forward",
         description=(
-            "relay: every stage's input and output pass through the coordinator, as the simulator models; "
-            "forward: each worker sends its outputs straight to the next stage's worker (known issue: "
-            "routes to a node recovered by an event can stop answering)"
+            "forward: each worker sends its outputs straight to the next stage's worker; "
+            "relay: every stage's input and output pass through the coordinator, as the simulator models"
         ),
     )
     route: Literal["per_stage", "at_dispatch"] = Field(

@@ -4,12 +4,12 @@ Every request in flight runs in a thread of the workload driver. While one reque
 stage 2 on node B, another can run stage 1 on node A, so the stages pipeline. Each worker
 serves the messages queued on it one at a time, as the simulator's workers do.
 
-Activations travel one of two ways (``[replay] transport``). With "forward",
+Activations travel one of two ways (``[replay] transport``). With "forward", the default,
 the coordinator sends the input to the first stage's worker, and each worker sends its
 outputs straight to the next one. The last worker returns the result and every stage's
 timings. The scheduler picks each stage's node when the stage before has finished, or the
 whole route at dispatch (``[replay] route``, see forward.py). With
-"relay", the default, each stage's output comes back to the coordinator, which picks the next stage's
+"relay", each stage's output comes back to the coordinator, which picks the next stage's
 node and sends it there over the thread's own REQ socket to that worker.
 
 Faults come from the scenario's ``[[events]]`` timeline and are applied to the containers
@@ -244,7 +244,7 @@ class Coordinator:
         self._clients_lock = threading.Lock()
         self._all_clients: list = []
         replay = getattr(scenario, "replay", None)
-        self.transport = replay.transport if replay is not None else "relay"
+        self.transport = replay.transport if replay is not None else "forward"
         self.route_decision = replay.route if replay is not None else "per_stage"
         self.monitor = StatsMonitor(scenario, table, hop_latency_ms)
         from amp4ec.real.links import WorkerLinks

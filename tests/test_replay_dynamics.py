@@ -84,7 +84,8 @@ def test_retries_must_not_be_negative():
 @pytest.mark.docker
 @pytest.mark.torch
 @pytest.mark.slow
-def test_faults_end_every_request_once(tmp_path, docker_client, worker_image):
+@pytest.mark.parametrize("transport", ["relay", "forward"])
+def test_faults_end_every_request_once(tmp_path, docker_client, worker_image, transport):
     require_torch()
     from amp4ec.real.replay import run_replay
 
@@ -103,7 +104,10 @@ rate_rps = 1.5
 requests = 30
 [monitor]
 period_s = 0.5
+[replay]
+transport = "%s"
 """
+        % transport
         + TWO_NODES
         + """
 [[events]]
@@ -165,7 +169,7 @@ cpus = 0.5
         assert after_recovery, f"no stage ran on low after it recovered at {recovered_s:.2f} s"
     else:
         print(f"low recovered at {recovered_s:.2f} s, after the last arrival at {last_arrival_s:.2f} s")
-    assert run["transport"]["activations"] == "relay"
+    assert run["transport"]["activations"] == transport
     assert run["monitor"]["method"] == "push"
     assert run["monitor"]["pushes"] > 0
     containers, networks = labelled(docker_client, run["run_id"])
