@@ -130,7 +130,7 @@ def read_trace_s(path: str | None) -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(arrivals_s) | (arrivals_s < 0))
     if len(bad):
         raise UsageError(
-            f"trace file {path!r}: row {int(bad[0]) + 2} has arrival_s {frame['arrival_s'].iloc[bad[0]]!r}; "
+            f"trace file {path!r}: row {int(bad[0]) + 2} has arrival_s {str(frame['arrival_s'].iloc[bad[0]])!r}; "
             "arrival times must be non-negative numbers of seconds",
             field="workload.trace",
         )

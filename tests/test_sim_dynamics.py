@@ -275,6 +275,24 @@ def test_trace_without_arrival_column_is_refused(tmp_path):
     assert "arrival_s column" in result.output
 
 
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        ("0\n1\nabc\n", "row 4 has arrival_s 'abc'"),
+        ("0\n-1\n", "row 3 has arrival_s '-1'"),
+        ("0\n2\n1\n", "arrival_s decreases at row 4"),
+    ],
+    ids=["text", "negative", "decreasing"],
+)
+def test_trace_with_a_bad_row_names_it(tmp_path, rows, expected):
+    (tmp_path / "t.csv").write_text("arrival_s\n" + rows)
+    path = tmp_path / "s.toml"
+    path.write_text(SCENARIO.format(workload='kind = "trace"\ntrace = "t.csv"', extra=""))
+    result = run_cli("simulate", str(path), "--out", str(tmp_path / "out"), "--quiet")
+    assert result.exit_code == 2
+    assert expected in result.output
+
+
 def test_scale_scenarios_validate():
     for path in sorted((ROOT / "scenarios" / "scale").glob("*.toml")):
         loaded = load_scenario(path)
