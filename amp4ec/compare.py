@@ -104,6 +104,16 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def run_mode(run_dir: Path) -> str | None:
+    """Return "sim" or "real" as the directory's run.json records it, or None when it does not say."""
+    try:
+        info = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    mode = info.get("mode") if isinstance(info, dict) else None
+    return mode if isinstance(mode, str) else None
+
+
 def check_thresholds(thresholds: dict[str, float | None]) -> dict[str, float]:
     checked: dict[str, float] = {}
     for name, value in thresholds.items():
@@ -149,6 +159,13 @@ def compare_runs(sim_dir: Path, real_dir: Path, thresholds: dict[str, float | No
             )
         )
 
+    for label, run_dir in (("sim", sim_dir), ("real", real_dir)):
+        mode = run_mode(run_dir)
+        if mode is not None and mode != label:
+            comparison.warnings.append(
+                f"{run_dir} holds a {mode} run, given where the {label} run goes; "
+                f"the columns headed {label} show that {mode} run"
+            )
     for label, summary in (("sim", sim), ("real", real)):
         failed = summary.get("requests", {}).get("failed", 0)
         if failed:
