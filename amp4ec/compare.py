@@ -105,7 +105,7 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def run_mode(run_dir: Path) -> str | None:
-    """Return "sim" or "real" as the directory's run.json records it, or None when it does not say."""
+    """Return the mode ("sim" or "real") recorded in the directory's run.json, or None when it has none."""
     try:
         info = json.loads((Path(run_dir) / "run.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -163,7 +163,7 @@ def compare_runs(sim_dir: Path, real_dir: Path, thresholds: dict[str, float | No
         mode = run_mode(run_dir)
         if mode is not None and mode != label:
             comparison.warnings.append(
-                f"{run_dir} holds a {mode} run, given where the {label} run goes; "
+                f"{run_dir} contains a {mode} run but was given as the {label} run; "
                 f"the columns headed {label} show that {mode} run"
             )
     for label, summary in (("sim", sim), ("real", real)):

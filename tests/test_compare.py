@@ -92,8 +92,8 @@ def test_compare_simulated_runs_from_cli(tmp_path):
     assert result.exit_code == 0, result.output
     # The second directory stands where a real run goes; the report says it is not one.
     output = " ".join(result.output.split())
-    assert f"{tmp_path / 'b'} holds a sim run, given where the real run goes" in output
-    assert output.count("holds a") == 1, output
+    assert f"{tmp_path / 'b'} contains a sim run but was given as the real run" in output
+    assert output.count("contains a") == 1, output
 
 
 def test_cli_compare_reports_a_corrupt_records_file(runs, tmp_path):
