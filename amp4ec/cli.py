@@ -352,8 +352,10 @@ def sweep(scenario: Path, grid: tuple[str, ...], seeds: int, out: Path, workers:
         keys = [c for c in points.columns if c not in METRICS and c != "seeds" and not c.endswith("_ci95")]
         columns = keys + list(shown)
         for column in columns:
-            table.add_column(column, justify="right")
-        for _, row in points.iterrows():
+            # Fold long names such as workload.requests instead of cutting them off.
+            table.add_column(column, justify="right", overflow="fold")
+        # Records keep each column's type, so integer grid values and seed counts print as integers.
+        for row in points.to_dict("records"):
             cells = []
             for column in columns:
                 value = row[column]

@@ -87,3 +87,5 @@ def test_sweep_command_writes_tables(tmp_path):
     assert result.exit_code == 0, result.output
     assert len(pd.read_parquet(out / "runs.parquet")) == 4
     assert len(pd.read_parquet(out / "points.parquet")) == 2
+    # The seed count is an integer and prints as one.
+    assert "│     2 │" in result.output, result.output
