@@ -630,6 +630,11 @@ def bench_real(scenario: Path, requests: int, clients: int | None, repeats: int,
             f"{pipeline['capacity_bound_rps']:.2f} requests/s; ratio {pipeline['ratio']:.3f} "
             f"(target >= {pipeline['target']}): {'ok' if pipeline['passed'] else 'BELOW TARGET'}"
         )
+        if pipeline["simulated_ratio"] is not None:
+            stdout.print(
+                f"the simulator's ratio for the same plan, scheduler and workload is {pipeline['simulated_ratio']:.3f}, "
+                f"the most this schedule allows; the replay reached {pipeline['ratio_over_simulated']:.3f} of it"
+            )
 
 
 @calibrate.command("validate")

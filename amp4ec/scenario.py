@@ -414,6 +414,11 @@ class Scenario(_Strict):
         """Return the scenario with every default filled in, as written to a run's directory."""
         return self.model_dump(mode="json")
 
+    def with_workload(self, **fields: Any) -> Scenario:
+        """Return a copy whose workload has ``fields`` replaced, validated as a scenario's would be."""
+        workload = WorkloadSpec.model_validate({**self.workload.model_dump(), **fields})
+        return self.model_copy(update={"workload": workload})
+
 
 def _format_location(loc: tuple) -> str:
     parts: list[str] = []

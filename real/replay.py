@@ -27,7 +27,6 @@ from amp4ec.errors import UsageError, WorkerError
 from amp4ec.metrics import RequestRecord, summarise, write_run
 from amp4ec.rundir import RunInfo, check_output_dir, staged_output
 from amp4ec.runs import PreparedRun, prepare_run
-from amp4ec.scenario import WorkloadSpec
 from amp4ec.timeline import check_supported, first_kinds, ordered_events
 from amp4ec.workload import open_loop_arrivals_s, request_count, rng_for
 
@@ -92,8 +91,7 @@ def run_replay(
     check_output_dir(out, force=force)
     prepared = prepare_run(scenario_path, calibration)
     if workload_overrides:
-        workload = WorkloadSpec.model_validate({**prepared.scenario.workload.model_dump(), **workload_overrides})
-        prepared.scenario = prepared.scenario.model_copy(update={"workload": workload})
+        prepared.scenario = prepared.scenario.with_workload(**workload_overrides)
     scenario = prepared.scenario
     # Events replay cannot carry out are rejected before torch is loaded or a container starts.
     check_supported(scenario, "real", source=str(scenario_path))

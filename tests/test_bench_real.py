@@ -21,3 +21,19 @@ def test_loopback_reference_grows_with_size():
     hops_ms = loopback_hops_ms((1_000, 4_000_000), repeats=5)
     assert hops_ms[0] > 0
     assert hops_ms[1] > hops_ms[0]
+
+
+@pytest.mark.parametrize(("scheduler", "low", "high"), [("least_loaded", 0.95, 1.05), ("round_robin", 0.75, 0.87)])
+def test_bench_scenario_schedule_reaches_bound(scheduler, low, high):
+    """The bench scenario's schedule keeps both nodes busy in simulation; round robin would not."""
+    from pathlib import Path
+
+    from amp4ec.real.bench import capacity_ratio
+    from amp4ec.runs import prepare_run
+    from amp4ec.sim.engine import simulate
+
+    prepared = prepare_run(Path(__file__).resolve().parents[1] / "scenarios" / "bench" / "pipeline-2-node.toml")
+    policy = prepared.scenario.policy.model_copy(update={"scheduler": scheduler})
+    scenario = prepared.scenario.with_workload(requests=200).model_copy(update={"policy": policy})
+    ratio = capacity_ratio(simulate(scenario, prepared.costs).summary)["ratio"]
+    assert low <= ratio <= high
