@@ -99,7 +99,8 @@ class StatsMonitor:
     node with its latest pushed state, a node that is down or paused as not alive. A node
     whose last push is older than three periods (at least 1 s) has stopped reporting, as a
     killed or unreachable container does: it is published as not alive, so schedulers stop
-    sending it stages, and it is named in ``silent``.
+    sending it stages, and it is named in ``silent``. ``on_silent(name)``, when set, runs in the
+    monitor's thread for each node that falls silent (the coordinator checks its container).
     CPU time is accumulated from differences between pushes, so a restarted container, whose
     cpuacct.usage starts again from zero, keeps its earlier CPU time.
     """
@@ -121,6 +122,7 @@ class StatsMonitor:
         self.missed = 0
         self.pushes = 0
         self.silent: set[str] = set()
+        self.on_silent: Callable[[str], None] | None = None
 
     def start(self) -> None:
         """Wait up to a few seconds for a first push from every serving node, publish, and start the period."""
@@ -171,6 +173,7 @@ class StatsMonitor:
         stale_after_s = max(3 * self.scenario.monitor.period_s, 1.0)
         now = time.monotonic()
         states = {}
+        newly_silent: list[str] = []
         for name in self.table.names():
             node = self.table[name]
             with self._lock:
@@ -183,11 +186,15 @@ class StatsMonitor:
                 self.missed += 1
                 if name not in self.silent:
                     log.warning("monitor: node %s has sent no stats for %.1f s; it takes no stages until it reports", name, now - received_s)
+                    newly_silent.append(name)
                 self.silent.add(name)
                 states[name] = replace(state, cpus=node.cpus, alive=False)
                 continue
             # The CPU limit can change live (set_cpus), so the snapshot carries the current one.
             states[name] = state if state.cpus == node.cpus else replace(state, cpus=node.cpus)
+        if self.on_silent is not None:
+            for name in newly_silent:
+                self.on_silent(name)
         return states
 
     def _state_from_stats(self, node: NodeRuntime, stats: dict) -> NodeState:
@@ -247,6 +254,7 @@ class Coordinator:
         self.transport = replay.transport if replay is not None else "forward"
         self.route_decision = replay.route if replay is not None else "per_stage"
         self.monitor = StatsMonitor(scenario, table, hop_latency_ms)
+        self.monitor.on_silent = self._check_container
         from amp4ec.real.links import WorkerLinks
 
         self.links = WorkerLinks(self.monitor.on_stats, monitor_period_s=scenario.monitor.period_s)
@@ -255,6 +263,34 @@ class Coordinator:
             self.links.connect(name, table[name].address)
         self.t0 = time.perf_counter()
         self.aborted = threading.Event()
+
+    def _check_container(self, name: str) -> None:
+        """Mark a silent node down when its container is no longer running, so its stages in flight are retried now.
+
+        A container killed outside the scenario's events (by docker kill or the OOM killer)
+        would otherwise hold each request routed to it until the stage timeout.
+        """
+        import docker.errors
+
+        container = getattr(self.cluster, "containers", {}).get(name)
+        if container is None:
+            return
+        try:
+            container.reload()
+        except docker.errors.NotFound:
+            status, exit_code, oom = "removed", None, False
+        except docker.errors.DockerException as error:
+            log.warning("monitor: cannot inspect the container of silent node %s: %s", name, error)
+            return
+        else:
+            state = container.attrs.get("State", {})
+            status, exit_code, oom = container.status, state.get("ExitCode"), bool(state.get("OOMKilled"))
+        if status in ("running", "paused"):
+            return
+        cause = "OOM-killed" if oom else f"{status}, exit code {exit_code}"
+        reason = f"container stopped outside the scenario's events ({cause}) before {self.now_s():.2f} s"
+        log.warning("node %s: %s; its stages in flight are retried per policy", name, reason)
+        mark_down(self, name, reason)
 
     def abort(self) -> None:
         """Cancel every stage in flight and fail the requests not yet finished (on a signal or an error)."""

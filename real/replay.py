@@ -162,6 +162,10 @@ def run_replay(
             adaptation = ReplayAdaptation(coordinator, adapter, traced, deploy_segments)
         coordinator.monitor.start()
         coordinator.t0 = time.perf_counter()
+        log(
+            f"run {run_id}: replaying {request_count(scenario.workload)} requests "
+            f"({scenario.workload.kind} workload, {coordinator.transport} transport)"
+        )
         dynamics.start()
         if adaptation is not None:
             adaptation.start()

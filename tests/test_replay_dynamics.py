@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -239,3 +240,53 @@ def test_signal_mid_replay_removes_containers(tmp_path, docker_client, worker_im
     assert [c.name for c in containers] == [] and [n.name for n in networks] == []
     assert not out.exists()
     assert not list(tmp_path.glob(".real.partial-*"))
+
+
+@pytest.mark.docker
+@pytest.mark.torch
+def test_killed_worker_fails_over_quickly(tmp_path, docker_client, worker_image, run_id):
+    """A container killed outside the events is marked down once it falls silent, not after the stage timeout."""
+    require_torch()
+    from amp4ec.real.replay import run_replay
+
+    scenario_path = tmp_path / "kill.toml"
+    scenario_path.write_text(
+        'name = "kill"\nseed = 2\n[policy]\nscheduler = "round_robin"\non_failure = "retry"\nmax_retries = 2\n'
+        '[workload]\nkind = "closed"\nclients = 2\nrequests = 60\nthink_time_ms = 100.0\n[monitor]\nperiod_s = 0.5\n'
+        + TWO_NODES
+    )
+    replaying = threading.Event()
+    outcome: dict = {}
+
+    def log(message: str) -> None:
+        print(message)
+        if "replaying" in message:
+            replaying.set()
+
+    def replay() -> None:
+        try:
+            outcome["summary"] = run_replay(scenario_path, tmp_path / "real", log=log, run_id=run_id)
+        except BaseException as error:  # reported by the assertions below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=replay)
+    thread.start()
+    assert replaying.wait(timeout=300), "the replay did not start its workload"
+    time.sleep(1.0)
+    killed_s = time.monotonic()
+    docker_client.containers.get(f"amp4ec-{run_id}-low").kill()
+    thread.join(timeout=300)
+    finished_s = time.monotonic()
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    # STAGE_TIMEOUT_S is 60 s per stage: far above the few seconds the monitor takes.
+    assert finished_s - killed_s < 45, f"the replay took {finished_s - killed_s:.0f} s after the kill"
+    records = pd.read_parquet(tmp_path / "real" / "records.parquet")
+    assert sorted(records["request_id"]) == list(range(60))
+    assert set(records["outcome"]) <= {"completed", "failed"}
+    completed = records[records["outcome"] == "completed"]
+    assert len(completed) >= 50
+    run = json.loads((tmp_path / "real" / "run.json").read_text())
+    assert "low" in run["monitor"]["silent_nodes"]
+    containers, networks = labelled(docker_client, run_id)
+    assert containers == [] and networks == []
