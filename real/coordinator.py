@@ -115,6 +115,7 @@ class StatsMonitor:
         self._published: dict[str, NodeState] = {}
         self._latest: dict[str, tuple[float, NodeState]] = {}
         self._previous: dict[str, tuple[float, int]] = {}
+        self._utilisation: dict[str, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="amp4ec-monitor", daemon=True)
@@ -206,10 +207,18 @@ class StatsMonitor:
                 node.busy_cpu_ns += usage_ns - node.last_usage_ns if usage_ns >= node.last_usage_ns else usage_ns
             node.last_usage_ns = usage_ns
         previous = self._previous.get(node.name)
-        utilisation = 0.0
-        if previous is not None and now > previous[0] and usage_ns >= previous[1]:
+        # Utilisation is measured over at least half a period, as the simulator's monitor measures it
+        # over a whole one. A shorter window, such as the one between the connect-time sample and
+        # the start sample, holds a few milliseconds of CPU time: it read 100 % on an idle node, which
+        # kept the scheduler off that node for the whole first period. Until a full window exists
+        # a node reports 0, as the simulator's first sample does.
+        utilisation = self._utilisation.get(node.name, 0.0)
+        if previous is None or usage_ns < previous[1]:
+            self._previous[node.name] = (now, usage_ns)
+        elif now - previous[0] >= 0.5 * self.scenario.monitor.period_s:
             utilisation = (usage_ns - previous[1]) / 1e9 / ((now - previous[0]) * node.cpus)
-        self._previous[node.name] = (now, usage_ns)
+            self._previous[node.name] = (now, usage_ns)
+        self._utilisation[node.name] = utilisation
         return NodeState(
             name=node.name,
             time_s=now,

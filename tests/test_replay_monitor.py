@@ -46,3 +46,21 @@ def test_a_push_within_three_periods_keeps_the_node():
     monitor._latest["a"] = (received_s - 2.5, state)
     assert monitor._sample()["a"].alive
     assert monitor.silent == set()
+
+
+def test_utilisation_needs_half_a_period():
+    """Two pushes milliseconds apart (connect, then start) must not read as a busy node."""
+    monitor = monitor_with(period_s=1.0)
+    node = monitor.table["a"]
+    t0 = 1000.0
+    first = monitor._state_from_stats(node, {"time_s": t0, "cpu_usage_ns": 0})
+    # 5 ms of CPU time in a 5 ms window: 100 % over a window far shorter than a period.
+    start = monitor._state_from_stats(node, {"time_s": t0 + 0.005, "cpu_usage_ns": 5_000_000})
+    assert first.cpu_utilisation == 0.0
+    assert start.cpu_utilisation == 0.0
+    # A window of 0.6 s with 0.3 s of CPU time on 1 CPU: half busy.
+    later = monitor._state_from_stats(node, {"time_s": t0 + 0.6, "cpu_usage_ns": 300_000_000})
+    assert abs(later.cpu_utilisation - 0.5) < 0.01
+    # A push shortly after keeps the last full window's figure.
+    soon = monitor._state_from_stats(node, {"time_s": t0 + 0.61, "cpu_usage_ns": 310_000_000})
+    assert abs(soon.cpu_utilisation - 0.5) < 0.01
