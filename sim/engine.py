@@ -641,7 +641,13 @@ class Simulation:
             except NoNodeAvailable:
                 self._finish(flow, "no live node")
                 return
-            node = self.nodes[name]
+            node = self.nodes.get(name)
+            if node is None:
+                raise UsageError(
+                    f"scheduler {self.scenario.policy.scheduler!r} chose {name!r}, which is not a node of the scenario; "
+                    "select() must return the name of one of the nodes in the states it is given",
+                    field="policy.scheduler",
+                )
             if node.alive:
                 break
             # The scheduler chose from a stale snapshot; the stage is refused as a dead

@@ -178,6 +178,16 @@ def plugin_module(tmp_path, monkeypatch):
             class ReturnsList:
                 def partition(self, graph, nodes, costs, parts):
                     return [0, graph.n_units]
+
+            class ChoosesUnknownNode:
+                def __init__(self, rng):
+                    pass
+
+                def select(self, task, states):
+                    return "no-such-node"
+
+                def observe(self, node, exec_ms):
+                    pass
             """
         )
     )
@@ -213,3 +223,9 @@ def test_plugin_returning_wrong_type(plugin_module):
     costs = CostModel(make_calibration([1.0, 2.0]))
     with pytest.raises(UsageError, match="returned list, expected amp4ec.partition.Plan"):
         simulate(parse_scenario(scenario_data(f"{plugin_module}:ReturnsList")), costs)
+
+
+def test_plugin_choosing_unknown_node(plugin_module):
+    costs = CostModel(make_calibration([1.0, 2.0]))
+    with pytest.raises(UsageError, match="chose 'no-such-node', which is not a node of the scenario"):
+        simulate(parse_scenario(scenario_data(scheduler=f"{plugin_module}:ChoosesUnknownNode")), costs)
