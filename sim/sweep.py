@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import os
 import re
 import tomllib
 import traceback
@@ -36,6 +37,11 @@ METRICS = (
 )
 _PATH_PART = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d+)\])?$")
 
+
+# A sweep's run list is built in memory up front, one row per run.
+MAX_RUNS = 1_000_000
+# Processes of the local pool per core; more only adds start-up cost and memory.
+MAX_WORKERS_PER_CORE = 4
 
 def parse_value(text: str) -> Any:
     """Parse one grid value as TOML would (numbers, booleans, quoted strings); bare words are strings."""
@@ -172,6 +178,19 @@ def run_sweep(
     grid = parse_grid(grid_specs)
     base = read_scenario_data(scenario_path)
     points = grid_points(base, grid, str(scenario_path))
+    if len(points) * seeds > MAX_RUNS:
+        raise UsageError(
+            f"{len(points)} grid points x {seeds} seeds = {len(points) * seeds:,} runs, more than {MAX_RUNS:,}; "
+            "use fewer seeds or grid values, or split the sweep",
+            field="--seeds",
+        )
+    cores = os.cpu_count() or 1
+    if workers is not None and workers > MAX_WORKERS_PER_CORE * cores:
+        raise UsageError(
+            f"--workers {workers} is more than {MAX_WORKERS_PER_CORE} processes per core on this {cores}-core machine; "
+            "each run is CPU-bound, so use at most the number of cores",
+            field="--workers",
+        )
     first_seed = int(base.get("seed", 0))
     jobs = [(assignment, data, first_seed + i) for assignment, data in points for i in range(seeds)]
     results: list[dict[str, Any]] = [{} for _ in jobs]
@@ -194,7 +213,8 @@ def run_sweep(
             for future in dask_completed(futures):
                 record(futures[future], future.result())
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # No more processes than runs: each process costs a Python start-up and an import of amp4ec.
+        with ProcessPoolExecutor(max_workers=min(workers or cores, len(jobs))) as pool:
             futures = {pool.submit(run_point, data, seed): i for i, (_, data, seed) in enumerate(jobs)}
             for future in as_completed(futures):
                 record(futures[future], future.result())

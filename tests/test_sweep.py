@@ -89,3 +89,19 @@ def test_sweep_command_writes_tables(tmp_path):
     assert len(pd.read_parquet(out / "points.parquet")) == 2
     # The seed count is an integer and prints as one.
     assert "│     2 │" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--workers", "100000"], "--workers 100000 is more than 4 processes per core"),
+        (["--seeds", "10000000"], "runs, more than 1,000,000"),
+    ],
+    ids=["workers", "seeds"],
+)
+def test_sweep_rejects_oversized_runs(tmp_path, options, expected):
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(main, ["sweep", str(small_scenario(tmp_path)), "--grid", "nodes[1].cpus=0.3,0.6", "--out", str(out), *options])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert not out.exists()
