@@ -173,6 +173,7 @@ class Simulation:
         self.nodes = {spec.name: self._make_node(spec) for spec in scenario.nodes}
         for index, node in enumerate(self.nodes.values()):
             node.index = index
+        self._warn_extrapolation(scenario)
         self.adapter = (
             Adapter(scenario, costs, self.plan, bandwidth_bps=self.bandwidth_bps, hop_latency_ms=self.hop_latency_ms)
             if scenario.adaptation.enabled
@@ -225,6 +226,22 @@ class Simulation:
             allowed = frozenset(segment.nodes) if segment.nodes else None
             table.append((segment, task, in_bytes, out_bytes, allowed))
         return table
+
+    def _warn_extrapolation(self, scenario: Scenario) -> None:
+        """Warn when nodes have more CPUs or threads than any calibrated profile, whose costs the fit extrapolates."""
+        profiles = self.costs.calibration.profiles
+        max_cpus = max(p.cpus for p in profiles)
+        max_threads = max(p.threads for p in profiles)
+        beyond = [spec for spec in scenario.nodes if spec.cpus > max_cpus or spec.torch_threads > max_threads]
+        if not beyond:
+            return
+        example = beyond[0]
+        self.warnings.append(
+            f"{len(beyond)} node(s), such as {example.name} (cpus {example.cpus:g}, {example.torch_threads} threads), "
+            f"exceed the calibrated profiles (at most {max_cpus:g} CPUs and {max_threads} threads): their costs are "
+            "extrapolated by the fitted model and can be far off; calibrate a profile like them "
+            "(amp4ec calibrate --profile NAME:CPUS:MEMORY_MB:THREADS) or set threads on the node"
+        )
 
     def _deployed_bytes(self, name: str) -> int:
         """Memory the current plan keeps resident on node ``name``: the runtime and its segments."""

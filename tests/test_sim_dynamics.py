@@ -329,3 +329,12 @@ def test_joining_node_waits_for_its_deployment():
     assert starts
     assert min(starts) >= 1.0 + 0.509
     assert min(starts) < 1.0 + 0.509 + 0.2
+
+
+def test_node_beyond_calibration_warns(tmp_path):
+    path = tmp_path / "big.toml"
+    path.write_text((ROOT / "scenarios" / "paper" / "2-node.toml").read_text().replace("cpus = 1.0", "cpus = 16.0"))
+    result = run_cli("simulate", str(path), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "such as high (cpus 16, 16 threads), exceed the calibrated profiles" in output
