@@ -263,9 +263,11 @@ class CostModel:
     extrapolated from the calibrated thread counts as ``threads ** delta``.
     """
 
-    def __init__(self, calibration: Calibration):
+    def __init__(self, calibration: Calibration, *, batch: int = 1):
+        """``batch`` is the scenario's workload.batch: inputs per request, which scales the activations in memory."""
         # Costs are looked up once per stage of every simulated request, so they are memoised.
         self.calibration = calibration
+        self.batch = batch
         self.graph = calibration.graph
         self._by_threads: dict[int, list[ProfileCalibration]] = {}
         self._segment_costs: dict[tuple[int, int, int, float | None], SegmentCost] = {}
@@ -371,8 +373,8 @@ class CostModel:
         return max(p.runtime_rss_bytes for p in self.calibration.profiles)
 
     def segment_memory_bytes(self, start: int, stop: int) -> int:
-        """Memory a segment adds to a worker: its weights and peak activations (batch 1)."""
-        return self.graph.segment_param_bytes(start, stop) + self.graph.segment_peak_activation_bytes(start, stop)
+        """Memory a segment adds to a worker: its weights and peak activations for a batch of ``self.batch`` inputs."""
+        return self.graph.segment_param_bytes(start, stop) + self.batch * self.graph.segment_peak_activation_bytes(start, stop)
 
     def hop_latency_ms(self, configured_ms: float | None) -> float:
         if configured_ms is not None:

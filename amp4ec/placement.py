@@ -427,9 +427,15 @@ def check_plan_fits(plan: Plan, nodes: Sequence[NodeSpec], costs: CostModel, *, 
         if need <= node.memory_bytes:
             fitting.append(node.name)
     if not fitting:
+        batch = getattr(costs, "batch", 1)
+        if batch > 1:
+            # Activations grow with the batch, so a large batch can be what no node holds.
+            advice = f"the activations of a batch of {batch} count; lower workload.batch, "
+        else:
+            advice = ""
         raise UsageError(
             f"the plan of partitioner {plan.partitioner!r} fits no node: every node would be OOM-killed at "
-            "deployment; use more partitions, a partitioner that respects memory (optimal) or raise memory_mb",
+            f"deployment; {advice}use more partitions, a partitioner that respects memory (optimal) or raise memory_mb",
             field="policy.partitioner",
             source=source,
         )

@@ -25,7 +25,7 @@ def prepare_run(scenario_path: Path, calibration: Path | None = None) -> Prepare
     calibration_path = str(calibration) if calibration is not None else scenario.calibration
     loaded = load_calibration(calibration_path)
     check_model_matches(loaded, scenario.model.name, scenario.model.granularity, source=str(scenario_path))
-    costs = CostModel(loaded)
+    costs = CostModel(loaded, batch=scenario.workload.batch)
     runtime_bytes = costs.runtime_bytes
     for node in scenario.nodes:
         if node.memory_bytes < runtime_bytes:
@@ -41,3 +41,4 @@ def prepare_run(scenario_path: Path, calibration: Path | None = None) -> Prepare
 
     policies.build_plan(scenario, costs.graph, costs, source=str(scenario_path))
     return PreparedRun(scenario, scenario_path, calibration_path, loaded, costs)
+

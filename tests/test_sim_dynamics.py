@@ -338,3 +338,13 @@ def test_node_beyond_calibration_warns(tmp_path):
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
     assert "such as high (cpus 16, 16 threads), exceed the calibrated profiles" in output
+
+
+def test_batch_too_large_for_memory_is_rejected(tmp_path):
+    path = tmp_path / "batch.toml"
+    path.write_text((ROOT / "scenarios" / "paper" / "2-node.toml").read_text().replace("batch = 1\n", "batch = 100000\n"))
+    out = tmp_path / "out"
+    result = run_cli("simulate", str(path), "--out", str(out), "--quiet")
+    assert result.exit_code == 2, result.output
+    assert "the activations of a batch of 100000 count; lower workload.batch" in " ".join(result.output.split())
+    assert not out.exists()
