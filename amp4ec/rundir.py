@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import platform
@@ -45,6 +46,9 @@ def check_output_dir(out: Path, *, force: bool) -> None:
     """
     if out.exists() and not out.is_dir():
         raise UsageError("exists and is not a directory; choose another --out", source=str(out))
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"is inside {parent}, which is a file, not a directory; choose another --out", source=str(out))
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not force:
@@ -63,6 +67,25 @@ def check_output_dir(out: Path, *, force: bool) -> None:
         )
 
 
+def remove_stale_staging(out: Path) -> None:
+    """Remove staging directories for ``out`` that a killed amp4ec process left behind.
+
+    A directory is removed only when the process id in its name no longer exists and it
+    holds the output marker. A run in progress and anything amp4ec did not write stay.
+    """
+    for candidate in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        pid_text = candidate.name[len(f".{out.name}.partial-") :].split("-", 1)[0]
+        if not pid_text.isdigit() or not (candidate / OUTPUT_MARKER).is_file():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(candidate, ignore_errors=True)
+        except PermissionError:
+            # The process exists under another user.
+            continue
+
+
 @contextlib.contextmanager
 def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
     """Yield a temporary directory next to ``out`` and move it into place only on success.
@@ -73,7 +96,9 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
     check_output_dir(out, force=force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        remove_stale_staging(out)
+        # The process id in the name lets a later run tell a killed run's leftover from a live one.
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     except OSError as exc:
         raise UsageError(f"cannot create the output directory: {exc.strerror or exc}; choose another --out", source=str(out)) from exc
     # mkdtemp makes the directory private to its owner; give it the usual umask mode.

@@ -292,3 +292,30 @@ def test_calibrate_show_needs_no_torch_or_docker(monkeypatch):
     result = run_cli("calibrate", "show", str(shipped))
     assert result.exit_code == 0, result.output
     assert "features.0" in result.output
+
+
+def test_killed_run_staging_is_removed(tmp_path):
+    """A later run to the same --out removes the staging directory of a killed run, and only that."""
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    stale = tmp_path / f".out.partial-{finished.pid}-abc"
+    stale.mkdir()
+    (stale / ".amp4ec-output").write_text("written by amp4ec\n")
+    foreign = tmp_path / f".out.partial-{finished.pid}-xyz"
+    foreign.mkdir()
+    live = tmp_path / ".out.partial-1-abc"
+    live.mkdir()
+    (live / ".amp4ec-output").write_text("written by amp4ec\n")
+    result = run_cli("simulate", str(PAPER / "2-node.toml"), "--out", str(tmp_path / "out"), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert not stale.exists()
+    # No output marker: not amp4ec's. Process 1 runs: a run in progress.
+    assert foreign.exists()
+    assert live.exists()
+
+
+def test_out_inside_a_file_is_named(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = run_cli("simulate", str(PAPER / "2-node.toml"), "--out", str(tmp_path / "afile" / "sub"), "--quiet")
+    assert result.exit_code == 2
+    assert "which is a file, not a directory" in result.output
