@@ -166,6 +166,12 @@ class Simulation:
         self.hop_latency_ms = costs.hop_latency_ms(scenario.network.latency_ms)
         self.bandwidth_bps = scenario.network.bandwidth_mbps * 1e6
         self.total_requests = request_count(scenario.workload)
+        workload = scenario.workload
+        if workload.kind == "trace" and "requests" in workload.model_fields_set and workload.requests > self.total_requests:
+            self.warnings.append(
+                f"workload.requests = {workload.requests} but the trace has {self.total_requests} rows; "
+                f"{self.total_requests} requests are simulated"
+            )
         check_fits_in_memory(self.total_requests, len(self.plan.segments), len(scenario.nodes))
         self._stages = self._stage_table()
         # A node whose first event is join is absent until then, as in replay.

@@ -348,3 +348,12 @@ def test_batch_too_large_for_memory_is_rejected(tmp_path):
     assert result.exit_code == 2, result.output
     assert "the activations of a batch of 100000 count; lower workload.batch" in " ".join(result.output.split())
     assert not out.exists()
+
+
+def test_trace_shorter_than_requests_warns(tmp_path):
+    (tmp_path / "t.csv").write_text("arrival_s\n0\n0.5\n1.0\n")
+    path = tmp_path / "s.toml"
+    path.write_text(SCENARIO.format(workload='kind = "trace"\ntrace = "t.csv"\nrequests = 10', extra=""))
+    result = run_cli("simulate", str(path), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert "workload.requests = 10 but the trace has 3 rows; 3 requests are simulated" in " ".join(result.output.split())
