@@ -7,6 +7,7 @@ process never share state.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -51,11 +52,35 @@ def check_policy_names(scenario: "Scenario", *, source: str) -> None:
     make_scheduler(scenario, np.random.default_rng(0), source=source)
 
 
+def _accepted_parameters(factory: Callable[..., Any], skip: int) -> str:
+    """Return the keyword parameters ``factory`` accepts after its first ``skip`` ones, for an error message."""
+    try:
+        parameters = list(inspect.signature(factory).parameters.values())[skip:]
+    except (TypeError, ValueError):
+        return ""
+    names = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return f"; it accepts {', '.join(names)}" if names else "; it accepts no parameters"
+
+
+def _takes_positional(factory: Callable[..., Any], count: int) -> bool:
+    """Tell whether ``factory`` accepts ``count`` positional arguments (True when its signature is unknown)."""
+    try:
+        inspect.signature(factory).bind_partial(*([None] * count))
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
+
+
 def _construct(factory: Callable[..., Any], field: str, source: str, *args: Any, **params: Any) -> Any:
     try:
         return factory(*args, **params)
     except (TypeError, ValueError) as exc:
-        raise UsageError(f"invalid parameters {params!r}: {exc}", field=field, source=source) from exc
+        hint = _accepted_parameters(factory, len(args))
+        if args and not _takes_positional(factory, len(args)):
+            hint += "; a scheduler's constructor must take the random generator rng as its first argument (see docs/policies.md)"
+        raise UsageError(f"invalid parameters {params!r}: {exc}{hint}", field=field, source=source) from exc
 
 
 # Methods each kind of policy must have; a plug-in without them is rejected before a run.
@@ -125,7 +150,8 @@ def make_partitioner(scenario: "Scenario", *, source: str = "scenario") -> Parti
         return factory(**params)
     except (TypeError, ValueError) as exc:
         raise UsageError(
-            f"invalid parameters {policy.partitioner_params!r} for partitioner {policy.partitioner!r}: {exc}",
+            f"invalid parameters {policy.partitioner_params!r} for partitioner {policy.partitioner!r}: {exc}"
+            f"{_accepted_parameters(factory, 0)}",
             field="policy.partitioner_params",
             source=source,
         ) from exc

@@ -179,6 +179,13 @@ def plugin_module(tmp_path, monkeypatch):
                 def partition(self, graph, nodes, costs, parts):
                     return [0, graph.n_units]
 
+            class NoRng:
+                def select(self, task, states):
+                    return None
+
+                def observe(self, node, exec_ms):
+                    pass
+
             class ChoosesUnknownNode:
                 def __init__(self, rng):
                     pass
@@ -229,3 +236,18 @@ def test_plugin_choosing_unknown_node(plugin_module):
     costs = CostModel(make_calibration([1.0, 2.0]))
     with pytest.raises(UsageError, match="chose 'no-such-node', which is not a node of the scenario"):
         simulate(parse_scenario(scenario_data(scheduler=f"{plugin_module}:ChoosesUnknownNode")), costs)
+
+
+def test_scheduler_without_rng_is_explained(plugin_module):
+    costs = CostModel(make_calibration([1.0, 2.0]))
+    with pytest.raises(UsageError, match="must take the random generator rng as its first argument"):
+        simulate(parse_scenario(scenario_data(scheduler=f"{plugin_module}:NoRng")), costs)
+
+
+def test_unknown_scheduler_parameter_lists_accepted(plugin_module):
+    data = scenario_data(scheduler="amp4ec")
+    data["policy"]["scheduler_params"] = {"bogus": 1}
+    costs = CostModel(make_calibration([1.0, 2.0]))
+    with pytest.raises(UsageError, match="it accepts w_resources, w_load") as error:
+        simulate(parse_scenario(data), costs)
+    assert "rng" not in str(error.value)
