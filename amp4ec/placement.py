@@ -429,7 +429,7 @@ def check_plan_fits(plan: Plan, nodes: Sequence[NodeSpec], costs: CostModel, *, 
     if not fitting:
         batch = getattr(costs, "batch", 1)
         if batch > 1:
-            # Activations grow with the batch, so a large batch can be what no node holds.
+            # Activations grow with the batch, so a large batch alone can exceed every node's memory.
             advice = f"the activations of a batch of {batch} count; lower workload.batch, "
         else:
             advice = ""

@@ -52,35 +52,31 @@ def check_policy_names(scenario: "Scenario", *, source: str) -> None:
     make_scheduler(scenario, np.random.default_rng(0), source=source)
 
 
-def _accepted_parameters(factory: Callable[..., Any], skip: int) -> str:
-    """Return the keyword parameters ``factory`` accepts after its first ``skip`` ones, for an error message."""
+def _parameter_hint(factory: Callable[..., Any], positional: int) -> str:
+    """Return, for an error message, the keyword parameters ``factory`` accepts after its first ``positional`` ones.
+
+    When ``factory`` cannot take ``positional`` arguments at all (a scheduler plug-in without
+    ``rng``), the hint says so.
+    """
     try:
-        parameters = list(inspect.signature(factory).parameters.values())[skip:]
+        signature = inspect.signature(factory)
     except (TypeError, ValueError):
         return ""
+    parameters = list(signature.parameters.values())[positional:]
     names = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    return f"; it accepts {', '.join(names)}" if names else "; it accepts no parameters"
-
-
-def _takes_positional(factory: Callable[..., Any], count: int) -> bool:
-    """Tell whether ``factory`` accepts ``count`` positional arguments (True when its signature is unknown)."""
+    hint = f"; it accepts {', '.join(names)}" if names else "; it accepts no parameters"
     try:
-        inspect.signature(factory).bind_partial(*([None] * count))
+        signature.bind_partial(*([None] * positional))
     except TypeError:
-        return False
-    except ValueError:
-        return True
-    return True
+        hint += "; a scheduler's constructor must take the random generator rng as its first argument (see docs/policies.md)"
+    return hint
 
 
 def _construct(factory: Callable[..., Any], field: str, source: str, *args: Any, **params: Any) -> Any:
     try:
         return factory(*args, **params)
     except (TypeError, ValueError) as exc:
-        hint = _accepted_parameters(factory, len(args))
-        if args and not _takes_positional(factory, len(args)):
-            hint += "; a scheduler's constructor must take the random generator rng as its first argument (see docs/policies.md)"
-        raise UsageError(f"invalid parameters {params!r}: {exc}{hint}", field=field, source=source) from exc
+        raise UsageError(f"invalid parameters {params!r}: {exc}{_parameter_hint(factory, len(args))}", field=field, source=source) from exc
 
 
 # Methods each kind of policy must have; a plug-in without them is rejected before a run.
@@ -151,7 +147,7 @@ def make_partitioner(scenario: "Scenario", *, source: str = "scenario") -> Parti
     except (TypeError, ValueError) as exc:
         raise UsageError(
             f"invalid parameters {policy.partitioner_params!r} for partitioner {policy.partitioner!r}: {exc}"
-            f"{_accepted_parameters(factory, 0)}",
+            f"{_parameter_hint(factory, 0)}",
             field="policy.partitioner_params",
             source=source,
         ) from exc

@@ -19,14 +19,14 @@ from typing import Any, Iterator
 from amp4ec.errors import UsageError
 
 
-# Every directory staged_output creates holds this file; --force replaces only such directories.
+# Every directory staged_output creates contains this file; --force replaces only such directories.
 OUTPUT_MARKER = ".amp4ec-output"
 
 
 def written_by_amp4ec(out: Path) -> bool:
     """Tell whether ``out`` is an output directory amp4ec wrote.
 
-    It is when it holds OUTPUT_MARKER, or, for runs written before the marker existed, a
+    It is when it contains OUTPUT_MARKER, or, for runs written before the marker existed, a
     run.json that amp4ec wrote (a JSON object with the run's mode and amp4ec's version).
     """
     if (out / OUTPUT_MARKER).is_file():
@@ -71,7 +71,7 @@ def remove_stale_staging(out: Path) -> None:
     """Remove staging directories for ``out`` that a killed amp4ec process left behind.
 
     A directory is removed only when the process id in its name no longer exists and it
-    holds the output marker. A run in progress and anything amp4ec did not write stay.
+    contains the output marker. A run in progress and anything amp4ec did not write stay.
     """
     for candidate in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
         pid_text = candidate.name[len(f".{out.name}.partial-") :].split("-", 1)[0]

@@ -208,10 +208,10 @@ class StatsMonitor:
             node.last_usage_ns = usage_ns
         previous = self._previous.get(node.name)
         # Utilisation is measured over at least half a period, as the simulator's monitor measures it
-        # over a whole one. A shorter window, such as the one between the connect-time sample and
-        # the start sample, holds a few milliseconds of CPU time: it read 100 % on an idle node, which
-        # kept the scheduler off that node for the whole first period. Until a full window exists
-        # a node reports 0, as the simulator's first sample does.
+        # over a whole one. The window between the connect-time and the start samples is a few
+        # milliseconds long, and over it an idle node read 100 % busy, which kept the scheduler off
+        # that node for the whole first period. Until a full window exists a node reports 0, as the
+        # simulator's first sample does.
         utilisation = self._utilisation.get(node.name, 0.0)
         if previous is None or usage_ns < previous[1]:
             self._previous[node.name] = (now, usage_ns)

@@ -90,7 +90,7 @@ def test_compare_simulated_runs_from_cli(tmp_path):
     result = runner.invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--max-error-mean", "0", "--max-error-utilisation", "0"])
     # The simulator is deterministic for a seed, so two runs of one scenario agree exactly.
     assert result.exit_code == 0, result.output
-    # The second directory stands where a real run goes; the report says it is not one.
+    # The second directory is given as the real run; the report says it is not one.
     output = " ".join(result.output.split())
     assert f"{tmp_path / 'b'} contains a sim run but was given as the real run" in output
     assert output.count("contains a") == 1, output

@@ -289,4 +289,5 @@ def test_killed_worker_fails_over_quickly(tmp_path, docker_client, worker_image,
     run = json.loads((tmp_path / "real" / "run.json").read_text())
     assert "low" in run["monitor"]["silent_nodes"]
     containers, networks = labelled(docker_client, run_id)
-    assert containers == [] and networks == []
+    assert containers == []
+    assert networks == []

@@ -533,10 +533,10 @@ class Server:
         # Sending to a routing id that is not connected raises EHOSTUNREACH instead of
         # dropping the message silently, so the worker can log it.
         self.socket.setsockopt(zmq_module.ROUTER_MANDATORY, 1)
-        # A peer that reconnects under a routing id still in use takes it over. Without this,
-        # when the coordinator reconnects to a restarted worker while its old link's automatic
-        # reconnection already holds the id, the new link is accepted but its messages are
-        # dropped, and the worker never hears from the coordinator again (libzmq issue 4503).
+        # A peer that connects under a routing id already in use takes it over. By default a
+        # ROUTER accepts such a second connection but drops its messages. That happened when the
+        # coordinator reconnected to a restarted worker while its old link's automatic
+        # reconnection already had the id, so the worker never heard from the coordinator again.
         self.socket.setsockopt(zmq_module.ROUTER_HANDOVER, 1)
         self.socket.bind(f"tcp://*:{port}")
         self.port = port
