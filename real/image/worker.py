@@ -29,8 +29,12 @@ Requests (header field "op") and their replies:
 - run {"segment": "s0", "inputs": [spec, ...]} + one frame per input ->
   {"ok": true, "outputs": [spec, ...], "wall_ms": x, "cpu_ms": y} + one frame per output.
   wall_ms is the time.perf_counter delta and cpu_ms the time.process_time delta (CPU time
-  of every thread of the worker), both around the forward call only. A segment returning a
-  tuple, list or dict of tensors sends them flattened in order (dict values in key order).
+  of every thread of the worker), both around the forward call only. The wall-clock window
+  encloses the CPU-clock reads: reading the process CPU clock makes the kernel account the
+  run's CPU time, so a container whose CFS quota ran out is throttled at that read, and with
+  the reads outside the window that wait would be missing from every run's wall_ms. A
+  segment returning a tuple, list or dict of tensors sends them flattened in order (dict
+  values in key order).
 - profile {"segment": "s0", "inputs": [spec, ...], "warmup": 3, "repeats": 20,
   "gap_ms": 100} + input frames -> {"ok": true, "wall_ms": [...], "cpu_ms": [...],
   "peak_rss_bytes": N, "cpu_stat_before": {...}, "cpu_stat_after": {...},
@@ -396,11 +400,11 @@ class Worker:
     def handle_run(self, header, frames):
         module = self.segment(header)
         inputs = self.decode_inputs(header, frames)
-        cpu_start = time.process_time()
         wall_start = time.perf_counter()
+        cpu_start = time.process_time()
         result = self.forward(module, inputs)
-        wall_ms = (time.perf_counter() - wall_start) * 1e3
         cpu_ms = (time.process_time() - cpu_start) * 1e3
+        wall_ms = (time.perf_counter() - wall_start) * 1e3
         specs, output_frames = self.encode_outputs(result)
         return {"ok": True, "outputs": specs, "wall_ms": wall_ms, "cpu_ms": cpu_ms}, output_frames
 
@@ -434,11 +438,11 @@ class Worker:
             if run_index == 0:
                 cpu_stat_before = read_cpu_stat()
                 cpu_usage_ns_before = read_cpu_usage_ns()
-            cpu_start = time.process_time()
             wall_start = time.perf_counter()
+            cpu_start = time.process_time()
             self.forward(module, inputs)
-            wall_ms.append((time.perf_counter() - wall_start) * 1e3)
             cpu_ms.append((time.process_time() - cpu_start) * 1e3)
+            wall_ms.append((time.perf_counter() - wall_start) * 1e3)
         return {
             "ok": True,
             "wall_ms": wall_ms,
@@ -706,13 +710,13 @@ class Server:
                 raise RequestError(f"route[{hop}] must be an object with segment, node and address")
             module = self.worker.segment(step)
             inputs = self.worker.decode_inputs(header, frames)
-            cpu_start = time.process_time()
             start_s = time.time()
             wall_start = time.perf_counter()
+            cpu_start = time.process_time()
             result = self.worker.forward(module, inputs)
+            cpu_ms = (time.process_time() - cpu_start) * 1e3
             wall_ms = (time.perf_counter() - wall_start) * 1e3
             end_s = time.time()
-            cpu_ms = (time.process_time() - cpu_start) * 1e3
             specs, output_frames = self.worker.encode_outputs(result)
             timings = header.get("timings")
             if not isinstance(timings, list):
