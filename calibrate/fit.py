@@ -2,11 +2,12 @@
 
 The model separates the work from the way the kernel hands out CPU time:
 
-- work: a unit's CPU time per forward. Across profiles with the same thread count it is fitted
-  as ``w_unit * cpus ** beta`` (scipy least squares on the logarithms, one ``beta`` per regime),
-  since a smaller quota can make the same forward cost more CPU (caches go cold while the
-  container is throttled). The spread of single runs around the mean is kept as measured
-  (relative samples, resampled).
+- work: a unit's CPU time per forward, fitted as ``w_unit,threads * cpus ** beta`` (scipy least
+  squares on the logarithms): one ``w`` per unit and thread count, one ``beta`` per regime
+  shared by every thread count, since a smaller quota can make the same forward cost more CPU
+  (caches go cold while the container is throttled). Sharing ``beta`` lets a thread count
+  calibrated at one quota be predicted at another. The spread of single runs around the mean
+  is kept as measured (relative samples, resampled), from the profiles with the thread count.
 - rate: CPU time over wall time of an unthrottled run (spaced runs), how fast a forward drains
   the quota.
 - throttling: sim/cfs.py, the CFS bandwidth model the simulator uses. Spaced runs start with
@@ -91,34 +92,49 @@ class FittedCostModel:
             nearest = min({p.threads for p in profiles}, key=lambda t: (abs(t - threads), t))
             same = [p for p in profiles if p.threads == nearest]
         names = [t.name for t in profile_timings(same[0])]
+        n_units = len(names)
         model = cls(names=names, threads=threads, host_cores=host_cores, period_ms=same[0].cfs_period_us / 1e3)
-        log_cpus = np.log([p.cpus for p in same])
-        scale = np.ones(len(same))
+        # Every profile whose timings cover the same units takes part in the work fit.
+        training = [p for p in profiles if len(profile_timings(p)) >= n_units]
+        log_cpus = np.log([p.cpus for p in training])
+        groups = sorted({p.threads for p in training})
+        group = np.array([groups.index(p.threads) for p in training])
+        target = groups.index(same[0].threads)
+        scale = np.ones(len(training))
         if normalise:
-            if not all(p.reference_cpu_ms for p in same):
+            if not all(p.reference_cpu_ms for p in training):
                 raise UsageError("normalising needs the whole-model reference times of schema 2; recalibrate with this version of amp4ec")
-            references = np.array([np.mean(p.reference_cpu_ms) for p in same])
-            model.reference_cpu_ms = float(references.mean())
-            scale = references / model.reference_cpu_ms
+            # A reference time depends on the thread count, so each profile is scaled to its own thread count's mean.
+            references = np.array([np.mean(p.reference_cpu_ms) for p in training])
+            group_means = np.array([references[group == g].mean() for g in range(len(groups))])
+            model.reference_cpu_ms = float(group_means[target])
+            scale = references / group_means[group]
+        # beta is identifiable when some thread count was calibrated at two quotas.
+        fit_beta = any(np.ptp(log_cpus[group == g]) > 0 for g in range(len(groups)))
         for regime in REGIMES:
-            # means[p, u]: mean CPU time of unit u in profile p, in the training profiles' speed
-            means = np.array([[unit_samples(t, regime)[0].mean() for t in profile_timings(p)] for p in same]) / scale[:, None]
+            # means[p, u]: mean CPU time of unit u in profile p, in the target thread count's speed
+            means = np.array([[unit_samples(t, regime)[0].mean() for t in profile_timings(p)[:n_units]] for p in training]) / scale[:, None]
             log_means = np.log(np.maximum(means, 1e-6))
-            n_units = means.shape[1]
-            if len(same) > 1 and np.ptp(log_cpus) > 0:
+            start = np.concatenate([np.array([log_means[group == g].mean(axis=0) for g in range(len(groups))]).ravel(), [0.0]])
+            if fit_beta:
 
                 def residuals(x):
-                    return (x[:n_units][None, :] + x[n_units] * log_cpus[:, None] - log_means).ravel()
+                    intercepts = x[:-1].reshape(len(groups), n_units)[group]
+                    return (intercepts + x[-1] * log_cpus[:, None] - log_means).ravel()
 
-                start = np.concatenate([log_means.mean(axis=0), [0.0]])
                 solution = optimize.least_squares(residuals, start, loss="soft_l1", f_scale=0.05).x
-                model.work_ms[regime] = np.exp(solution[:n_units])
-                model.beta[regime] = float(solution[n_units])
             else:
-                model.work_ms[regime] = np.exp(log_means.mean(axis=0))
-                model.beta[regime] = 0.0
+                solution = start
+            model.work_ms[regime] = np.exp(solution[:-1].reshape(len(groups), n_units)[target])
+            model.beta[regime] = float(solution[-1])
             model.spread[regime] = [
-                np.concatenate([unit_samples(profile_timings(p)[u], regime)[0] / (means[i, u] * scale[i]) for i, p in enumerate(same)])
+                np.concatenate(
+                    [
+                        unit_samples(profile_timings(p)[u], regime)[0] / (means[i, u] * scale[i])
+                        for i, p in enumerate(training)
+                        if p.threads == same[0].threads
+                    ]
+                )
                 for u in range(n_units)
             ]
         rates = []
@@ -198,10 +214,35 @@ class Comparison:
     statistic: str
     measured_ms: float
     predicted_ms: float
+    measured_ci_rel: float | None = None
+    """95 % bootstrap confidence half-width of the measured statistic over its value: the
+    measurement's own precision, below which no prediction error can be resolved"""
 
     @property
     def error(self) -> float:
         return self.predicted_ms / self.measured_ms - 1 if self.measured_ms > 0 else math.inf
+
+
+STATISTICS = {"mean": np.mean, "p95": lambda values, axis=-1: np.percentile(values, 95, axis=axis)}
+BOOTSTRAP_RESAMPLES = 300
+
+
+def measured_ci_rel(samples: np.ndarray, statistic: str, seed: int) -> float | None:
+    """Return the 95 % bootstrap confidence half-width of ``statistic`` of ``samples`` over its value."""
+    from scipy import stats
+
+    value = float(STATISTICS[statistic](samples))
+    if len(samples) < 2 or value <= 0:
+        return None
+    result = stats.bootstrap(
+        (samples,),
+        STATISTICS[statistic],
+        n_resamples=BOOTSTRAP_RESAMPLES,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+    )
+    low, high = result.confidence_interval
+    return float((high - low) / 2 / value)
 
 
 def _require_two_profiles(calibration: Calibration) -> None:
@@ -233,25 +274,39 @@ def leave_one_out(calibration: Calibration, *, normalise: bool = False) -> list[
                 )
                 if predicted is None:
                     continue
-                for statistic, reduce in (("mean", np.mean), ("p95", lambda v: np.percentile(v, 95))):
+                for statistic, reduce in STATISTICS.items():
                     comparisons.append(
-                        Comparison(held_out.name, timing.name, regime, statistic, float(reduce(measured)), float(reduce(predicted)))
+                        Comparison(
+                            held_out.name,
+                            timing.name,
+                            regime,
+                            statistic,
+                            float(reduce(measured)),
+                            float(reduce(predicted)),
+                            measured_ci_rel(measured, statistic, seed=index),
+                        )
                     )
     return comparisons
 
 
 def accuracy(items: Sequence[Comparison]) -> dict:
-    """Return the share of predictions within 5 % and 10 % of the measurement, and the median and largest error."""
+    """Return the share of predictions within 5 % and 10 % of the measurement, the median and largest error,
+    and how precise the measurements themselves were (when their confidence intervals are known)."""
     errors = np.abs([c.error for c in items])
     if len(errors) == 0:
         return {"predictions": 0}
-    return {
+    block = {
         "predictions": len(errors),
         "within_5pct": float(np.mean(errors <= 0.05)),
         "within_10pct": float(np.mean(errors <= 0.10)),
         "median_abs_error": float(np.median(errors)),
         "max_abs_error": float(np.max(errors)),
     }
+    precisions = [c.measured_ci_rel for c in items if c.measured_ci_rel is not None]
+    if precisions:
+        block["median_measured_ci_rel"] = float(np.median(precisions))
+        block["measured_within_5pct"] = float(np.mean(np.asarray(precisions) <= 0.05))
+    return block
 
 
 def summarise(comparisons: Sequence[Comparison]) -> dict:

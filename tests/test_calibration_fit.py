@@ -134,6 +134,25 @@ def test_fit_recovers_work_and_predicts_throttling():
     assert np.max(model.predict_wall(4, "spaced", cpus=0.4)) < 34
 
 
+def test_shared_beta_predicts_other_quota():
+    """A 2-thread profile measured at one quota predicts another through the 1-thread profiles' beta."""
+    beta = -0.2
+    profiles = (*PROFILES, ("double", 2.0, 2), ("pair", 1.0, 2))
+    rng = np.random.default_rng(3)
+    calibration = make_calibration(WORK_MS, profiles=profiles)
+    for profile in calibration.profiles:
+        # Two threads double the CPU time; a smaller quota adds work as cpus ** beta.
+        factor = profile.threads * profile.cpus**beta
+        for timing, work in [*zip(profile.units, WORK_MS), (profile.model, sum(WORK_MS))]:
+            timing.spaced = simulated_measurement(factor * work, profile.cpus, 100.0, rng)
+            timing.saturated = simulated_measurement(factor * work, profile.cpus, 0.0, rng, runs=60)
+    training = [p for p in calibration.profiles if p.name != "pair"]
+    model = FittedCostModel.fit(training, threads=2, host_cores=2)
+    assert model.beta["spaced"] == pytest.approx(beta, abs=0.03)
+    predicted = model.work_ms["spaced"][: len(WORK_MS)] * 1.0 ** model.beta["spaced"]
+    assert predicted == pytest.approx([2 * w for w in WORK_MS], rel=0.03)
+
+
 def test_leave_one_out_ideal_cfs_data():
     summary = summarise(leave_one_out(synthetic_measured_calibration()))
     assert summary["all"]["predictions"] == 3 * (len(WORK_MS) + 1) * 2 * 2
@@ -263,8 +282,8 @@ def test_spaced_interleaved_round_robin_keeps_gaps():
     assert [entry[0] for entry in log[:3]] == ["a", "b", "c"]
     assert all(entry[2] == 1 and entry[3] == 1 for entry in log[:3])
     timed = log[3:]
-    # Quiet samples are precise after the least count, so four rounds of a, b, c.
-    assert [entry[0] for entry in timed] == ["a", "b", "c"] * 4
+    # Quiet samples are precise after the least count, so four rounds, each started by the next worker.
+    assert [entry[0] for entry in timed] == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
     assert all(entry[2] == 0 and entry[4] == 0.0 for entry in timed)
     for name in workers:
         times = [entry[1] for entry in log if entry[0] == name]
