@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from amp4ec.calibrate.measure import BACK_TO_BACK_PARTS, DEFAULT_MIN_WINDOW_MS
 from amp4ec.costs import Calibration, Measurement, ProfileCalibration, UnitTiming
 from amp4ec.errors import UsageError
 from amp4ec.sim.cfs import CfsCpu
@@ -34,9 +35,12 @@ REGIMES = ("spaced", "saturated")
 # The worker's loop between two back-to-back forwards (two clock reads and list appends).
 BETWEEN_RUNS_MS = 0.02
 PREDICTION_SAMPLES = 2000
-SATURATED_CHAIN_MS = 1500.0
-MAX_SATURATED_CHAINS = 20
+# A predicted back-to-back chain is as long as one part of the measured window.
+SATURATED_CHAIN_MS = DEFAULT_MIN_WINDOW_MS / BACK_TO_BACK_PARTS
+MAX_SATURATED_CHAINS = 60
 SATURATED_WARMUP_RUNS = 5
+# The fewest timed runs of one part of the measured window (--repeats 10 over three parts).
+SATURATED_MIN_RUNS = 4
 
 
 def unit_samples(timing: UnitTiming, regime: str) -> tuple[np.ndarray, np.ndarray]:
@@ -164,11 +168,20 @@ class FittedCostModel:
         return mean_ms * rng.choice(self.spread[regime][unit], size=n)
 
     def predict_wall(
-        self, unit: int, regime: str, *, cpus: float, memory_bytes: int | None = None, seed: int = 0, reference_cpu_ms: float | None = None
+        self,
+        unit: int,
+        regime: str,
+        *,
+        cpus: float,
+        memory_bytes: int | None = None,
+        seed: int = 0,
+        reference_cpu_ms: float | None = None,
+        window_ms: float = SATURATED_CHAIN_MS,
     ) -> np.ndarray | None:
         """Return sampled wall times (ms) of unit ``unit`` in a container with ``cpus``; None predicts an OOM kill.
 
-        ``reference_cpu_ms`` is the target container's whole-model reference time, used only by a normalised fit.
+        ``reference_cpu_ms`` is the target container's whole-model reference time, used only by a
+        normalised fit. ``window_ms`` is how long each chain of back-to-back runs lasts.
         """
         name = self.names[unit]
         speed = 1.0
@@ -189,16 +202,19 @@ class FittedCostModel:
             return np.asarray(walls)
         walls: list[float] = []
         for _ in range(MAX_SATURATED_CHAINS):
-            # Each chain starts at a random phase of the period and spans several periods, as
-            # the measurement's window of back-to-back runs does.
+            # Each chain starts at a random phase of the period with a full quota, as each part
+            # of the measurement's back-to-back window does: untimed warm-up runs, then timed
+            # runs until they span the window and number at least SATURATED_MIN_RUNS.
             cpu = CfsCpu(cpus, period_ms=self.period_ms, cores=self.host_cores, phase_ms=rng.uniform(0, self.period_ms))
             now_ms = 0.0
             index = 0
-            while now_ms < SATURATED_CHAIN_MS and index < PREDICTION_SAMPLES:
+            timed_ms = 0.0
+            while timed_ms < window_ms or index < SATURATED_WARMUP_RUNS + SATURATED_MIN_RUNS:
                 work = float(self.work_samples(unit, regime, cpus, 1, rng, speed)[0])
                 end_ms = cpu.run(now_ms, work, float(rng.choice(rates)))
                 if index >= SATURATED_WARMUP_RUNS:
                     walls.append(end_ms - now_ms)
+                    timed_ms += end_ms - now_ms
                 now_ms = end_ms + BETWEEN_RUNS_MS
                 index += 1
             if len(walls) >= PREDICTION_SAMPLES:

@@ -4,15 +4,16 @@ A worker's `profile` op times a batch of runs; this module asks for batches unti
 confidence half-width of the mean (Student's t) is at most ``target_ci_rel`` of the mean, for
 both wall time and CPU time, or until ``max_repeats`` runs. It also sums the container's
 cgroup cpu.stat counters over the batches, so the throttling the kernel did is recorded next
-to the wall times it caused. The spaced regime can also be measured on several workers at
-once, one run per worker in turn (:func:`measure_spaced_interleaved`).
+to the wall times it caused. Both regimes can also be measured on several workers at once,
+the workers taking turns (:func:`measure_spaced_interleaved`,
+:func:`measure_back_to_back_interleaved`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -26,6 +27,8 @@ DEFAULT_TARGET_CI_REL = 0.02
 # independent-sample confidence intervals cannot see this error, so it needs its own bound.
 DEFAULT_MIN_WINDOW_MS = 1500.0
 PROBE_WINDOW_MS = 200.0
+# Back to back, each profile's window is measured in this many parts, the profiles taking turns.
+BACK_TO_BACK_PARTS = 3
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,62 @@ def measure(worker, segment_id: str, inputs: list[np.ndarray], *, gap_ms: float,
         converged=precision <= policy.target_ci_rel and sum(wall_ms) >= min_window_ms,
         cpu_stat=cpu_stat,
         peak_rss_bytes=peak_rss_bytes,
+    )
+
+
+def measure_back_to_back_interleaved(
+    workers: Mapping[str, object],
+    segment_id: str,
+    inputs: list[np.ndarray],
+    *,
+    warmup: int,
+    policy: RepeatPolicy,
+    parts: int = BACK_TO_BACK_PARTS,
+    start: int = 0,
+) -> dict[str, Measurement]:
+    """Time ``segment_id`` back to back on every worker, each window split into ``parts`` turns.
+
+    Every worker measures ``parts`` shorter windows as :func:`measure` does (each after
+    ``warmup`` untimed runs), and the workers take turns, the first one rotating from turn to
+    turn and with ``start``. Machine speed changes over seconds on a shared host, and taking
+    turns spreads such a change over all profiles instead of charging it to the one measured
+    at that moment. Only one container computes at any time.
+    """
+    names = list(workers)
+    part_policy = replace(
+        policy,
+        min_repeats=max(2, math.ceil(policy.min_repeats / parts)),
+        max_repeats=max(2, math.ceil(policy.max_repeats / parts)),
+        min_window_ms=policy.min_window_ms / parts,
+        max_window_repeats=max(2, math.ceil(policy.max_window_repeats / parts)),
+    )
+    measured: dict[str, list[Measurement]] = {name: [] for name in names}
+    for turn in range(parts):
+        shift = (start + turn) % len(names)
+        for name in [*names[shift:], *names[:shift]]:
+            measured[name].append(measure(workers[name], segment_id, inputs, gap_ms=0.0, warmup=warmup, policy=part_policy))
+    return {name: _merge(measured[name], policy) for name in names}
+
+
+def _merge(parts: Sequence[Measurement], policy: RepeatPolicy) -> Measurement:
+    """Return one measurement containing every run of ``parts``, with the precision of them all."""
+    wall_ms = [v for part in parts for v in part.wall_ms]
+    cpu_ms = [v for part in parts for v in part.cpu_ms]
+    cpu_stat = None
+    for part in parts:
+        cpu_stat = _add(cpu_stat, part.cpu_stat)
+    throttled = cpu_stat is not None and (cpu_stat.nr_throttled or 0) > 0
+    min_window_ms = policy.min_window_ms if throttled else min(policy.min_window_ms, PROBE_WINDOW_MS)
+    precision = max(ci95_rel(wall_ms), ci95_rel(cpu_ms))
+    peaks = [part.peak_rss_bytes for part in parts if part.peak_rss_bytes is not None]
+    return Measurement(
+        gap_ms=0.0,
+        wall_ms=wall_ms,
+        cpu_ms=cpu_ms,
+        ci95_rel=precision if math.isfinite(precision) else 1e9,
+        converged=precision <= policy.target_ci_rel and sum(wall_ms) >= min_window_ms,
+        cpu_stat=cpu_stat,
+        peak_rss_bytes=max(peaks) if peaks else None,
     )
 
 

@@ -31,7 +31,7 @@ from amp4ec.calibrate.measure import (
     DEFAULT_MIN_WINDOW_MS,
     DEFAULT_TARGET_CI_REL,
     RepeatPolicy,
-    measure,
+    measure_back_to_back_interleaved,
     measure_spaced_interleaved,
     timing_stats,
 )
@@ -401,11 +401,9 @@ def _measure_interleaved(
                     load_everywhere("unit", blob)
                 spaced = timed("spaced", measure_spaced_interleaved, workers, segment_id, segment_inputs, gap_ms=gap_ms, warmup=warmup, policy=policy)
                 # Rotate which profile starts, so that no profile always runs right after the spaced rounds.
-                shift = index % len(profiles)
-                saturated = {
-                    p.name: timed("back to back", measure, workers[p.name], segment_id, segment_inputs, gap_ms=0.0, warmup=warmup, policy=policy)
-                    for p in [*profiles[shift:], *profiles[:shift]]
-                }
+                saturated = timed(
+                    "back to back", measure_back_to_back_interleaved, workers, segment_id, segment_inputs, warmup=warmup, policy=policy, start=index
+                )
                 if segment_id == "unit":
                     for worker in workers.values():
                         worker.unload("unit")

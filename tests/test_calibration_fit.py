@@ -28,16 +28,24 @@ def simulated_measurement(work_ms: float, cpus: float, gap_ms: float, rng, *, ru
         for cpu in cpu_ms:
             walls.append(CfsCpu(cpus, phase_ms=rng.uniform(0, 100)).run(0.0, cpu, rate))
     else:
-        # Back to back, the measurement runs until its window spans 1.5 s, as measure() does.
-        quota = CfsCpu(cpus, phase_ms=rng.uniform(0, 100))
-        now = 0.0
+        # Back to back, three parts each start with a full quota and run until their timed
+        # runs span 0.5 s, as measure_back_to_back_interleaved() does.
         cpu_ms = list(cpu_ms)
-        while now < 1500.0 or len(walls) < runs:
-            if len(walls) == len(cpu_ms):
-                cpu_ms.append(work_ms * rng.lognormal(0.0, 0.02))
-            end = quota.run(now, cpu_ms[len(walls)], rate)
-            walls.append(end - now)
-            now = end + 0.02
+        for _ in range(3):
+            quota = CfsCpu(cpus, phase_ms=rng.uniform(0, 100))
+            now = 0.0
+            for _ in range(3):
+                now = quota.run(now, work_ms, rate) + 0.02
+            part_ms = 0.0
+            part_runs = 0
+            while part_ms < 500.0 or part_runs < runs // 3:
+                if len(walls) == len(cpu_ms):
+                    cpu_ms.append(work_ms * rng.lognormal(0.0, 0.02))
+                end = quota.run(now, cpu_ms[len(walls)], rate)
+                walls.append(end - now)
+                part_ms += end - now
+                part_runs += 1
+                now = end + 0.02
     return Measurement(gap_ms=gap_ms, wall_ms=walls, cpu_ms=list(cpu_ms), ci95_rel=0.01, converged=True)
 
 
@@ -128,7 +136,7 @@ def test_fit_recovers_work_and_predicts_throttling():
     assert model.rate == pytest.approx(0.95, rel=0.02)
     # 30 ms of work at 0.4 CPU back to back: 40 ms of quota per 100 ms period, so the mean
     # wall time is the work over the quota's share.
-    walls = model.predict_wall(4, "saturated", cpus=0.4)
+    walls = model.predict_wall(4, "saturated", cpus=0.4, window_ms=6000.0)
     assert np.mean(walls) == pytest.approx(30.0 / 0.4, rel=0.05)
     # Spaced apart, a 30 ms job fits one period's 40 ms quota and is never throttled.
     assert np.max(model.predict_wall(4, "spaced", cpus=0.4)) < 34
@@ -292,6 +300,34 @@ def test_spaced_interleaved_round_robin_keeps_gaps():
         assert results[name].converged
     # Three workers share each gap, so four rounds take about four gaps, not twelve.
     assert timed[-1][1] - log[0][1] < 12 * 0.030
+
+
+def test_back_to_back_interleaved_takes_turns():
+    from amp4ec.calibrate.measure import measure_back_to_back_interleaved
+
+    workers = {name: FakeWorker(noise=0.001) for name in ("a", "b", "c")}
+    order = []
+    for name, worker in workers.items():
+        profile = worker.profile
+
+        def logged(*args, _name=name, _profile=profile, **kwargs):
+            order.append(_name)
+            return _profile(*args, **kwargs)
+
+        worker.profile = logged
+    policy = RepeatPolicy(min_repeats=10, max_repeats=60, batch=10, min_window_ms=900.0)
+    results = measure_back_to_back_interleaved(workers, "u", [], warmup=2, policy=policy, parts=3, start=1)
+    turns = [name for index, name in enumerate(order) if index == 0 or order[index - 1] != name]
+    assert turns == ["b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    for worker in workers.values():
+        # Each part is a window of 300 ms of 10 ms runs, opened by a probe of four runs.
+        assert worker.requests.count(4) == 3
+        assert sum(worker.requests) >= 90
+    for name, result in results.items():
+        assert len(result.wall_ms) == sum(workers[name].requests)
+        assert sum(result.wall_ms) >= 900.0
+        assert result.cpu_stat.nr_throttled == len(workers[name].requests)
+        assert result.converged
 
 
 def test_spaced_interleaved_stops_at_max_rounds():
