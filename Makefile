@@ -28,8 +28,8 @@ test: $(DEV_VENV)/.installed
 # Regenerates the calibration shipped in amp4ec/data (needs Docker; about ten minutes).
 calibration: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/amp4ec calibrate --model mobilenet_v2 --granularity block \
-		--profile high:1.0:1024 --profile medium:0.6:512 --profile low:0.4:512 --profile double:2.0:2048 \
-		--repeats 10 --max-repeats 60 --warmup 5 --gap-ms 100 --out amp4ec/data/calibration-mobilenet_v2.json
+		--profile high:1.0:1024 --profile medium:0.6:512 --profile low:0.4:512 --profile double:2.0:2048:2 --profile pair:1.0:1024:2 \
+		--repeats 10 --max-repeats 150 --warmup 5 --gap-ms 100 --out amp4ec/data/calibration-mobilenet_v2.json
 
 clean-containers: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/amp4ec clean
