@@ -310,15 +310,19 @@ class CostModel:
         cpu_ms = (sum(warm[:n_units]) - warm[n_units]) / (n_units - 1)
         return SegmentCost(cpu_ms=max(0.0, cpu_ms), parallelism=1.0)
 
-    def cold_start(self, threads: int, cpus: float | None = None) -> SegmentCost:
-        """Return the extra work of a call that starts with cold caches.
+    def cold_start(self, threads: int, cpus: float | None = None, first: int | None = None) -> SegmentCost:
+        """Return the extra work of a call that starts with cold caches at unit ``first``.
 
         A unit run after an idle gap costs more than the same unit back to back, mostly
-        because it refetches what the idle time evicted. Inside a segment only the first unit pays it.
-        The estimate is the median over units of spaced minus back-to-back CPU time.
+        because it refetches what the idle time evicted. Inside a segment only the first unit
+        pays it: the whole model after a gap costs about one unit's penalty more than back to
+        back, not twenty. The penalty is the first unit's own spaced minus back-to-back CPU
+        time, because units differ in it; without ``first`` it is the median over units.
         """
         n_units = self.graph.n_units
         warm, spaced = self.work_ms("warm", threads, cpus), self.work_ms("spaced", threads, cpus)
+        if first is not None:
+            return SegmentCost(cpu_ms=max(0.0, spaced[first] - warm[first]), parallelism=1.0)
         penalties = [spaced[i] - warm[i] for i in range(n_units)]
         return SegmentCost(cpu_ms=max(0.0, statistics.median(penalties)), parallelism=1.0)
 
@@ -351,7 +355,7 @@ class CostModel:
     def segment_cost(self, start: int, stop: int, threads: int, cpus: float | None = None) -> SegmentCost:
         """Return the work of one call of units ``start`` to ``stop - 1`` on a node with ``threads`` and ``cpus``.
 
-        That is one call overhead and one cold start, plus each unit's warm work. Without
+        That is one call overhead and the cold start of unit ``start``, plus each unit's warm work. Without
         ``cpus`` the work is evaluated at :meth:`default_cpus`.
         """
         if not 0 <= start < stop <= self.graph.n_units:
@@ -360,7 +364,7 @@ class CostModel:
         cached = self._segment_costs.get(key)
         if cached is not None:
             return cached
-        costs = [self.call_overhead(threads, cpus), self.cold_start(threads, cpus)]
+        costs = [self.call_overhead(threads, cpus), self.cold_start(threads, cpus, first=start)]
         costs += [self.unit_cost(i, threads, cpus) for i in range(start, stop)]
         cpu_ms = sum(c.cpu_ms for c in costs)
         wall_ms = sum(c.cpu_ms / c.parallelism for c in costs)

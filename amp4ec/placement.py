@@ -72,18 +72,22 @@ class StageModel:
         self._prefix: dict[tuple[int, float], tuple[float, float, list[float], list[float]]] = {}
         self._memory: dict[tuple[int, int], int] = {}
 
-    def prefix_sums(self, threads: int, cpus: float) -> tuple[float, float, list[float], list[float]]:
-        """Return the per-call CPU and wall ms and the prefix sums of the units' CPU and wall ms.
+    def prefix_sums(self, threads: int, cpus: float) -> tuple[list[float], list[float], list[float], list[float]]:
+        """Return the per-call CPU and wall ms by first unit and the prefix sums of the units' CPU and wall ms.
 
         The costs are the calibration's fit at the node's thread count and CPU quota.
         """
         # Prefix sums of CPU and wall time make every segment's cost O(1). They add up the same
-        # terms as CostModel.segment_cost: one call overhead, one cold start, the units' warm work.
+        # terms as CostModel.segment_cost: one call overhead, the first unit's cold start, the
+        # units' warm work.
         cached = self._prefix.get((threads, cpus))
         if cached is None:
-            base = [self.costs.call_overhead(threads, cpus), self.costs.cold_start(threads, cpus)]
-            base_cpu = sum(c.cpu_ms for c in base)
-            base_wall = sum(c.cpu_ms / c.parallelism for c in base)
+            overhead = self.costs.call_overhead(threads, cpus)
+            base_cpu, base_wall = [], []
+            for first in range(self.graph.n_units):
+                base = [overhead, self.costs.cold_start(threads, cpus, first=first)]
+                base_cpu.append(sum(c.cpu_ms for c in base))
+                base_wall.append(sum(c.cpu_ms / c.parallelism for c in base))
             cpu, wall = [0.0], [0.0]
             for i in range(self.graph.n_units):
                 unit = self.costs.unit_cost(i, threads, cpus)
@@ -95,8 +99,8 @@ class StageModel:
 
     def exec_ms(self, start: int, stop: int, node: NodeSpec) -> float:
         base_cpu, base_wall, cpu, wall = self.prefix_sums(node.torch_threads, node.cpus)
-        cpu_ms = base_cpu + cpu[stop] - cpu[start]
-        wall_ms = base_wall + wall[stop] - wall[start]
+        cpu_ms = base_cpu[start] + cpu[stop] - cpu[start]
+        wall_ms = base_wall[start] + wall[stop] - wall[start]
         parallelism = cpu_ms / wall_ms if wall_ms > 0 else 1.0
         return cpu_ms / min(node.cpus, parallelism)
 
@@ -218,8 +222,11 @@ def stage_terms(
         base_cpu, base_wall, cpu, wall = model.prefix_sums(node.torch_threads, node.cpus)
         cpu = np.asarray(cpu[: n_units + 1])
         wall = np.asarray(wall[: n_units + 1])
-        cpu_ms = base_cpu + cpu[None, :] - cpu[:, None]
-        wall_ms = base_wall + wall[None, :] - wall[:, None]
+        # Row i is a segment starting at unit i; row n_units starts no segment and only pads.
+        first_cpu = np.append(base_cpu[:n_units], 0.0)[:, None]
+        first_wall = np.append(base_wall[:n_units], 0.0)[:, None]
+        cpu_ms = first_cpu + cpu[None, :] - cpu[:, None]
+        wall_ms = first_wall + wall[None, :] - wall[:, None]
         with np.errstate(divide="ignore", invalid="ignore"):
             parallelism = np.where(wall_ms > 0, cpu_ms / wall_ms, 1.0)
         exec_ms = cpu_ms / np.minimum(node.cpus, parallelism)

@@ -75,6 +75,25 @@ def test_segment_cost_pays_call_overhead_and_cold_start_once():
     assert split == pytest.approx(7.5 + 1.5)
 
 
+def test_cold_start_is_first_units_own():
+    calibration = make_calibration([3.0, 3.0, 3.0])
+    for profile in calibration.profiles:
+        profile.model.warm_cpu_ms = 9.0
+        for unit, penalty in zip(profile.units, (0.2, 0.8, 0.5)):
+            unit.cpu_ms = unit.warm_cpu_ms + penalty
+    costs = CostModel(calibration)
+    assert costs.cold_start(1).cpu_ms == pytest.approx(0.5)
+    assert costs.cold_start(1, first=1).cpu_ms == pytest.approx(0.8)
+    assert costs.segment_cost(1, 3, 1).cpu_ms == pytest.approx(6.8)
+    assert costs.segment_cost(0, 1, 1).cpu_ms == pytest.approx(3.2)
+    # The planner's vectorised stage costs add the same first-unit penalty.
+    from amp4ec.placement import StageModel
+    from amp4ec.scenario import NodeSpec
+
+    node = NodeSpec(name="n", cpus=1.0, memory_mb=1024)
+    assert StageModel(calibration.graph, costs).exec_ms(1, 3, node) == pytest.approx(6.8)
+
+
 def test_profiles_for_threads_picks_nearest():
     costs = CostModel(make_calibration([2.0], profiles=(("one", 1.0, 1), ("two", 2.0, 2))))
     assert costs.profiles_for_threads(3)[0] == 2
