@@ -41,6 +41,9 @@ MAX_SATURATED_CHAINS = 60
 SATURATED_WARMUP_RUNS = 5
 # The fewest timed runs of one part of the measured window (--repeats 10 over three parts).
 SATURATED_MIN_RUNS = 4
+# A back-to-back run this much longer than the median waited for the next CFS period. Waits
+# last from the quota's exhaustion to the period's end, tens of ms at the calibrated quotas.
+THROTTLE_WAIT_MS = 5.0
 
 
 def unit_samples(timing: UnitTiming, regime: str) -> tuple[np.ndarray, np.ndarray]:
@@ -51,6 +54,27 @@ def unit_samples(timing: UnitTiming, regime: str) -> tuple[np.ndarray, np.ndarra
     if regime == "spaced":
         return np.array([timing.cpu_ms]), np.array([timing.wall.mean_ms])
     return np.array([timing.warm_cpu_ms]), np.array([timing.warm_wall.mean_ms])
+
+
+def after_throttle(wall_ms: np.ndarray) -> np.ndarray:
+    """Return which back-to-back runs directly follow a run that waited for the CFS quota.
+
+    A run that took THROTTLE_WAIT_MS longer than the median waited for the next period.
+    """
+    waited = wall_ms > np.median(wall_ms) + THROTTLE_WAIT_MS
+    return np.concatenate([[False], waited[:-1]])
+
+
+def warm_cpu_samples(timing: UnitTiming, regime: str) -> np.ndarray:
+    """Return the CPU time samples of one regime, without back-to-back runs that follow a throttle wait.
+
+    A throttle wait is an idle gap, so the run after it starts with cold caches and costs about
+    a spaced run's CPU time. The sample model adds that cost itself where its CFS model throttles.
+    """
+    cpu_ms, wall_ms = unit_samples(timing, regime)
+    if regime == "spaced" or len(cpu_ms) != len(wall_ms) or len(cpu_ms) < 3:
+        return cpu_ms
+    return cpu_ms[~after_throttle(wall_ms)]
 
 
 def profile_timings(profile: ProfileCalibration) -> list[UnitTiming]:
@@ -117,7 +141,7 @@ class FittedCostModel:
         fit_beta = any(np.ptp(log_cpus[group == g]) > 0 for g in range(len(groups)))
         for regime in REGIMES:
             # means[p, u]: mean CPU time of unit u in profile p, in the target thread count's speed
-            means = np.array([[unit_samples(t, regime)[0].mean() for t in profile_timings(p)[:n_units]] for p in training]) / scale[:, None]
+            means = np.array([[warm_cpu_samples(t, regime).mean() for t in profile_timings(p)[:n_units]] for p in training]) / scale[:, None]
             log_means = np.log(np.maximum(means, 1e-6))
             start = np.concatenate([np.array([log_means[group == g].mean(axis=0) for g in range(len(groups))]).ravel(), [0.0]])
             if fit_beta:
@@ -134,7 +158,7 @@ class FittedCostModel:
             model.spread[regime] = [
                 np.concatenate(
                     [
-                        unit_samples(profile_timings(p)[u], regime)[0] / (means[i, u] * scale[i])
+                        warm_cpu_samples(profile_timings(p)[u], regime) / (means[i, u] * scale[i])
                         for i, p in enumerate(training)
                         if p.threads == same[0].threads
                     ]
@@ -200,6 +224,8 @@ class FittedCostModel:
                 cpu = CfsCpu(cpus, period_ms=self.period_ms, cores=self.host_cores, phase_ms=phase)
                 walls.append(cpu.run(0.0, w, float(rate)))
             return np.asarray(walls)
+        # The extra work of a run after a throttle wait: a spaced run's over a back-to-back one's.
+        cold_ms = speed * max(0.0, self.work_ms["spaced"][unit] * cpus ** self.beta["spaced"] - self.work_ms[regime][unit] * cpus ** self.beta[regime])
         walls: list[float] = []
         for _ in range(MAX_SATURATED_CHAINS):
             # Each chain starts at a random phase of the period with a full quota, as each part
@@ -209,9 +235,13 @@ class FittedCostModel:
             now_ms = 0.0
             index = 0
             timed_ms = 0.0
+            cold = False
             while timed_ms < window_ms or index < SATURATED_WARMUP_RUNS + SATURATED_MIN_RUNS:
-                work = float(self.work_samples(unit, regime, cpus, 1, rng, speed)[0])
-                end_ms = cpu.run(now_ms, work, float(rng.choice(rates)))
+                work = float(self.work_samples(unit, regime, cpus, 1, rng, speed)[0]) + (cold_ms if cold else 0.0)
+                rate = float(rng.choice(rates))
+                end_ms = cpu.run(now_ms, work, rate)
+                # A run that waited for the quota leaves the next one to start cold.
+                cold = end_ms - now_ms > work / rate + THROTTLE_WAIT_MS
                 if index >= SATURATED_WARMUP_RUNS:
                     walls.append(end_ms - now_ms)
                     timed_ms += end_ms - now_ms
