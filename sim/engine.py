@@ -717,7 +717,7 @@ class Simulation:
         flow.node = node
         flow.epoch = node.epoch
         flow.stage_start_s = now
-        flow.work_ms = self._work_ms(cost[0])
+        flow.work_ms = self._work_ms(cost[0]) if self._exponential else cost[0]
         flow.parallelism = cost[1]
         # Negative until the input has arrived and the worker is booked.
         flow.exec_ms = -1.0
@@ -752,11 +752,12 @@ class Simulation:
         output_start_s = flow.output_start_s = self._book_worker(flow, node, input_s)
         out_bytes = flow.stages[flow.stage][3]
         output_s = node.downlink.alone_arrival_s(out_bytes, node.latency_ms, input_s, output_start_s)
-        event = flow.direct_event = schedule_at(self.env, output_s)
-        event.callbacks.append(flow.direct_output_arrived)
+        event = flow.direct_event = schedule_at(self.env, output_s, flow)
+        event.callbacks.append(self._direct_output_arrived)
         node.direct_flow = flow
 
-    def _direct_output_arrived(self, flow: "RequestFlow", event: simpy.Event) -> None:
+    def _direct_output_arrived(self, event: simpy.Event) -> None:
+        flow = event.value
         node = flow.node
         if node.direct_flow is not flow or flow.direct_event is not event:
             # The stage was handed to the links, whose timers carry it on.
@@ -1078,9 +1079,6 @@ class RequestFlow:
 
     def output_arrived(self) -> None:
         self.sim._output_arrived(self)
-
-    def direct_output_arrived(self, event: simpy.Event) -> None:
-        self.sim._direct_output_arrived(self, event)
 
     def interrupt(self, cause: NodeLost) -> None:
         """Lose the stage in flight; the flow goes on at an urgent event, as a SimPy interrupt would."""
