@@ -752,12 +752,14 @@ class Simulation:
         output_start_s = flow.output_start_s = self._book_worker(flow, node, input_s)
         out_bytes = flow.stages[flow.stage][3]
         output_s = node.downlink.alone_arrival_s(out_bytes, node.latency_ms, input_s, output_start_s)
-        event = flow.direct_event = schedule_at(self.env, output_s, flow)
-        event.callbacks.append(self._direct_output_arrived)
+        event = flow.direct_event = schedule_at(self.env, output_s)
+        # The callback refers to the flow, which refers to the event, a reference cycle that
+        # SimPy breaks when it processes the event. A cycle that outlived its event would stay
+        # in memory until the run ends, because the cyclic collector is off until then.
+        event.callbacks.append(flow.direct_output_arrived)
         node.direct_flow = flow
 
-    def _direct_output_arrived(self, event: simpy.Event) -> None:
-        flow = event.value
+    def _direct_output_arrived(self, flow: "RequestFlow", event: simpy.Event) -> None:
         node = flow.node
         if node.direct_flow is not flow or flow.direct_event is not event:
             # The stage was handed to the links, whose timers carry it on.
@@ -1079,6 +1081,9 @@ class RequestFlow:
 
     def output_arrived(self) -> None:
         self.sim._output_arrived(self)
+
+    def direct_output_arrived(self, event: simpy.Event) -> None:
+        self.sim._direct_output_arrived(self, event)
 
     def interrupt(self, cause: NodeLost) -> None:
         """Lose the stage in flight; the flow goes on at an urgent event, as a SimPy interrupt would."""
