@@ -137,6 +137,12 @@ def test_amp4ec_noise_is_seeded():
     assert picks(3) == picks(3)
 
 
+def uniform_draws(rng):
+    """Yield the generator's uniform draws, taken in blocks of 4,096 as Amp4ecScheduler takes them."""
+    while True:
+        yield from rng.random(4096).tolist()
+
+
 def expected_amp4ec_choice(scheduler, task, states, draws):
     """Apply the AMP4EC rule through score() and eligible(), taking uniform draws from ``draws``."""
     live = [state for state in states.values() if state.alive]
@@ -163,11 +169,11 @@ def test_amp4ec_select_matches_score():
     # node sets.
     rng = np.random.default_rng(7)
     scheduler = Amp4ecScheduler(np.random.default_rng(11), max_candidates=4)
-    reference_rng = np.random.default_rng(11)
-    draws = (draw for _ in iter(int, 1) for draw in reference_rng.random(4096).tolist())
+    draws = uniform_draws(np.random.default_rng(11))
     names = [f"n{i}" for i in range(12)]
     segments = [Segment(0, 0, 1), Segment(1, 1, 2, ("n1", "n3", "n5")), Segment(2, 2, 3, tuple(names[3:]))]
     chosen = set()
+
     for _ in range(40):
         states = {
             name: state(
@@ -179,6 +185,7 @@ def test_amp4ec_select_matches_score():
             )
             for name in names
         }
+
         for decision in range(15):
             segment = segments[decision % len(segments)]
             task = StageTask(request_id=decision, segment=segment, cpu_needed=0.1, memory_needed_bytes=10**6)
@@ -186,5 +193,6 @@ def test_amp4ec_select_matches_score():
             assert scheduler.select(task, states) == expected
             chosen.add(expected)
             scheduler.observe(expected, float(rng.uniform(1.0, 160.0)))
+
     # The cases above reached most nodes, so the check covered more than one branch.
     assert len(chosen) > 8
