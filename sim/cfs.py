@@ -36,6 +36,14 @@ class CfsCpu:
         self.throttled_jobs = 0
         """jobs that had to wait for a new period at least once"""
 
+    def save_state(self) -> tuple[float, float, int]:
+        """Return the accounting that :meth:`run` changes, for :meth:`restore_state`."""
+        return (self._period_index, self._used_ms, self.throttled_jobs)
+
+    def restore_state(self, state: tuple[float, float, int]) -> None:
+        """Undo the runs booked since :meth:`save_state` returned ``state``."""
+        self._period_index, self._used_ms, self.throttled_jobs = state
+
     def _period_of(self, time_ms: float) -> int:
         return math.floor((time_ms - self.phase_ms) / self.period_ms + _EPSILON_MS)
 

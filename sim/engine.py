@@ -11,8 +11,10 @@ first-come-first-served single server, so the engine keeps the time it becomes f
 of a SimPy resource. Each direction of a node's link is a :class:`SharedLink`: concurrent
 transfers share its bandwidth, and the link needs one event per finished transfer. A stage
 therefore costs two events: its input arriving (when the worker's run is booked and the
-output's start is known) and its output arriving. Links are full duplex: output transfers
-never share bandwidth with input transfers.
+output's start is known) and its output arriving. A stage sent to a node with nothing else
+in flight costs one event instead, because both its transfers have their links to
+themselves until something else reaches the node (Simulation._run_stage_direct). Links are
+full duplex: output transfers never share bandwidth with input transfers.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from amp4ec.partition import Plan
 from amp4ec.scenario import EventSpec, NodeSpec, Scenario
 from amp4ec.schedule import NoNodeAvailable, Scheduler, StageTask
 from amp4ec.sim.cfs import CfsCpu
-from amp4ec.sim.links import SharedLink
+from amp4ec.sim.links import SharedLink, schedule_at
 from amp4ec.sim.records import COMPLETED, REQUEST_BYTES, STAGE_BYTES, RecordColumns
 from amp4ec.timeline import PAUSED_STAGE_TIMEOUT_S, first_kinds, ordered_events
 from amp4ec.workload import open_loop_arrivals_s, request_count, rng_for
@@ -136,6 +138,8 @@ class SimNode:
     """total length of the node's finished pauses, so a stage can tell how long its node was paused"""
     parked: list = field(default_factory=list)
     """(flow, continuation, remaining s) of the stages that reached an event while the node was paused"""
+    direct_flow: "RequestFlow | None" = None
+    """the flow whose stage was computed in one step, without the links, and has not ended (see _run_stage_direct)"""
 
 
 @dataclass
@@ -191,6 +195,10 @@ class Simulation:
         self._arrivals_s: list[float] = []
         self._next_arrival = 0
         self._pull = scenario.policy.dispatch == "pull"
+        # Stages on a node with nothing else in flight are computed in one step (see
+        # _run_stage_direct). Pull dispatch releases nodes at events of its own, so it always
+        # goes through the links.
+        self._direct_stages = not self._pull
         self._batch = scenario.workload.batch
         # (segment start, stop, torch threads, container CPU quota) -> (CPU ms per request,
         # parallelism); a node's CfsCpu has as many cores as the node has torch threads.
@@ -354,6 +362,7 @@ class Simulation:
         booked afterwards queue behind it. Stages already booked keep their times.
         """
         # NOTE: the weights do not take a share of the uplink here; inputs keep its full bandwidth.
+        self._settle_direct(node)
         start_s = max(self.env.now, node.worker_free_s)
         node.worker_free_s = start_s + duration_ms / 1e3
         return node.worker_free_s
@@ -376,6 +385,7 @@ class Simulation:
         node.cpu.quota_ms = cpus * node.cpu.period_ms
 
     def _fresh_container(self, node: SimNode) -> None:
+        self._settle_direct(node)
         now = self.env.now
         throttled_jobs = node.cpu.throttled_jobs
         node.cpu = CfsCpu(
@@ -407,6 +417,8 @@ class Simulation:
 
     def _apply(self, event: EventSpec) -> None:
         node = self.nodes[event.node]
+        # Every event below may change the node's worker, CPU or links.
+        self._settle_direct(node)
         kind = event.kind
         if kind in ("join", "recover"):
             self._start(node)
@@ -705,17 +717,80 @@ class Simulation:
         flow.node = node
         flow.epoch = node.epoch
         flow.stage_start_s = now
-        flow.work_ms = self._work_ms(cost[0])
+        flow.work_ms = self._work_ms(cost[0]) if self._exponential else cost[0]
         flow.parallelism = cost[1]
         # Negative until the input has arrived and the worker is booked.
         flow.exec_ms = -1.0
+        alone = not node.in_flight
         node.in_flight[flow.request_id] = flow
         flow.frozen_mark_s = node.frozen_s
         if node.paused_since_s is not None:
             # Sent to a paused node: the stage waits for the resume, for at most PAUSED_STAGE_TIMEOUT_S.
             flow.frozen_mark_s = self._frozen_until(node, now)
             self._watch_deadline(flow, node)
+        elif alone and self._direct_stages and node.uplink.idle and node.downlink.idle:
+            self._run_stage_direct(flow, node, in_bytes)
+            return
+        if node.direct_flow is not None:
+            self._settle_direct(node)
         node.uplink.send(in_bytes, node.latency_ms, flow.input_arrived)
+
+    def _run_stage_direct(self, flow: "RequestFlow", node: SimNode, in_bytes: float) -> None:
+        """Compute the whole stage on a node with nothing else in flight, with one event for its end.
+
+        Unless another stage or a timeline event reaches the node first, the input and the
+        output each have their link to themselves, so their arrivals follow in closed form,
+        with the same float operations as the links' timers. The worker is booked now for
+        the time the input will arrive. Whatever reaches the node before the stage ends calls
+        _settle_direct first, which hands the stage to the links as if it had been sent
+        through them, so the records are the same as without this path.
+        """
+        now = self.env.now
+        input_s = node.uplink.alone_arrival_s(in_bytes, node.latency_ms, now)
+        flow.input_s = input_s
+        flow.booking_undo = (node.worker_free_s, node.cpu.save_state())
+        output_start_s = flow.output_start_s = self._book_worker(flow, node, input_s)
+        out_bytes = flow.stages[flow.stage][3]
+        output_s = node.downlink.alone_arrival_s(out_bytes, node.latency_ms, input_s, output_start_s)
+        event = flow.direct_event = schedule_at(self.env, output_s)
+        # The callback refers to the flow, which refers to the event, a reference cycle that
+        # SimPy breaks when it processes the event. A cycle that outlived its event would stay
+        # in memory until the run ends, because the cyclic collector is off until then.
+        event.callbacks.append(flow.direct_output_arrived)
+        node.direct_flow = flow
+
+    def _direct_output_arrived(self, flow: "RequestFlow", event: simpy.Event) -> None:
+        node = flow.node
+        if node.direct_flow is not flow or flow.direct_event is not event:
+            # The stage was handed to the links, whose timers carry it on.
+            return
+        node.direct_flow = None
+        self._output_arrived(flow)
+
+    def _settle_direct(self, node: SimNode) -> None:
+        """Hand the node's direct stage, if any, to its links, as they would carry it had it gone through them."""
+        flow = node.direct_flow
+        if flow is None:
+            return
+        node.direct_flow = None
+        _, _, in_bytes, out_bytes, _ = flow.stages[flow.stage]
+        # NOTE: at a tie (now equal to the input's arrival) the input counts as arrived. Through
+        # the links the order would follow the creation order of the two events instead.
+        if self.env.now < flow.input_s:
+            # The input is still on its way, so the worker is not booked yet.
+            node.worker_free_s, cpu_state = flow.booking_undo
+            node.cpu.restore_state(cpu_state)
+            flow.exec_ms = -1.0
+            node.uplink.adopt(in_bytes, node.latency_ms, flow.input_arrived, flow.stage_start_s)
+        else:
+            node.downlink.adopt(
+                out_bytes,
+                node.latency_ms,
+                flow.output_arrived,
+                flow.input_s,
+                start_s=flow.output_start_s,
+                timer=flow.direct_event,
+            )
 
     def _input_arrived(self, flow: "RequestFlow") -> None:
         """Book the worker for the stage (first come, first served) and the output transfer after it."""
@@ -727,15 +802,20 @@ class Simulation:
         ):
             return
         now = self.env.now
-        exec_start_s = max(now, node.worker_free_s)
-        exec_end_s = node.cpu.run(exec_start_s * 1e3, flow.work_ms, flow.parallelism) / 1e3
-        node.worker_free_s = exec_end_s
-        flow.exec_ms = (exec_end_s - exec_start_s) * 1e3
+        exec_end_s = self._book_worker(flow, node, now)
         if self._pull:
             epoch = node.epoch
             self.env.timeout(exec_end_s - now).callbacks.append(lambda _: self._release(node, epoch))
         out_bytes = flow.stages[flow.stage][3]
         node.downlink.send(out_bytes, node.latency_ms, flow.output_arrived, start_s=exec_end_s)
+
+    def _book_worker(self, flow: "RequestFlow", node: SimNode, input_s: float) -> float:
+        """Book the worker for the stage whose input arrives at ``input_s``; return when its run ends."""
+        exec_start_s = max(input_s, node.worker_free_s)
+        exec_end_s = node.cpu.run(exec_start_s * 1e3, flow.work_ms, flow.parallelism) / 1e3
+        node.worker_free_s = exec_end_s
+        flow.exec_ms = (exec_end_s - exec_start_s) * 1e3
+        return exec_end_s
 
     def _output_arrived(self, flow: "RequestFlow") -> None:
         node = flow.node
@@ -950,6 +1030,10 @@ class RequestFlow:
         "on_done",
         "excluded",
         "frozen_mark_s",
+        "input_s",
+        "output_start_s",
+        "booking_undo",
+        "direct_event",
     )
 
     def __init__(self, sim: Simulation, request_id: int):
@@ -972,6 +1056,12 @@ class RequestFlow:
         self.excluded = NO_NODES
         # The node's total paused time, as far as this stage's events have waited for it.
         self.frozen_mark_s = 0.0
+        # A direct stage's input arrival, output start, the worker and CPU state before its
+        # booking, and the event of its end (see Simulation._run_stage_direct).
+        self.input_s = 0.0
+        self.output_start_s = 0.0
+        self.booking_undo: tuple = ()
+        self.direct_event: simpy.Event | None = None
 
     def successor(self) -> "RequestFlow":
         """Return a flow that carries the request on from its current stage, with its retry budget."""
@@ -991,6 +1081,9 @@ class RequestFlow:
 
     def output_arrived(self) -> None:
         self.sim._output_arrived(self)
+
+    def direct_output_arrived(self, event: simpy.Event) -> None:
+        self.sim._direct_output_arrived(self, event)
 
     def interrupt(self, cause: NodeLost) -> None:
         """Lose the stage in flight; the flow goes on at an urgent event, as a SimPy interrupt would."""

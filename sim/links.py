@@ -20,10 +20,26 @@ import math
 from typing import Callable
 
 import simpy
+from simpy.events import NORMAL
 
 # Bits below which a transfer counts as finished: float error in the virtual time, far below
 # one bit of any real transfer.
 _FINISHED_BITS = 1e-6
+
+
+def schedule_at(env: simpy.Environment, time_s: float) -> simpy.Event:
+    """Return a triggered event that SimPy processes at exactly ``time_s`` (not before now).
+
+    ``env.timeout(time_s - env.now)`` would land at ``env.now + (time_s - env.now)``, which
+    can differ from ``time_s`` in the last bit. This pushes the event as
+    ``Environment.schedule`` does, with the time itself (SimPy 4 keeps its queue in
+    ``_queue`` and its event counter in ``_eid``).
+    """
+    event = simpy.Event(env)
+    event._ok = True
+    event._value = None
+    heapq.heappush(env._queue, (time_s, NORMAL, next(env._eid), event))
+    return event
 
 
 class SharedLink:
@@ -52,31 +68,79 @@ class SharedLink:
     def send(self, n_bytes: float, latency_ms: float, done: Callable[[], None], *, start_s: float | None = None) -> None:
         """Start a transfer now, or at ``start_s`` (not before now); ``done`` is called when its last bit arrives."""
         now = self.env.now
-        self._seq += 1
-        bits = n_bytes * 8.0
-        join_s = (now if start_s is None else start_s) + latency_ms / 1e3
         if not self._active and not self._pending:
-            # An idle link: the transfer has the whole bandwidth until another one joins.
-            self._virtual_bits = 0.0
-            self._updated_s = now
-            if join_s > now:
-                self._pending.append((join_s, self._seq, bits, done))
-                finish_s = join_s + bits / self.bandwidth_bps
-            else:
-                self._active.append((bits, self._seq, done))
-                finish_s = now + bits / self.bandwidth_bps
+            finish_s = self._start_alone(n_bytes, latency_ms, done, now, start_s)
             # An idle link has no timer under way, and finish_s is not before now.
             timer = self.env.timeout(finish_s - now)
             timer.callbacks.append(self._on_timer)
             self._timer = timer
-            self._timer_s = finish_s
             return
+        self._seq += 1
+        bits = n_bytes * 8.0
+        join_s = (now if start_s is None else start_s) + latency_ms / 1e3
         self._advance(now)
         if join_s > now:
             heapq.heappush(self._pending, (join_s, self._seq, bits, done))
         else:
             heapq.heappush(self._active, (self._virtual_bits + bits, self._seq, done))
         self._reschedule()
+
+    @property
+    def idle(self) -> bool:
+        """True when no transfer is under way."""
+        return not self._active and not self._pending
+
+    def alone_arrival_s(self, n_bytes: float, latency_ms: float, sent_s: float, start_s: float | None = None) -> float:
+        """Return when a transfer sent at ``sent_s`` arrives if it stays alone on the link.
+
+        It is the time at which the timer that :meth:`send` would schedule fires, to the bit.
+        """
+        join_s = (sent_s if start_s is None else start_s) + latency_ms / 1e3
+        finish_s = (join_s if join_s > sent_s else sent_s) + n_bytes * 8.0 / self.bandwidth_bps
+        # SimPy schedules a timeout at now + delay, which can differ from finish_s in the last bit.
+        return sent_s + (finish_s - sent_s)
+
+    def adopt(
+        self,
+        n_bytes: float,
+        latency_ms: float,
+        done: Callable[[], None],
+        sent_s: float,
+        *,
+        start_s: float | None = None,
+        timer: simpy.Event | None = None,
+    ) -> None:
+        """Take over a transfer that was sent alone at ``sent_s`` without :meth:`send`.
+
+        The link must have been idle since ``sent_s``. Its state becomes what :meth:`send` at
+        ``sent_s`` would have left, so transfers that join from now on share the bandwidth as
+        if the transfer had been sent then. ``timer`` is an event already scheduled for the
+        transfer's arrival, to be used as the link's timer; without it a new one is scheduled.
+        """
+        self._start_alone(n_bytes, latency_ms, done, sent_s, start_s)
+        if timer is None:
+            timer = schedule_at(self.env, self.alone_arrival_s(n_bytes, latency_ms, sent_s, start_s))
+        timer.callbacks.append(self._on_timer)
+        self._timer = timer
+
+    def _start_alone(
+        self, n_bytes: float, latency_ms: float, done: Callable[[], None], sent_s: float, start_s: float | None
+    ) -> float:
+        """Start a transfer at ``sent_s`` on the idle link and return its finish. The caller sets the timer."""
+        self._seq += 1
+        bits = n_bytes * 8.0
+        join_s = (sent_s if start_s is None else start_s) + latency_ms / 1e3
+        # The transfer has the whole bandwidth until another one joins.
+        self._virtual_bits = 0.0
+        self._updated_s = sent_s
+        if join_s > sent_s:
+            self._pending.append((join_s, self._seq, bits, done))
+            finish_s = join_s + bits / self.bandwidth_bps
+        else:
+            self._active.append((bits, self._seq, done))
+            finish_s = sent_s + bits / self.bandwidth_bps
+        self._timer_s = finish_s
+        return finish_s
 
     def set_bandwidth(self, bandwidth_bps: float) -> None:
         """Change the bandwidth from now on, for transfers under way too."""

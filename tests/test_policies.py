@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -133,3 +135,64 @@ def test_amp4ec_noise_is_seeded():
         return [scheduler.select(task(i), states) for i in range(20)]
 
     assert picks(3) == picks(3)
+
+
+def uniform_draws(rng):
+    """Yield the generator's uniform draws, taken in blocks of 4,096 as Amp4ecScheduler takes them."""
+    while True:
+        yield from rng.random(4096).tolist()
+
+
+def expected_amp4ec_choice(scheduler, task, states, draws):
+    """Apply the AMP4EC rule through score() and eligible(), taking uniform draws from ``draws``."""
+    live = [state for state in states.values() if state.alive]
+    if task.segment.nodes:
+        live = [state for state in live if state.name in task.segment.nodes]
+    if len(live) > scheduler.max_candidates:
+        picks = [live[int(next(draws) * len(live))] for _ in range(scheduler.max_candidates)]
+        live = list({state.name: state for state in picks}.values())
+    best, best_score = None, -math.inf
+    for state in live:
+        if not scheduler.eligible(task, state):
+            continue
+        noisy = scheduler.score(task, state) * (1.0 + scheduler.noise * next(draws))
+        if noisy > best_score:
+            best, best_score = state.name, noisy
+    if best is None:
+        best = min(live, key=lambda state: scheduler.load(state.name)).name
+    return best
+
+
+def test_amp4ec_select_matches_score():
+    # select() keeps the terms of the score precomputed. Every choice must still equal the
+    # argmax of score() and eligible() under the same draws, for sampled, assigned and small
+    # node sets.
+    rng = np.random.default_rng(7)
+    scheduler = Amp4ecScheduler(np.random.default_rng(11), max_candidates=4)
+    draws = uniform_draws(np.random.default_rng(11))
+    names = [f"n{i}" for i in range(12)]
+    segments = [Segment(0, 0, 1), Segment(1, 1, 2, ("n1", "n3", "n5")), Segment(2, 2, 3, tuple(names[3:]))]
+    chosen = set()
+
+    for _ in range(40):
+        states = {
+            name: state(
+                name,
+                cpu_utilisation=float(rng.uniform(0.0, 1.0)),
+                memory_used_bytes=int(rng.choice([0, 2**29, 2**30])),
+                link_latency_ms=float(rng.choice([0.2, 150.0], p=[0.9, 0.1])),
+                alive=bool(rng.random() > 0.1),
+            )
+            for name in names
+        }
+
+        for decision in range(15):
+            segment = segments[decision % len(segments)]
+            task = StageTask(request_id=decision, segment=segment, cpu_needed=0.1, memory_needed_bytes=10**6)
+            expected = expected_amp4ec_choice(scheduler, task, states, draws)
+            assert scheduler.select(task, states) == expected
+            chosen.add(expected)
+            scheduler.observe(expected, float(rng.uniform(1.0, 160.0)))
+
+    # The cases above reached most nodes, so the check covered more than one branch.
+    assert len(chosen) > 8
