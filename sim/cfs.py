@@ -35,6 +35,8 @@ class CfsCpu:
         self._used_ms = 0.0
         self.throttled_jobs = 0
         """jobs that had to wait for a new period at least once"""
+        self.last_cold_ms = 0.0
+        """CPU ms that the last run added after its waits for a new period"""
 
     def save_state(self) -> tuple[float, float, int]:
         """Return the accounting that :meth:`run` changes, for :meth:`restore_state`."""
@@ -47,16 +49,21 @@ class CfsCpu:
     def _period_of(self, time_ms: float) -> int:
         return math.floor((time_ms - self.phase_ms) / self.period_ms + _EPSILON_MS)
 
-    def run(self, start_ms: float, work_ms: float, parallelism: float = 1.0) -> float:
+    def run(self, start_ms: float, work_ms: float, parallelism: float = 1.0, cold_ms: float = 0.0) -> float:
         """Run ``work_ms`` of CPU time from ``start_ms`` on ``parallelism`` threads; return the end time.
 
         Parallelism above the core count or the quota cannot be used: a job never runs faster
-        than ``min(parallelism, cores)`` CPU-ms per ms.
+        than ``min(parallelism, cores)`` CPU-ms per ms. Each wait for a new period after the job
+        has started adds ``cold_ms`` to the work left, because the job resumes after an idle gap
+        with cold caches.
         """
         rate = max(1e-9, min(parallelism, float(self.cores)))
         time_ms = start_ms
         remaining_ms = work_ms
         throttled = False
+        # A job that waits before its first step pays no extra: its own cold start covers that.
+        started = False
+        waits_after_start = 0
         while remaining_ms > _EPSILON_MS:
             period = self._period_of(time_ms)
             if period != self._period_index:
@@ -67,6 +74,9 @@ class CfsCpu:
             if available_ms <= _EPSILON_MS:
                 throttled = True
                 time_ms = period_end_ms
+                if started:
+                    remaining_ms += cold_ms
+                    waits_after_start += 1
                 continue
             step_ms = min(remaining_ms / rate, available_ms / rate, period_end_ms - time_ms)
             if step_ms <= _EPSILON_MS:
@@ -75,6 +85,8 @@ class CfsCpu:
             time_ms += step_ms
             self._used_ms += step_ms * rate
             remaining_ms -= step_ms * rate
+            started = True
         if throttled:
             self.throttled_jobs += 1
+        self.last_cold_ms = cold_ms * waits_after_start
         return time_ms

@@ -713,12 +713,15 @@ class Simulation:
         if cost is None:
             # The calibration's fit gives the work at this thread count and quota, measured or not.
             segment_cost = self.costs.segment_cost(*key)
-            cost = self._costs[key] = (segment_cost.cpu_ms * self._batch, segment_cost.parallelism)
+            # A wait for the quota in mid-stage leaves the rest of the stage cold, as an idle gap does.
+            cold_ms = self.costs.cold_start(key[2], key[3]).cpu_ms
+            cost = self._costs[key] = (segment_cost.cpu_ms * self._batch, segment_cost.parallelism, cold_ms)
         flow.node = node
         flow.epoch = node.epoch
         flow.stage_start_s = now
         flow.work_ms = self._work_ms(cost[0]) if self._exponential else cost[0]
         flow.parallelism = cost[1]
+        flow.resume_ms = cost[2]
         # Negative until the input has arrived and the worker is booked.
         flow.exec_ms = -1.0
         alone = not node.in_flight
@@ -812,7 +815,8 @@ class Simulation:
     def _book_worker(self, flow: "RequestFlow", node: SimNode, input_s: float) -> float:
         """Book the worker for the stage whose input arrives at ``input_s``; return when its run ends."""
         exec_start_s = max(input_s, node.worker_free_s)
-        exec_end_s = node.cpu.run(exec_start_s * 1e3, flow.work_ms, flow.parallelism) / 1e3
+        exec_end_s = node.cpu.run(exec_start_s * 1e3, flow.work_ms, flow.parallelism, flow.resume_ms) / 1e3
+        flow.cold_ms = node.cpu.last_cold_ms
         node.worker_free_s = exec_end_s
         flow.exec_ms = (exec_end_s - exec_start_s) * 1e3
         return exec_end_s
@@ -827,7 +831,7 @@ class Simulation:
             return
         request_id = flow.request_id
         node.in_flight.pop(request_id, None)
-        node.busy_cpu_ms += flow.work_ms
+        node.busy_cpu_ms += flow.work_ms + flow.cold_ms
         self.scheduler.observe(node.spec.name, flow.exec_ms)
         _, _, in_bytes, out_bytes, _ = flow.stages[flow.stage]
         records = self.records
@@ -1024,6 +1028,8 @@ class RequestFlow:
         "epoch",
         "stage_start_s",
         "work_ms",
+        "resume_ms",
+        "cold_ms",
         "parallelism",
         "exec_ms",
         "is_alive",
@@ -1048,6 +1054,10 @@ class RequestFlow:
         self.epoch = 0
         self.stage_start_s = 0.0
         self.work_ms = 0.0
+        self.resume_ms = 0.0
+        """CPU ms the stage adds after each wait for its node's CFS quota"""
+        self.cold_ms = 0.0
+        """CPU ms that the stage's booked run added after waits for the quota"""
         self.parallelism = 1.0
         self.exec_ms = 0.0
         self.is_alive = True

@@ -26,6 +26,16 @@ def test_job_waits_for_next_period_when_quota_spent():
     assert cpu.run(40.0, 10.0) == pytest.approx(110.0)
 
 
+def test_wait_adds_cold_work():
+    # 40 ms run in the first period's quota; the other 20 ms, plus 5 ms for cold caches, after the wait.
+    assert CfsCpu(0.4).run(0.0, 60.0, cold_ms=5.0) == pytest.approx(125.0)
+    assert CfsCpu(0.4).run(0.0, 30.0, cold_ms=5.0) == pytest.approx(30.0)
+    # A job that waits before it starts pays nothing extra.
+    cpu = CfsCpu(0.4)
+    cpu.run(0.0, 40.0)
+    assert cpu.run(40.0, 10.0, cold_ms=5.0) == pytest.approx(110.0)
+
+
 def test_back_to_back_is_bimodal_with_quota_mean():
     latencies = back_to_back(CfsCpu(0.4), 20.0, 200)
     # Two 20 ms jobs fit in each 40 ms quota; every other job waits out the period: 20 and 80 ms.

@@ -57,6 +57,22 @@ def test_low_quota_throttles_back_to_back_requests():
     assert np.mean(latencies[4:]) == pytest.approx(50.0, rel=0.05)
 
 
+def test_throttle_wait_makes_stage_resume_cold():
+    calibration = make_calibration([30.0])
+    for profile in calibration.profiles:
+        # Runs after an idle gap cost 2 ms more than back to back.
+        for timing in [*profile.units, profile.model]:
+            timing.cpu_ms = timing.warm_cpu_ms + 2.0
+    costs = CostModel(calibration)
+    workload = {"kind": "closed", "requests": 200}
+    result = simulate(scenario([node("low", cpus=0.4)], partitioner="monolithic", workload=workload), costs)
+    summary = result.summary
+    cpu_per_request = summary["nodes"]["low"]["busy_cpu_ms"] / summary["requests"]["completed"]
+    # 32 ms per call with its cold start; a stage that waits for the 40 ms quota in mid-run pays 2 ms more.
+    assert 32.5 < cpu_per_request <= 34.0
+    assert summary["latency_ms"]["mean"] == pytest.approx(cpu_per_request / 0.4, rel=0.02)
+
+
 def test_same_seed_gives_identical_records():
     costs = CostModel(make_calibration([1.0, 2.0, 3.0]))
     nodes = [node("a"), node("b", cpus=0.6), node("c", cpus=0.4)]
