@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import signal
 import sys
 import threading
@@ -234,8 +235,8 @@ def calibrate(
         raise UsageError(f"--repeats must be at least 1, got {repeats}")
     if warmup < 0:
         raise UsageError(f"--warmup must not be negative, got {warmup}")
-    if gap_ms < 0:
-        raise UsageError(f"--gap-ms must not be negative, got {gap_ms}")
+    if not gap_ms >= 0 or math.isinf(gap_ms):
+        raise UsageError(f"--gap-ms must be a finite number of milliseconds, at least 0, got {gap_ms}")
     run_calibration(
         model=model,
         granularity=granularity,
@@ -562,7 +563,10 @@ def compare(
     Exits with status 1 when a relative error exceeds its --max-error-* threshold.
     """
     from amp4ec.compare import compare_runs, plot_latency_distributions
+    from amp4ec.graph import check_output_file, write_text_atomic
 
+    if json_out is not None:
+        check_output_file(json_out, field="--json")
     thresholds = {
         "mean": max_error_mean,
         "p50": max_error_p50,
@@ -574,7 +578,7 @@ def compare(
     comparison = compare_runs(sim_dir, real_dir, thresholds)
     written = plot_latency_distributions(sim_dir, real_dir, plot or Path(real_dir) / "fidelity-latency.png")
     if json_out is not None:
-        json_out.write_text(json.dumps(comparison.as_dict(), indent=1) + "\n")
+        write_text_atomic(json_out, json.dumps(comparison.as_dict(), indent=1) + "\n")
     stdout.print(comparison_table(comparison, f"{sim_dir} (sim) vs {real_dir} (real)"))
     stdout.print(f"latency distributions: {written}")
     for warning in comparison.warnings:
@@ -647,15 +651,17 @@ def bench_real(scenario: Path, requests: int, clients: int | None, repeats: int,
 )
 def calibrate_validate(file: Path, json_out: Path | None, normalise: bool) -> None:
     """Leave each profile of FILE out, predict it from the others, and report how close the predictions are."""
+    import json
+
     from amp4ec.calibrate.views import validate_table
     from amp4ec.costs import load_calibration
+    from amp4ec.graph import check_output_file, write_text_atomic
 
+    if json_out is not None:
+        check_output_file(json_out, field="--json")
     table, summary = validate_table(load_calibration(file), normalise=normalise)
     wide_stdout().print(table)
     if json_out is not None:
-        from amp4ec.graph import write_text_atomic
-        import json
-
         write_text_atomic(json_out, json.dumps(summary, indent=1))
 
 
@@ -678,8 +684,10 @@ def calibrate_plot(file: Path, out: Path | None) -> None:
     """Write a PNG of FILE: per-unit time by profile, and predicted against measured (leave one profile out)."""
     from amp4ec.calibrate.views import plot_calibration
     from amp4ec.costs import load_calibration
+    from amp4ec.graph import check_output_file
 
     out = out or file.with_suffix(".png")
+    check_output_file(out, field="--out")
     plot_calibration(load_calibration(file), out)
     stdout.print(f"wrote {out}")
 

@@ -17,7 +17,9 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
+from typing import Annotated
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from amp4ec.errors import FileFormatError, UsageError
 from amp4ec.graph import ModelGraph, read_json, write_text_atomic
@@ -29,6 +31,10 @@ CALIBRATION_SCHEMA = "amp4ec.calibration/3"
 READABLE_CALIBRATION_SCHEMAS = ("amp4ec.calibration/1", "amp4ec.calibration/2", CALIBRATION_SCHEMA)
 DEFAULT_CALIBRATION = "calibration-mobilenet_v2.json"
 DEFAULT_HOP_LATENCY_MS = 0.2
+# A CPU time sample above this many times its series' median is a stall of the host, not the
+# unit's work, so CPU means leave it out. On a shared VM a few runs of a 1 ms unit read over
+# 100 ms. Throttling cannot cause it, because it delays the wall clock, not CPU time.
+STALL_FACTOR = 10.0
 
 
 class TimingStats(BaseModel):
@@ -46,16 +52,31 @@ class CpuStatDelta(BaseModel):
     throttled_ms: float | None = None
 
 
+Sample = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
 class Measurement(BaseModel):
     """Every timed run of one unit in one regime, and when the repetition stopped."""
 
     gap_ms: float = Field(ge=0, description="pause before each run; 0 is back to back (saturated)")
-    wall_ms: list[float] = Field(min_length=1)
-    cpu_ms: list[float] = Field(min_length=1)
+    wall_ms: list[Sample] = Field(min_length=1)
+    cpu_ms: list[Sample] = Field(min_length=1, description="one per run, in the order of wall_ms")
     ci95_rel: float = Field(ge=0, description="95 % confidence half-width of the mean over the mean (the larger of wall and CPU time)")
     converged: bool = Field(description="ci95_rel reached the target before the maximum count")
     cpu_stat: CpuStatDelta | None = None
     peak_rss_bytes: int | None = Field(default=None, description="worker's peak resident set size so far")
+
+    @model_validator(mode="after")
+    def _one_cpu_time_per_run(self) -> "Measurement":
+        if len(self.cpu_ms) != len(self.wall_ms):
+            raise ValueError(f"wall_ms has {len(self.wall_ms)} runs but cpu_ms has {len(self.cpu_ms)}; each run needs both")
+        return self
+
+
+def mean_without_stalls(samples: list[float]) -> float:
+    """Return the mean of CPU time samples, leaving out those above STALL_FACTOR times the median."""
+    values = np.asarray(samples, dtype=float)
+    return float(values[values <= STALL_FACTOR * np.median(values)].mean())
 
 
 class UnitTiming(BaseModel):
@@ -68,6 +89,13 @@ class UnitTiming(BaseModel):
     warm_wall: TimingStats
     spaced: Measurement | None = Field(default=None, description="raw samples, runs spaced apart (schema 2)")
     saturated: Measurement | None = Field(default=None, description="raw samples, runs back to back (schema 2)")
+
+    def typical_cpu_ms(self, regime: str) -> float:
+        """Return the mean CPU time of one regime ("spaced", or "warm" for back to back) without host stalls."""
+        measurement = self.spaced if regime == "spaced" else self.saturated
+        if measurement is not None:
+            return mean_without_stalls(measurement.cpu_ms)
+        return self.cpu_ms if regime == "spaced" else self.warm_cpu_ms
 
 
 class MemoryProbe(BaseModel):
@@ -147,6 +175,14 @@ class Calibration(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     drift_profile: str | None = Field(default=None, description="the profile whose container the drift samples come from (schema 3)")
     drift: list[DriftSample] = Field(default_factory=list, description="the same fixed work measured at intervals, to show machine drift (schema 3)")
+
+    @model_validator(mode="after")
+    def _unique_profile_names(self) -> "Calibration":
+        names = [p.name for p in self.profiles]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"profile names must be unique, but {', '.join(repeated)} appears more than once")
+        return self
 
     model_config = {"populate_by_name": True}
 
@@ -242,10 +278,8 @@ class WorkFit:
             self.slopes[regime] = {name: 0.0 for name in terms} | {name: float(solution[n_columns + k]) for k, name in enumerate(varying)}
 
     def _column_means(self, profile: ProfileCalibration, regime: str) -> list[float]:
-        units = [u.warm_cpu_ms if regime == "warm" else u.cpu_ms for u in profile.units]
-        if self.has_model:
-            units.append(profile.model.warm_cpu_ms if regime == "warm" else profile.model.cpu_ms)
-        return units
+        timings = [*profile.units, *([profile.model] if self.has_model else [])]
+        return [timing.typical_cpu_ms(regime) for timing in timings]
 
     def cpu_ms(self, regime: str, cpus: float, threads: int) -> list[float]:
         """Return the predicted mean CPU time of every unit (then the whole model, if timed) in one regime."""

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from amp4ec.errors import FileFormatError
+from amp4ec.errors import FileFormatError, UsageError
 
 GRAPH_SCHEMA = "amp4ec.graph/1"
 
@@ -158,7 +158,25 @@ def read_json(path: Path) -> dict:
         raise FileFormatError(f"not valid JSON ({exc}); the file is corrupt or truncated", source=str(path)) from exc
 
 
+def check_output_file(path: Path, *, field: str) -> None:
+    """Raise a UsageError unless a file can be written at ``path``, before any work goes into it."""
+    if path.is_dir():
+        raise UsageError("is a directory; give the path of the file to write", source=str(path), field=field)
+    if not path.parent.is_dir():
+        raise UsageError(f"directory {path.parent} does not exist; create it first", source=str(path), field=field)
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write in {path.parent} ({exc.strerror}); choose another path", source=str(path), field=field) from exc
+
+
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never a partial one."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old content or the new, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -167,8 +185,8 @@ def write_text_atomic(path: Path, text: str) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from amp4ec.calibrate.measure import BACK_TO_BACK_PARTS, DEFAULT_MIN_WINDOW_MS
-from amp4ec.costs import Calibration, Measurement, ProfileCalibration, UnitTiming
+from amp4ec.costs import STALL_FACTOR, Calibration, Measurement, ProfileCalibration, UnitTiming
 from amp4ec.errors import UsageError
 from amp4ec.sim.cfs import CfsCpu
 
@@ -66,15 +66,17 @@ def after_throttle(wall_ms: np.ndarray) -> np.ndarray:
 
 
 def warm_cpu_samples(timing: UnitTiming, regime: str) -> np.ndarray:
-    """Return the CPU time samples of one regime, without back-to-back runs that follow a throttle wait.
+    """Return the CPU time samples of one regime, without host stalls and back-to-back runs after a throttle wait.
 
     A throttle wait is an idle gap, so the run after it starts with cold caches and costs about
     a spaced run's CPU time. The sample model adds that cost itself where its CFS model throttles.
     """
     cpu_ms, wall_ms = unit_samples(timing, regime)
-    if regime == "spaced" or len(cpu_ms) != len(wall_ms) or len(cpu_ms) < 3:
-        return cpu_ms
-    return cpu_ms[~after_throttle(wall_ms)]
+    # Host stalls are left out as in the calibration's own means.
+    typical = cpu_ms <= STALL_FACTOR * np.median(cpu_ms)
+    if regime == "spaced" or len(cpu_ms) < 3:
+        return cpu_ms[typical]
+    return cpu_ms[typical & ~after_throttle(wall_ms)]
 
 
 def profile_timings(profile: ProfileCalibration) -> list[UnitTiming]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from pydantic import ValidationError
 
 from amp4ec import __version__
 from amp4ec.calibrate.link import LINK_PAYLOAD_BYTES, LINK_REPEATS, fit_hops, measure_container_link
@@ -44,9 +45,10 @@ from amp4ec.costs import (
     ProfileCalibration,
     Provenance,
     UnitTiming,
+    mean_without_stalls,
 )
 from amp4ec.errors import UsageError, WorkerError
-from amp4ec.graph import ModelGraph
+from amp4ec.graph import ModelGraph, check_output_file
 from amp4ec.scenario import NodeSpec
 
 DEFAULT_PROFILES = ("high:1.0:1024", "medium:0.6:512", "low:0.4:512")
@@ -80,6 +82,9 @@ def parse_profiles(specs: Sequence[str]) -> list[NodeSpec]:
             memory_mb = float(parts[2])
             threads = int(parts[3]) if len(parts) == 4 else None
             profiles.append(NodeSpec(name=parts[0], cpus=cpus, memory_mb=memory_mb, threads=threads))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))} {e['msg'].lower()}" for e in exc.errors())
+            raise UsageError(f"profile {spec!r} is invalid: {problems}", field="--profile") from exc
         except ValueError as exc:
             raise UsageError(f"profile {spec!r} is invalid: {exc}", field="--profile") from exc
     names = [p.name for p in profiles]
@@ -107,9 +112,9 @@ def _unit_timing(name: str, spaced: Measurement, saturated: Measurement) -> Unit
     """
     return UnitTiming(
         name=name,
-        cpu_ms=float(np.mean(spaced.cpu_ms)),
+        cpu_ms=mean_without_stalls(spaced.cpu_ms),
         wall=timing_stats(spaced.wall_ms),
-        warm_cpu_ms=float(np.mean(saturated.cpu_ms)),
+        warm_cpu_ms=mean_without_stalls(saturated.cpu_ms),
         warm_wall=timing_stats(saturated.wall_ms),
         spaced=spaced,
         saturated=saturated,
@@ -195,10 +200,7 @@ def run_calibration(
 
     import torch
 
-    if out.exists() and out.is_dir():
-        raise UsageError("is a directory; give the path of the calibration file to write", source=str(out), field="--out")
-    if not out.parent.exists():
-        raise UsageError(f"directory {out.parent} does not exist; create it first", source=str(out), field="--out")
+    check_output_file(out, field="--out")
     for profile in profiles:
         if profile.memory_bytes < TORCH_RUNTIME_BYTES:
             raise UsageError(
@@ -450,14 +452,15 @@ def _measure_interleaved(
     for profile in profiles:
         units, whole = timings[profile.name][:-1], timings[profile.name][-1]
         reference = [reference_start[profile.name], reference_end[profile.name]]
-        profile_warnings = _drift_warnings(profile.name, reference, measured)
+        profile_warnings = _drift_warnings(profile.name, profile.torch_threads, reference, measured)
         for message in profile_warnings:
             log(f"warning: {message}")
         not_converged = sum(1 for u in timings[profile.name] for m in (u.spaced, u.saturated) if not m.converged)
         if not_converged:
             profile_warnings.append(
-                f"profile {profile.name}: {not_converged} of {2 * len(timings[profile.name])} measurements stopped at "
-                f"{policy.max_repeats} runs before their 95 % confidence half-width reached {policy.target_ci_rel:.0%}"
+                f"profile {profile.name}: {not_converged} of {2 * len(timings[profile.name])} measurements ended before "
+                f"their 95 % confidence half-width reached {policy.target_ci_rel:.0%} (spaced at {policy.max_repeats} runs, "
+                "back to back when their window was full)"
             )
         samples = sum(len(m.wall_ms) for u in timings[profile.name] for m in (u.spaced, u.saturated))
         log(
@@ -513,8 +516,11 @@ def _drift_series_message(profile: str, drift: Sequence[DriftSample]) -> str:
     )
 
 
-def _drift_warnings(name: str, reference: list[float], earlier: list[ProfileCalibration]) -> list[str]:
-    """Compare the whole model's reference CPU time at the end of a profile with its start and with earlier profiles."""
+def _drift_warnings(name: str, threads: int, reference: list[float], earlier: list[ProfileCalibration]) -> list[str]:
+    """Compare the whole model's reference CPU time at the end of a profile with its start and with earlier profiles.
+
+    Only profiles with the same thread count are compared, since threads change the CPU time.
+    """
     messages = []
     start, end = reference[0], reference[-1]
     if start > 0 and abs(end / start - 1) > DRIFT_WARNING_SHARE and abs(end - start) > DRIFT_WARNING_MIN_MS:
@@ -523,7 +529,7 @@ def _drift_warnings(name: str, reference: list[float], earlier: list[ProfileCali
             "profile; the machine changed speed, so this profile's times are less reliable"
         )
     for other in earlier:
-        if other.threads == 1 and other.reference_cpu_ms:
+        if other.threads == threads and other.reference_cpu_ms:
             before = float(np.mean(other.reference_cpu_ms))
             now = float(np.mean(reference))
             if before > 0 and abs(now / before - 1) > DRIFT_WARNING_SHARE and abs(now - before) > DRIFT_WARNING_MIN_MS:

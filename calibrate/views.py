@@ -20,6 +20,7 @@ from amp4ec.calibrate.fit import (
 )
 from amp4ec.costs import Calibration
 from amp4ec.errors import UsageError
+from amp4ec.graph import write_bytes_atomic
 
 MIB = 2**20
 
@@ -28,7 +29,7 @@ def show_tables(calibration: Calibration) -> list[Table]:
     """Build a table of per-unit times (CPU and wall, both regimes) per profile, then one of the profiles."""
     graph = calibration.graph
     units = Table(title=f"{graph.model} at {graph.granularity} granularity: mean ms per forward (spaced | back to back)")
-    units.add_column("unit")
+    units.add_column("unit", no_wrap=True, min_width=11)
     for profile in calibration.profiles:
         units.add_column(f"{profile.name} CPU", justify="right")
         units.add_column(f"{profile.name} wall p50/p95", justify="right")
@@ -110,9 +111,9 @@ def validate_table(calibration: Calibration, *, normalise: bool = False) -> tupl
     groups = ["all", "mean", "p95", *REGIMES, "whole model"] + [f"profile {name}" for name in summary["per profile"]]
     for group in groups:
         block = summary["per profile"][group.removeprefix("profile ")] if group.startswith("profile ") else summary[group]
-        _add_accuracy_row(table, group, block)
+        _add_accuracy_row(table, REGIME_LABELS.get(group, group), block)
     for regime in REGIMES:
-        _add_accuracy_row(table, f"CPU time: {regime}", summary["cpu"][regime])
+        _add_accuracy_row(table, f"CPU time: {REGIME_LABELS[regime]}", summary["cpu"][regime])
     for group in ("one-unit segments", "whole model"):
         _add_accuracy_row(table, f"simulator: {group}", summary["simulator"][group])
     table.caption = (
@@ -123,6 +124,10 @@ def validate_table(calibration: Calibration, *, normalise: bool = False) -> tupl
         "measured to 5 %: share of measurements at least that precise, the most a 5 % check can resolve"
     )
     return table, summary
+
+
+# The JSON and the calibration file name the back-to-back regime "saturated"; tables and plots use the docs' words.
+REGIME_LABELS = {"spaced": "spaced", "saturated": "back to back"}
 
 
 def _add_accuracy_row(table: Table, label: str, block: dict) -> None:
@@ -168,7 +173,7 @@ def plot_calibration(calibration: Calibration, out: Path) -> None:
             points = [(c.measured_ms, c.predicted_ms) for c in comparisons if c.regime == regime and c.statistic == "mean"]
             if points:
                 measured, predicted = zip(*points)
-                axis.scatter(measured, predicted, marker=marker, s=14, label=f"mean, {regime}")
+                axis.scatter(measured, predicted, marker=marker, s=14, label=f"mean, {REGIME_LABELS[regime]}")
         low = max(1e-2, min(min(c.measured_ms, c.predicted_ms) for c in comparisons))
         high = max(max(c.measured_ms, c.predicted_ms) for c in comparisons)
         line = np.array([low, high])
@@ -189,20 +194,4 @@ def plot_calibration(calibration: Calibration, out: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
-    _write_bytes_atomic(out, buffer.getvalue())
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same directory, so a reader never sees half a PNG."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(out, buffer.getvalue())

@@ -84,7 +84,8 @@ class FakeWorker:
 
     def profile(self, segment_id, inputs, *, warmup, repeats, gap_ms):
         self.requests.append(repeats)
-        values = list(10 * (1 + self.noise * self.rng.standard_normal(repeats)))
+        # Times are positive however noisy, as a clock delta is.
+        values = list(np.maximum(0.1, 10 * (1 + self.noise * self.rng.standard_normal(repeats))))
         throttled = len(self.requests) if self.throttled else 0
         stat = {"nr_periods": 10 * len(self.requests), "nr_throttled": throttled, "throttled_time": 1_000_000 * len(self.requests)}
         before = {
@@ -220,6 +221,50 @@ def test_validate_show_plot_commands(calibration_file, tmp_path):
     assert result.exit_code == 0, result.output
     png = calibration_file.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda data: data["profiles"][0]["units"][0]["spaced"]["cpu_ms"].__setitem__(0, float("nan")), "finite"),
+        (lambda data: data["profiles"][0]["units"][0]["spaced"]["wall_ms"].__setitem__(0, -1.0), "greater than or equal to 0"),
+        (lambda data: data["profiles"][0]["units"][0]["saturated"]["cpu_ms"].pop(), "each run needs both"),
+        (lambda data: data["profiles"][1].__setitem__("name", data["profiles"][0]["name"]), "appears more than once"),
+    ],
+)
+def test_invalid_samples_rejected(tmp_path, calibration_file, change, message):
+    data = json.loads(calibration_file.read_text())
+    change(data)
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["calibrate", "validate", str(broken)])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_unwritable_outputs_rejected_first(tmp_path, calibration_file):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for args in (
+        ["calibrate", "validate", str(calibration_file), "--json", str(tmp_path / "missing" / "v.json")],
+        ["calibrate", "validate", str(calibration_file), "--json", str(tmp_path)],
+        ["calibrate", "plot", str(calibration_file), "--out", str(blocker / "x.png")],
+    ):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output
+        # Rejected before any work: no table printed.
+        assert "within 5 %" not in result.output
+
+
+def test_bad_profile_and_gap_are_one_line(tmp_path):
+    from amp4ec.calibrate.run import parse_profiles
+    from amp4ec.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"profile 'x:0:512' is invalid: cpus input should be greater than 0$"):
+        parse_profiles(["x:0:512"])
+    result = CliRunner().invoke(main, ["calibrate", "--gap-ms", "nan", "--out", str(tmp_path / "c.json")])
+    assert result.exit_code == 2
+    assert "--gap-ms must be a finite number" in result.output
 
 
 def test_schema_versions_load_or_fail(tmp_path, calibration_file):
