@@ -186,8 +186,8 @@ def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Pat
     metavar="NAME:CPUS:MEMORY_MB[:THREADS]",
     help="container profile to measure, repeatable; default high:1.0:1024 medium:0.6:512 low:0.4:512",
 )
-@click.option("--repeats", default=10, show_default=True, help="least timed runs per unit, profile and regime")
-@click.option("--max-repeats", default=40, show_default=True, help="most timed runs per unit, profile and regime")
+@click.option("--repeats", default=10, show_default=True, help="minimum timed runs per unit, profile and regime")
+@click.option("--max-repeats", default=40, show_default=True, help="maximum timed runs per unit, profile and regime; back to back, runs continue until their time window is full")
 @click.option("--target-ci", default=0.02, show_default=True, help="stop repeating once the 95 % confidence half-width of the mean is this share of the mean")
 @click.option("--input-shape", default=None, help="input shape for package.module:factory models, e.g. 1,3,64,64")
 @click.option("--memory-search", is_flag=True, help="also bisect the smallest memory limit each unit and the whole model run at (slow: one container per probe)")
@@ -694,8 +694,8 @@ def calibrate_plot(file: Path, out: Path | None) -> None:
 
 @bench.command("calibrate")
 @click.option("--model", default="mobilenet_v2", show_default=True, help="torchvision model name or package.module:factory")
-@click.option("--repeats", default=10, show_default=True, help="least timed runs per unit, profile and regime")
-@click.option("--max-repeats", default=40, show_default=True, help="most timed runs per unit, profile and regime")
+@click.option("--repeats", default=10, show_default=True, help="minimum timed runs per unit, profile and regime")
+@click.option("--max-repeats", default=40, show_default=True, help="maximum timed runs per unit, profile and regime; back to back, runs continue until their time window is full")
 @click.option("--out", "out", default=None, type=click.Path(path_type=Path), help="keep the calibration file here; default: a temporary file")
 def bench_calibrate(model: str, repeats: int, max_repeats: int, out: Path | None) -> None:
     """Time `amp4ec calibrate` of a model on the three default profiles."""

@@ -464,7 +464,7 @@ def _measure_interleaved(
             )
         samples = sum(len(m.wall_ms) for u in timings[profile.name] for m in (u.spaced, u.saturated))
         log(
-            f"profile {profile.name} ({profile.cpus:g} CPU, {profile.memory_mb:g} MiB, {profile.torch_threads} threads): "
+            f"profile {profile.name} ({profile.cpus:g} CPU, {profile.memory_mb:g} MiB, {profile.torch_threads} thread{'s' if profile.torch_threads != 1 else ''}): "
             f"units {sum(u.cpu_ms for u in units):.1f} ms CPU spaced, {sum(u.warm_cpu_ms for u in units):.1f} ms "
             f"back to back; whole model {whole.cpu_ms:.1f} ms spaced, {whole.warm_cpu_ms:.1f} ms back to back; "
             f"{samples} timed runs, {not_converged} not converged"
