@@ -73,10 +73,15 @@ class Measurement(BaseModel):
         return self
 
 
+def not_stalled(cpu_ms: np.ndarray) -> np.ndarray:
+    """Return which CPU time samples are at most STALL_FACTOR times the median, i.e. not host stalls."""
+    return cpu_ms <= STALL_FACTOR * np.median(cpu_ms)
+
+
 def mean_without_stalls(samples: list[float]) -> float:
-    """Return the mean of CPU time samples, leaving out those above STALL_FACTOR times the median."""
+    """Return the mean of CPU time samples, leaving out host stalls."""
     values = np.asarray(samples, dtype=float)
-    return float(values[values <= STALL_FACTOR * np.median(values)].mean())
+    return float(values[not_stalled(values)].mean())
 
 
 class UnitTiming(BaseModel):
@@ -350,7 +355,7 @@ class CostModel:
         A unit run after an idle gap costs more than the same unit back to back, mostly
         because it refetches what the idle time evicted. Inside a segment only the first unit
         pays it: the whole model after a gap costs about one unit's penalty more than back to
-        back, not twenty. The penalty is the first unit's own spaced minus back-to-back CPU
+        back, not one per unit. The penalty is the first unit's own spaced minus back-to-back CPU
         time, because units differ in it; without ``first`` it is the median over units.
         """
         n_units = self.graph.n_units

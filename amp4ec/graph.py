@@ -172,7 +172,7 @@ def check_output_file(path: Path, *, field: str) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never a partial one."""
+    """Write ``text`` as UTF-8 through :func:`write_bytes_atomic`."""
     write_bytes_atomic(path, text.encode())
 
 

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from amp4ec.calibrate.measure import BACK_TO_BACK_PARTS, DEFAULT_MIN_WINDOW_MS
-from amp4ec.costs import STALL_FACTOR, Calibration, Measurement, ProfileCalibration, UnitTiming
+from amp4ec.costs import Calibration, Measurement, ProfileCalibration, UnitTiming, not_stalled
 from amp4ec.errors import UsageError
 from amp4ec.sim.cfs import CfsCpu
 
@@ -73,7 +73,7 @@ def warm_cpu_samples(timing: UnitTiming, regime: str) -> np.ndarray:
     """
     cpu_ms, wall_ms = unit_samples(timing, regime)
     # Host stalls are left out as in the calibration's own means.
-    typical = cpu_ms <= STALL_FACTOR * np.median(cpu_ms)
+    typical = not_stalled(cpu_ms)
     if regime == "spaced" or len(cpu_ms) < 3:
         return cpu_ms[typical]
     return cpu_ms[typical & ~after_throttle(wall_ms)]

@@ -186,10 +186,15 @@ def measure_back_to_back_interleaved(
     )
     measured: dict[str, list[Measurement]] = {name: [] for name in names}
     for turn in range(parts):
-        shift = (start + turn) % len(names)
-        for name in [*names[shift:], *names[:shift]]:
+        for name in _rotated(names, start + turn):
             measured[name].append(measure(workers[name], segment_id, inputs, gap_ms=0.0, warmup=warmup, policy=part_policy))
     return {name: _merge(measured[name], policy) for name in names}
+
+
+def _rotated(names: list[str], start: int) -> list[str]:
+    """Return ``names`` starting at index ``start`` (modulo their count) and wrapping around."""
+    shift = start % len(names)
+    return [*names[shift:], *names[:shift]]
 
 
 def _merge(parts: Sequence[Measurement], policy: RepeatPolicy) -> Measurement:
@@ -247,11 +252,10 @@ def measure_spaced_interleaved(
     names = list(workers)
     rounds = 0
     while True:
-        # Each round starts with the next worker. The round's first run follows an idle machine
-        # and costs more (about 10 % more CPU time per unit measured on a 2-core VM with a
-        # fixed order), so a fixed order would charge that to one profile.
-        shift = rounds % len(names)
-        for name in [*names[shift:], *names[:shift]]:
+        # Each round starts with the next worker, because the round's first run follows an idle
+        # machine and costs more. With a fixed order, the first profile read about 10 % more CPU
+        # time per unit on a 2-core VM.
+        for name in _rotated(names, rounds):
             worker = workers[name]
             wait_s = last_reply_s[name] + gap_s - time.perf_counter()
             if wait_s > 0:

@@ -335,7 +335,7 @@ def test_spaced_interleaved_round_robin_keeps_gaps():
     assert [entry[0] for entry in log[:3]] == ["a", "b", "c"]
     assert all(entry[2] == 1 and entry[3] == 1 for entry in log[:3])
     timed = log[3:]
-    # Quiet samples are precise after the least count, so four rounds, each started by the next worker.
+    # Quiet samples are precise after the minimum count, so four rounds, each started by the next worker.
     assert [entry[0] for entry in timed] == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
     assert all(entry[2] == 0 and entry[4] == 0.0 for entry in timed)
     for name in workers:
