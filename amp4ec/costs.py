@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 from typing import Annotated
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, PositiveInt, ValidationError, model_validator
 
-from amp4ec.errors import FileFormatError, UsageError
+from amp4ec.errors import FileFormatError, UsageError, validation_problems
 from amp4ec.graph import ModelGraph, read_json, write_text_atomic
 
-CALIBRATION_SCHEMA = "amp4ec.calibration/3"
+CALIBRATION_SCHEMA = "amp4ec.calibration/4"
 # Version 2 only adds optional fields (raw samples, throttling counters, drift, memory search,
-# a container-to-container link) and version 3 adds the drift series of an interleaved run,
-# so version 1 and 2 files still load.
-READABLE_CALIBRATION_SCHEMAS = ("amp4ec.calibration/1", "amp4ec.calibration/2", CALIBRATION_SCHEMA)
+# a container-to-container link), version 3 adds the drift series of an interleaved run and
+# version 4 the turns of a back-to-back window, so older files still load.
+READABLE_CALIBRATION_SCHEMAS = ("amp4ec.calibration/1", "amp4ec.calibration/2", "amp4ec.calibration/3", CALIBRATION_SCHEMA)
 DEFAULT_CALIBRATION = "calibration-mobilenet_v2.json"
 DEFAULT_HOP_LATENCY_MS = 0.2
 # A CPU time sample above this many times its series' median is a stall of the host, not the
@@ -65,11 +65,18 @@ class Measurement(BaseModel):
     converged: bool = Field(description="ci95_rel reached the target before the maximum count")
     cpu_stat: CpuStatDelta | None = None
     peak_rss_bytes: int | None = Field(default=None, description="worker's peak resident set size so far")
+    turns: list[PositiveInt] | None = Field(
+        default=None,
+        description="runs of each turn in order, when the window was measured in turns across profiles (schema 4); "
+        "runs of one turn share the machine's speed of that moment",
+    )
 
     @model_validator(mode="after")
     def _one_cpu_time_per_run(self) -> "Measurement":
         if len(self.cpu_ms) != len(self.wall_ms):
             raise ValueError(f"wall_ms has {len(self.wall_ms)} runs but cpu_ms has {len(self.cpu_ms)}; each run needs both")
+        if self.turns is not None and sum(self.turns) != len(self.wall_ms):
+            raise ValueError(f"turns add up to {sum(self.turns)} runs but wall_ms has {len(self.wall_ms)}; they must be equal")
         return self
 
 
@@ -219,7 +226,7 @@ def load_calibration(path: str | Path) -> Calibration:
     try:
         calibration = Calibration.model_validate(data)
     except ValidationError as exc:
-        raise FileFormatError(f"invalid calibration file: {exc}", source=str(path)) from exc
+        raise FileFormatError(f"invalid calibration file: {validation_problems(exc)}; recalibrate or restore the file", source=str(path)) from exc
     n_units = calibration.graph.n_units
     for profile in calibration.profiles:
         if len(profile.units) != n_units:

@@ -39,3 +39,12 @@ class WorkerError(Amp4ecError):
     def __init__(self, message: str, *, node: str | None = None):
         self.node = node
         super().__init__(f"worker {node}: {message}" if node else message)
+
+
+def validation_problems(exc, *, limit: int = 3) -> str:
+    """Return a pydantic ValidationError's problems on one line: ``location: message``, at most ``limit`` of them."""
+    problems = [f"{'.'.join(map(str, error['loc'])) or '(top level)'}: {error['msg'].lower()}" for error in exc.errors()]
+    text = "; ".join(problems[:limit])
+    if len(problems) > limit:
+        text += f" (and {len(problems) - limit} more)"
+    return text

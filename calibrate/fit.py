@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from amp4ec.calibrate.measure import BACK_TO_BACK_PARTS, DEFAULT_MIN_WINDOW_MS
+from amp4ec.calibrate.measure import BACK_TO_BACK_PARTS, DEFAULT_MIN_WINDOW_MS, RepeatPolicy
 from amp4ec.costs import Calibration, Measurement, ProfileCalibration, UnitTiming, not_stalled
 from amp4ec.errors import UsageError
 from amp4ec.sim.cfs import CfsCpu
@@ -39,8 +39,8 @@ PREDICTION_SAMPLES = 2000
 SATURATED_CHAIN_MS = DEFAULT_MIN_WINDOW_MS / BACK_TO_BACK_PARTS
 MAX_SATURATED_CHAINS = 60
 SATURATED_WARMUP_RUNS = 5
-# The fewest timed runs of one part of the measured window (--repeats 10 over three parts).
-SATURATED_MIN_RUNS = 4
+# The fewest timed runs of one part of the measured window (the default --repeats over the parts).
+SATURATED_MIN_RUNS = math.ceil(RepeatPolicy.min_repeats / BACK_TO_BACK_PARTS)
 # A back-to-back run this much longer than the median waited for the next CFS period. Waits
 # last from the quota's exhaustion to the period's end, tens of ms at the calibrated quotas.
 THROTTLE_WAIT_MS = 5.0
@@ -275,21 +275,27 @@ STATISTICS = {"mean": np.mean, "p95": lambda values, axis=-1: np.percentile(valu
 BOOTSTRAP_RESAMPLES = 300
 
 
-def measured_ci_rel(samples: np.ndarray, statistic: str, seed: int) -> float | None:
-    """Return the 95 % bootstrap confidence half-width of ``statistic`` of ``samples`` over its value."""
+def measured_ci_rel(samples: np.ndarray, statistic: str, seed: int, turns: Sequence[int] | None = None) -> float | None:
+    """Return the 95 % bootstrap confidence half-width of ``statistic`` of ``samples`` over its value.
+
+    Runs measured in turns (``turns`` lists each turn's run count, in order) are resampled a
+    whole turn at a time, because the runs of one turn share the machine's speed of that moment
+    and resampling single runs would claim a precision the window does not have.
+    """
     from scipy import stats
 
     value = float(STATISTICS[statistic](samples))
     if len(samples) < 2 or value <= 0:
         return None
-    result = stats.bootstrap(
-        (samples,),
-        STATISTICS[statistic],
-        n_resamples=BOOTSTRAP_RESAMPLES,
-        method="percentile",
-        random_state=np.random.default_rng(seed),
-    )
-    low, high = result.confidence_interval
+    rng = np.random.default_rng(seed)
+    if turns is not None and len(turns) > 1:
+        groups = np.split(samples, np.cumsum(turns)[:-1])
+        picks = rng.integers(len(groups), size=(BOOTSTRAP_RESAMPLES, len(groups)))
+        values = [float(STATISTICS[statistic](np.concatenate([groups[i] for i in pick]))) for pick in picks]
+        low, high = np.percentile(values, [2.5, 97.5])
+    else:
+        result = stats.bootstrap((samples,), STATISTICS[statistic], n_resamples=BOOTSTRAP_RESAMPLES, method="percentile", random_state=rng)
+        low, high = result.confidence_interval
     return float((high - low) / 2 / value)
 
 
@@ -317,6 +323,8 @@ def leave_one_out(calibration: Calibration, *, normalise: bool = False) -> list[
                 break
             for regime in REGIMES:
                 _, measured = unit_samples(timing, regime)
+                measurement = timing.spaced if regime == "spaced" else timing.saturated
+                turns = measurement.turns if measurement is not None else None
                 predicted = model.predict_wall(
                     index, regime, cpus=held_out.cpus, memory_bytes=held_out.memory_bytes, seed=index, reference_cpu_ms=reference
                 )
@@ -331,7 +339,7 @@ def leave_one_out(calibration: Calibration, *, normalise: bool = False) -> list[
                             statistic,
                             float(reduce(measured)),
                             float(reduce(predicted)),
-                            measured_ci_rel(measured, statistic, seed=index),
+                            measured_ci_rel(measured, statistic, seed=index, turns=turns),
                         )
                     )
     return comparisons

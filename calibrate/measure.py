@@ -23,12 +23,14 @@ from amp4ec.costs import CpuStatDelta, Measurement, TimingStats
 DEFAULT_TARGET_CI_REL = 0.02
 # Back to back, a throttled unit waits for the next CFS period about once per period of runs,
 # so the mean over a window of runs is off by up to one period's wait. Windows of at least
-# 15 periods (100 ms each by default) keep that error under about 7 % of the throttled time;
+# 20 periods (100 ms each by default) keep that error under about 5 % of the throttled time;
 # independent-sample confidence intervals cannot see this error, so it needs its own bound.
-DEFAULT_MIN_WINDOW_MS = 1500.0
+DEFAULT_MIN_WINDOW_MS = 2000.0
 PROBE_WINDOW_MS = 200.0
-# Back to back, each profile's window is measured in this many parts, the profiles taking turns.
-BACK_TO_BACK_PARTS = 3
+# Back to back, each profile's window is measured in this many parts, the profiles taking turns,
+# so a slow spell of the shared host (0.1 to 0.5 s, about 40 % slower) reaches every profile.
+# Each part starts at a random phase of the CFS period, so parts much shorter than 333 ms add noise.
+BACK_TO_BACK_PARTS = 6
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,7 @@ def _merge(parts: Sequence[Measurement], policy: RepeatPolicy) -> Measurement:
     cpu_stat = None
     for part in parts:
         cpu_stat = _add(cpu_stat, part.cpu_stat)
+    turns = [len(part.wall_ms) for part in parts]
     throttled = cpu_stat is not None and (cpu_stat.nr_throttled or 0) > 0
     min_window_ms = policy.min_window_ms if throttled else min(policy.min_window_ms, PROBE_WINDOW_MS)
     precision = max(ci95_rel(wall_ms), ci95_rel(cpu_ms))
@@ -216,6 +219,7 @@ def _merge(parts: Sequence[Measurement], policy: RepeatPolicy) -> Measurement:
         converged=precision <= policy.target_ci_rel and sum(wall_ms) >= min_window_ms,
         cpu_stat=cpu_stat,
         peak_rss_bytes=max(peaks) if peaks else None,
+        turns=turns if len(turns) > 1 else None,
     )
 
 

@@ -47,7 +47,7 @@ from amp4ec.costs import (
     UnitTiming,
     mean_without_stalls,
 )
-from amp4ec.errors import UsageError, WorkerError
+from amp4ec.errors import UsageError, WorkerError, validation_problems
 from amp4ec.graph import ModelGraph, check_output_file
 from amp4ec.scenario import NodeSpec
 
@@ -83,8 +83,7 @@ def parse_profiles(specs: Sequence[str]) -> list[NodeSpec]:
             threads = int(parts[3]) if len(parts) == 4 else None
             profiles.append(NodeSpec(name=parts[0], cpus=cpus, memory_mb=memory_mb, threads=threads))
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))} {e['msg'].lower()}" for e in exc.errors())
-            raise UsageError(f"profile {spec!r} is invalid: {problems}", field="--profile") from exc
+            raise UsageError(f"profile {spec!r} is invalid: {validation_problems(exc)}", field="--profile") from exc
         except ValueError as exc:
             raise UsageError(f"profile {spec!r} is invalid: {exc}", field="--profile") from exc
     names = [p.name for p in profiles]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -123,6 +124,14 @@ def validate_table(calibration: Calibration, *, normalise: bool = False) -> tupl
         "measured ±: median 95 % bootstrap confidence half-width of the measured statistic itself; "
         "measured to 5 %: share of measurements at least that precise, the most a 5 % check can resolve"
     )
+    thread_counts = Counter(p.threads for p in calibration.profiles)
+    summary["extrapolated"] = [p.name for p in calibration.profiles if thread_counts[p.threads] == 1]
+    if summary["extrapolated"]:
+        alone = ", ".join(f"{p.name} ({p.threads} threads)" for p in calibration.profiles if p.name in summary["extrapolated"])
+        table.caption += (
+            f". No other profile has the thread count of {alone}, so predicting it extrapolates across thread counts; "
+            "calibrate a second profile with that thread count to validate it"
+        )
     return table, summary
 
 

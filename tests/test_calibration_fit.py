@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from amp4ec.calibrate.fit import FittedCostModel, leave_one_out, summarise
-from amp4ec.calibrate.measure import RepeatPolicy, ci95_rel, measure
+from amp4ec.calibrate.measure import BACK_TO_BACK_PARTS, DEFAULT_MIN_WINDOW_MS, RepeatPolicy, ci95_rel, measure
 from amp4ec.cli import main
 from amp4ec.costs import CALIBRATION_SCHEMA, Measurement, MemoryProbe, MemorySearch, load_calibration
 from amp4ec.sim.cfs import CfsCpu
@@ -28,17 +28,18 @@ def simulated_measurement(work_ms: float, cpus: float, gap_ms: float, rng, *, ru
         for cpu in cpu_ms:
             walls.append(CfsCpu(cpus, phase_ms=rng.uniform(0, 100)).run(0.0, cpu, rate))
     else:
-        # Back to back, three parts each start with a full quota and run until their timed
-        # runs span 0.5 s, as measure_back_to_back_interleaved() does.
+        # Back to back, each part starts with a full quota and runs until it spans its share of
+        # the window, as measure_back_to_back_interleaved() does.
         cpu_ms = list(cpu_ms)
-        for _ in range(3):
+        turns = []
+        for _ in range(BACK_TO_BACK_PARTS):
             quota = CfsCpu(cpus, phase_ms=rng.uniform(0, 100))
             now = 0.0
             for _ in range(3):
                 now = quota.run(now, work_ms, rate) + 0.02
             part_ms = 0.0
             part_runs = 0
-            while part_ms < 500.0 or part_runs < runs // 3:
+            while part_ms < DEFAULT_MIN_WINDOW_MS / BACK_TO_BACK_PARTS or part_runs < runs // BACK_TO_BACK_PARTS:
                 if len(walls) == len(cpu_ms):
                     cpu_ms.append(work_ms * rng.lognormal(0.0, 0.02))
                 end = quota.run(now, cpu_ms[len(walls)], rate)
@@ -46,6 +47,8 @@ def simulated_measurement(work_ms: float, cpus: float, gap_ms: float, rng, *, ru
                 part_ms += end - now
                 part_runs += 1
                 now = end + 0.02
+            turns.append(part_runs)
+        return Measurement(gap_ms=gap_ms, wall_ms=walls, cpu_ms=list(cpu_ms), ci95_rel=0.01, converged=True, turns=turns)
     return Measurement(gap_ms=gap_ms, wall_ms=walls, cpu_ms=list(cpu_ms), ci95_rel=0.01, converged=True)
 
 
@@ -130,6 +133,22 @@ def test_measure_back_to_back_fills_window():
     assert 200.0 <= sum(result.wall_ms) < 1000.0
 
 
+def test_measured_precision_resamples_whole_turns():
+    from amp4ec.calibrate.fit import measured_ci_rel
+
+    # Six turns of 100 runs each, three at one machine speed and three 40 % slower: the runs
+    # of a turn agree closely, so only resampling whole turns shows how uncertain the mean is.
+    rng = np.random.default_rng(2)
+    levels = [1.0, 1.4, 1.0, 1.4, 1.4, 1.0]
+    samples = np.concatenate([level * rng.normal(1.0, 0.01, 100) for level in levels])
+    by_run = measured_ci_rel(samples, "mean", seed=0)
+    by_turn = measured_ci_rel(samples, "mean", seed=0, turns=[100] * 6)
+    assert by_run < 0.02
+    assert by_turn > 0.05
+    with pytest.raises(ValueError, match="turns add up to 599 runs but wall_ms has 600"):
+        Measurement(gap_ms=0.0, wall_ms=list(samples), cpu_ms=list(samples), ci95_rel=0.1, converged=False, turns=[100] * 5 + [99])
+
+
 def test_fit_recovers_work_and_predicts_throttling():
     calibration = synthetic_measured_calibration()
     model = FittedCostModel.fit(calibration.profiles[:2], threads=1, host_cores=2)
@@ -211,6 +230,16 @@ def test_validate_show_plot_commands(calibration_file, tmp_path):
     assert "profile low" in result.output
     summary = json.loads((tmp_path / "v.json").read_text())
     assert summary["all"]["predictions"] == len(summary["comparisons"]) > 0
+    assert summary["extrapolated"] == []
+
+    data = json.loads(calibration_file.read_text())
+    data["profiles"][2]["threads"] = 2
+    lonely = tmp_path / "lonely.json"
+    lonely.write_text(json.dumps(data))
+    result = runner.invoke(main, ["calibrate", "validate", str(lonely), "--json", str(tmp_path / "v2.json")])
+    assert result.exit_code == 0, result.output
+    assert "extrapolates across thread counts" in " ".join(result.output.split())
+    assert json.loads((tmp_path / "v2.json").read_text())["extrapolated"] == ["low"]
 
     result = runner.invoke(main, ["calibrate", "show", str(calibration_file)])
     assert result.exit_code == 0, result.output
@@ -240,6 +269,8 @@ def test_invalid_samples_rejected(tmp_path, calibration_file, change, message):
     result = CliRunner().invoke(main, ["calibrate", "validate", str(broken)])
     assert result.exit_code == 2
     assert message in result.output
+    # The error is one line.
+    assert result.output.strip().count("\n") == 0, result.output
 
 
 def test_unwritable_outputs_rejected_first(tmp_path, calibration_file):
@@ -260,7 +291,7 @@ def test_bad_profile_and_gap_are_one_line(tmp_path):
     from amp4ec.calibrate.run import parse_profiles
     from amp4ec.errors import UsageError
 
-    with pytest.raises(UsageError, match=r"profile 'x:0:512' is invalid: cpus input should be greater than 0$"):
+    with pytest.raises(UsageError, match=r"profile 'x:0:512' is invalid: cpus: input should be greater than 0$"):
         parse_profiles(["x:0:512"])
     result = CliRunner().invoke(main, ["calibrate", "--gap-ms", "nan", "--out", str(tmp_path / "c.json")])
     assert result.exit_code == 2
@@ -370,6 +401,8 @@ def test_back_to_back_interleaved_takes_turns():
         assert sum(worker.requests) >= 90
     for name, result in results.items():
         assert len(result.wall_ms) == sum(workers[name].requests)
+        assert len(result.turns) == 3
+        assert sum(result.turns) == len(result.wall_ms)
         assert sum(result.wall_ms) >= 900.0
         assert result.cpu_stat.nr_throttled == len(workers[name].requests)
         assert result.converged
