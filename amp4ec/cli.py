@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -704,5 +706,29 @@ def bench_calibrate(model: str, repeats: int, max_repeats: int, out: Path | None
     stdout.print(run_bench(model=model, repeats=repeats, max_repeats=max_repeats, out=out, log=lambda message: console.print(message, highlight=False)))
 
 
+def run() -> None:
+    """Run the command line: the console script's entry point.
+
+    A command that fails or is interrupted soon after exporting a model (calibrate exports in a
+    thread while its containers start) leaves torch's native threads running. Finalising the
+    interpreter then aborts with "terminate called without an active exception" and exit
+    status 134, although every cleanup has already run, so a failed command that imported
+    torch exits without finalising, with its own status.
+    """
+    try:
+        main()
+    except SystemExit as exc:
+        # sys.exit(None) means success and sys.exit("message") failure, as the interpreter reads them.
+        status = exc.code if isinstance(exc.code, int) else 1
+        if exc.code is None:
+            status = 0
+        if status != 0 and "torch" in sys.modules:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -199,3 +199,41 @@ def test_ctrl_c_midway_cleans_up(tmp_path, docker_client, worker_image):
     assert out.read_text() == "earlier"
     assert labelled_containers(docker_client, run_id) == set()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".c.json")]
+
+
+@pytest.mark.docker
+@pytest.mark.torch
+@pytest.mark.parametrize("delay_s", [0.5, 1.5])
+def test_ctrl_c_during_export_exits_cleanly(tmp_path, docker_client, worker_image, delay_s):
+    require_torch()
+    out = tmp_path / "c.json"
+    out.write_text("earlier")
+    log_path = tmp_path / "calibrate.log"
+    with open(log_path, "w") as log_file:
+        # MobileNetV2 takes seconds to export, long enough to interrupt while torch is busy with it.
+        process = subprocess.Popen(
+            amp4ec_command("calibrate", "--model", "mobilenet_v2", "--profile", "a:1.0:512", "--out", str(out)),
+            env=cli_env(COLUMNS="200"), stdout=subprocess.DEVNULL, stderr=log_file, text=True,
+        )  # fmt: skip
+
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and "tracing" not in log_path.read_text():
+                assert process.poll() is None, log_path.read_text()[-2000:]
+                time.sleep(0.1)
+            run_id = logged_run_id(log_path.read_text())
+            time.sleep(delay_s)
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    stderr = log_path.read_text()
+    assert "exported" not in stderr, "the export ended before the interrupt; the test did not interrupt it"
+    assert process.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr
+    assert "terminate called" not in stderr
+    assert out.read_text() == "earlier"
+    assert labelled_containers(docker_client, run_id) == set()
