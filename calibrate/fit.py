@@ -41,9 +41,17 @@ MAX_SATURATED_CHAINS = 60
 SATURATED_WARMUP_RUNS = 5
 # The fewest timed runs of one part of the measured window (the default --repeats over the parts).
 SATURATED_MIN_RUNS = math.ceil(RepeatPolicy.min_repeats / BACK_TO_BACK_PARTS)
+# Files before schema 4 do not record their turns: they measured each window in three.
+UNRECORDED_TURNS = 3
 # A back-to-back run this much longer than the median waited for the next CFS period. Waits
 # last from the quota's exhaustion to the period's end, tens of ms at the calibrated quotas.
 THROTTLE_WAIT_MS = 5.0
+
+
+def chain_design(measurement: Measurement) -> dict[str, float | int]:
+    """Return the ``window_ms`` and ``min_runs`` of a predicted back-to-back chain matching the turns of ``measurement``."""
+    parts = len(measurement.turns) if measurement.turns else UNRECORDED_TURNS
+    return {"window_ms": float(np.sum(measurement.wall_ms)) / parts, "min_runs": math.ceil(RepeatPolicy.min_repeats / parts)}
 
 
 def unit_samples(timing: UnitTiming, regime: str) -> tuple[np.ndarray, np.ndarray]:
@@ -203,11 +211,13 @@ class FittedCostModel:
         seed: int = 0,
         reference_cpu_ms: float | None = None,
         window_ms: float = SATURATED_CHAIN_MS,
+        min_runs: int = SATURATED_MIN_RUNS,
     ) -> np.ndarray | None:
         """Return sampled wall times (ms) of unit ``unit`` in a container with ``cpus``; None predicts an OOM kill.
 
         ``reference_cpu_ms`` is the target container's whole-model reference time, used only by a
-        normalised fit. ``window_ms`` is how long each chain of back-to-back runs lasts.
+        normalised fit. ``window_ms`` is how long each chain of back-to-back runs lasts, and
+        ``min_runs`` how many timed runs it has at least.
         """
         name = self.names[unit]
         speed = 1.0
@@ -238,7 +248,7 @@ class FittedCostModel:
             index = 0
             timed_ms = 0.0
             cold = False
-            while timed_ms < window_ms or index < SATURATED_WARMUP_RUNS + SATURATED_MIN_RUNS:
+            while timed_ms < window_ms or index < SATURATED_WARMUP_RUNS + min_runs:
                 work = float(self.work_samples(unit, regime, cpus, 1, rng, speed)[0]) + (cold_ms if cold else 0.0)
                 rate = float(rng.choice(rates))
                 end_ms = cpu.run(now_ms, work, rate)
@@ -271,6 +281,8 @@ class Comparison:
         return self.predicted_ms / self.measured_ms - 1 if self.measured_ms > 0 else math.inf
 
 
+# A measured statistic known to this fraction (95 % half-width) leaves room to resolve a 5 % error.
+PRECISE_MEASUREMENT = 0.025
 STATISTICS = {"mean": np.mean, "p95": lambda values, axis=-1: np.percentile(values, 95, axis=axis)}
 BOOTSTRAP_RESAMPLES = 300
 
@@ -279,8 +291,8 @@ def measured_ci_rel(samples: np.ndarray, statistic: str, seed: int, turns: Seque
     """Return the 95 % bootstrap confidence half-width of ``statistic`` of ``samples`` over its value.
 
     Runs measured in turns (``turns`` lists each turn's run count, in order) are resampled a
-    whole turn at a time, because the runs of one turn share the machine's speed of that moment
-    and resampling single runs would claim a precision the window does not have.
+    whole turn at a time. The runs of one turn share the machine's speed of that moment, so
+    resampling single runs would claim a precision the window does not have.
     """
     from scipy import stats
 
@@ -325,8 +337,9 @@ def leave_one_out(calibration: Calibration, *, normalise: bool = False) -> list[
                 _, measured = unit_samples(timing, regime)
                 measurement = timing.spaced if regime == "spaced" else timing.saturated
                 turns = measurement.turns if measurement is not None else None
+                chain = chain_design(measurement) if regime == "saturated" and measurement is not None else {}
                 predicted = model.predict_wall(
-                    index, regime, cpus=held_out.cpus, memory_bytes=held_out.memory_bytes, seed=index, reference_cpu_ms=reference
+                    index, regime, cpus=held_out.cpus, memory_bytes=held_out.memory_bytes, seed=index, reference_cpu_ms=reference, **chain
                 )
                 if predicted is None:
                     continue
@@ -374,6 +387,9 @@ def summarise(comparisons: Sequence[Comparison]) -> dict:
     for regime in REGIMES:
         summary[regime] = block([c for c in comparisons if c.regime == regime])
     summary["whole model"] = block([c for c in comparisons if c.unit == "model"])
+    summary["precisely measured"] = block(
+        [c for c in comparisons if c.measured_ci_rel is not None and c.measured_ci_rel <= PRECISE_MEASUREMENT]
+    )
     summary["per profile"] = {p: block([c for c in comparisons if c.profile == p]) for p in dict.fromkeys(c.profile for c in comparisons)}
     summary["comparisons"] = [asdict(c) | {"error": c.error} for c in comparisons]
     return summary

@@ -109,7 +109,7 @@ def validate_table(calibration: Calibration, *, normalise: bool = False) -> tupl
     table = Table(title=title)
     for column in ("group", "predictions", "within 5 %", "within 10 %", "median |err|", "max |err|", "measured ±", "measured to 5 %"):
         table.add_column(column, justify="right")
-    groups = ["all", "mean", "p95", *REGIMES, "whole model"] + [f"profile {name}" for name in summary["per profile"]]
+    groups = ["all", "mean", "p95", *REGIMES, "whole model", "precisely measured"] + [f"profile {name}" for name in summary["per profile"]]
     for group in groups:
         block = summary["per profile"][group.removeprefix("profile ")] if group.startswith("profile ") else summary[group]
         _add_accuracy_row(table, REGIME_LABELS.get(group, group), block)
@@ -122,7 +122,8 @@ def validate_table(calibration: Calibration, *, normalise: bool = False) -> tupl
         "work fitted on the other profiles. Simulator rows: CostModel.segment_cost fitted on the other "
         "profiles, CPU and wall time of one call after an idle gap, against the spaced measurement. "
         "measured ±: median 95 % bootstrap confidence half-width of the measured statistic itself; "
-        "measured to 5 %: share of measurements at least that precise, the most a 5 % check can resolve"
+        "measured to 5 %: share of measurements at least that precise, the most a 5 % check can resolve; "
+        "precisely measured: the predictions whose measured statistic is known to 2.5 % or better"
     )
     thread_counts = Counter(p.threads for p in calibration.profiles)
     summary["extrapolated"] = [p.name for p in calibration.profiles if thread_counts[p.threads] == 1]

@@ -149,6 +149,16 @@ def test_measured_precision_resamples_whole_turns():
         Measurement(gap_ms=0.0, wall_ms=list(samples), cpu_ms=list(samples), ci95_rel=0.1, converged=False, turns=[100] * 5 + [99])
 
 
+def test_predicted_chains_follow_recorded_turns():
+    from amp4ec.calibrate.fit import chain_design
+
+    six = Measurement(gap_ms=0.0, wall_ms=[1.0] * 600, cpu_ms=[1.0] * 600, ci95_rel=0.01, converged=True, turns=[100] * 6)
+    assert chain_design(six) == {"window_ms": 100.0, "min_runs": 2}
+    # A file from before turns were recorded measured three.
+    unrecorded = six.model_copy(update={"turns": None})
+    assert chain_design(unrecorded) == {"window_ms": 200.0, "min_runs": 4}
+
+
 def test_fit_recovers_work_and_predicts_throttling():
     calibration = synthetic_measured_calibration()
     model = FittedCostModel.fit(calibration.profiles[:2], threads=1, host_cores=2)
