@@ -319,3 +319,18 @@ def test_out_inside_a_file_is_named(tmp_path):
     result = run_cli("simulate", str(PAPER / "2-node.toml"), "--out", str(tmp_path / "afile" / "sub"), "--quiet")
     assert result.exit_code == 2
     assert "which is a file, not a directory" in result.output
+
+
+def test_paper_without_containers_writes_page(tmp_path):
+    doc = tmp_path / "paper.md"
+    result = CliRunner().invoke(
+        main, ["paper", "--no-real", "--quiet", "--requests", "5", "--runs", str(tmp_path / "runs"), "--doc", str(doc), "--scenarios", str(PAPER)]
+    )
+    assert result.exit_code == 0, result.output
+    page = doc.read_text()
+    assert "| 2-node | simulated |" in page
+    assert "real runs were not requested" in page
+    # The links' cost in both modes comes from the scenario and the calibration file.
+    assert "1,000 Mbit/s" in page
+    assert "Gbit/s host to worker" in page
+    assert "input alone is 0.60 MB" in page
