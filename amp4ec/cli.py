@@ -108,11 +108,11 @@ class Amp4ecGroup(click.Group):
             console.print(Text("error: ", style="bold red") + Text(str(exc)), highlight=False, soft_wrap=True)
             sys.exit(exc.exit_status)
         except KeyboardInterrupt:
-            console.print("interrupted; partial output removed")
+            console.print("interrupted; no partial output left")
             sys.exit(130)
         except SystemExit as exc:
             if exc.code == 128 + signal.SIGTERM:
-                console.print("terminated; partial output removed")
+                console.print("terminated; no partial output left")
             raise
 
 

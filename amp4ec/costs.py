@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from typing import Annotated
 
-from pydantic import BaseModel, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from amp4ec.errors import FileFormatError, UsageError, validation_problems
 from amp4ec.graph import ModelGraph, read_json, write_text_atomic
@@ -65,7 +65,7 @@ class Measurement(BaseModel):
     converged: bool = Field(description="ci95_rel reached the target before the maximum count")
     cpu_stat: CpuStatDelta | None = None
     peak_rss_bytes: int | None = Field(default=None, description="worker's peak resident set size so far")
-    turns: list[PositiveInt] | None = Field(
+    turns: list[Annotated[int, Field(strict=True, gt=0)]] | None = Field(
         default=None,
         description="runs of each turn in order, when the window was measured in turns across profiles (schema 4); "
         "runs of one turn share the machine's speed of that moment",
@@ -101,6 +101,12 @@ class UnitTiming(BaseModel):
     warm_wall: TimingStats
     spaced: Measurement | None = Field(default=None, description="raw samples, runs spaced apart (schema 2)")
     saturated: Measurement | None = Field(default=None, description="raw samples, runs back to back (schema 2)")
+
+    @model_validator(mode="after")
+    def _turns_back_to_back_only(self) -> "UnitTiming":
+        if self.spaced is not None and self.spaced.turns is not None:
+            raise ValueError("spaced.turns is set, but only back-to-back (saturated) measurements are taken in turns; remove it")
+        return self
 
     def typical_cpu_ms(self, regime: str) -> float:
         """Return the mean CPU time of one regime ("spaced", or "warm" for back to back) without host stalls."""
@@ -212,21 +218,60 @@ def default_calibration_path() -> Path:
     return Path(str(resources.files("amp4ec") / "data" / DEFAULT_CALIBRATION))
 
 
+def _schema_version(schema: object) -> int:
+    """Return N of "amp4ec.calibration/N", or 0 for anything else."""
+    prefix = "amp4ec.calibration/"
+    if isinstance(schema, str) and schema.startswith(prefix) and schema[len(prefix) :].isdigit():
+        return int(schema[len(prefix) :])
+    return 0
+
+
+def _calibration_location(data: dict, loc: tuple) -> str:
+    """Return a validation error's location with profiles and units named, e.g. ``profile 'low' unit 'features.3' spaced.cpu_ms.0``."""
+    parts: list[str] = []
+    rest = list(loc)
+    profiles = data.get("profiles")
+    if len(rest) >= 2 and rest[0] == "profiles" and isinstance(rest[1], int) and isinstance(profiles, list) and rest[1] < len(profiles):
+        profile = profiles[rest[1]]
+        parts.append(f"profile {profile.get('name')!r}" if isinstance(profile, dict) else f"profiles.{rest[1]}")
+        rest = rest[2:]
+        units = profile.get("units") if isinstance(profile, dict) else None
+        if len(rest) >= 2 and rest[0] == "units" and isinstance(rest[1], int) and isinstance(units, list) and rest[1] < len(units):
+            unit = units[rest[1]]
+            parts.append(f"unit {unit.get('name')!r}" if isinstance(unit, dict) else f"units.{rest[1]}")
+            rest = rest[2:]
+    if rest:
+        parts.append(".".join(map(str, rest)))
+    return " ".join(parts) or "(top level)"
+
+
 def load_calibration(path: str | Path) -> Calibration:
     """Load a calibration file; ``"default"`` names the file shipped with the package."""
     path = default_calibration_path() if str(path) == "default" else Path(path)
     data = read_json(path)
     schema = data.get("schema") if isinstance(data, dict) else None
     if schema not in READABLE_CALIBRATION_SCHEMAS:
+        advice = "recalibrate with `amp4ec calibrate` from this version of amp4ec"
+        if _schema_version(schema) > _schema_version(CALIBRATION_SCHEMA):
+            advice = "the file is newer than this amp4ec; upgrade amp4ec to read it"
         raise FileFormatError(
-            f"schema is {schema!r}, expected one of {', '.join(map(repr, READABLE_CALIBRATION_SCHEMAS))}; "
-            "recalibrate with `amp4ec calibrate` from this version of amp4ec",
+            f"schema is {schema!r}, expected one of {', '.join(map(repr, READABLE_CALIBRATION_SCHEMAS))}; {advice}",
             source=str(path),
         )
     try:
         calibration = Calibration.model_validate(data)
     except ValidationError as exc:
-        raise FileFormatError(f"invalid calibration file: {validation_problems(exc)}; recalibrate or restore the file", source=str(path)) from exc
+        problems = validation_problems(exc, locate=lambda loc: _calibration_location(data, loc))
+        raise FileFormatError(f"invalid calibration file: {problems}; recalibrate or restore the file", source=str(path)) from exc
+    if schema != CALIBRATION_SCHEMA:
+        for profile in calibration.profiles:
+            for timing in [*profile.units, *([profile.model] if profile.model is not None else [])]:
+                if timing.saturated is not None and timing.saturated.turns is not None:
+                    raise FileFormatError(
+                        f"invalid calibration file: profile {profile.name!r} unit {timing.name!r} has saturated.turns, which "
+                        f"{schema} files do not have; set schema to {CALIBRATION_SCHEMA!r} or remove turns",
+                        source=str(path),
+                    )
     n_units = calibration.graph.n_units
     for profile in calibration.profiles:
         if len(profile.units) != n_units:

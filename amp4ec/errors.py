@@ -41,9 +41,17 @@ class WorkerError(Amp4ecError):
         super().__init__(f"worker {node}: {message}" if node else message)
 
 
-def validation_problems(exc, *, limit: int = 3) -> str:
-    """Return a pydantic ValidationError's problems on one line: ``location: message``, at most ``limit`` of them."""
-    problems = [f"{'.'.join(map(str, error['loc'])) or '(top level)'}: {error['msg'].lower()}" for error in exc.errors()]
+def validation_problems(exc, *, limit: int = 3, locate=None) -> str:
+    """Return a pydantic ValidationError's problems on one line: ``location: message``, at most ``limit`` of them.
+
+    ``locate`` turns an error's location tuple into text; by default its parts are joined with dots.
+    """
+    problems = []
+    for error in exc.errors():
+        location = locate(error["loc"]) if locate is not None else ".".join(map(str, error["loc"])) or "(top level)"
+        # Errors raised in validators come as "Value error, <message>"; the message is enough.
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{location}: {message[:1].lower()}{message[1:]}")
     text = "; ".join(problems[:limit])
     if len(problems) > limit:
         text += f" (and {len(problems) - limit} more)"

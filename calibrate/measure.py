@@ -106,8 +106,14 @@ def _add(total: CpuStatDelta | None, part: CpuStatDelta | None) -> CpuStatDelta 
     )
 
 
-def measure(worker, segment_id: str, inputs: list[np.ndarray], *, gap_ms: float, warmup: int, policy: RepeatPolicy) -> Measurement:
-    """Time ``segment_id`` (already loaded) with runs ``gap_ms`` apart until the mean is precise enough."""
+def measure(
+    worker, segment_id: str, inputs: list[np.ndarray], *, gap_ms: float, warmup: int, policy: RepeatPolicy, throttled: bool = False
+) -> Measurement:
+    """Time ``segment_id`` (already loaded) with runs ``gap_ms`` apart until the mean is precise enough.
+
+    With ``throttled`` (an earlier window of the same unit was throttled) a back-to-back window
+    spans ``policy.min_window_ms`` even if its own first runs were not throttled.
+    """
     wall_ms: list[float] = []
     cpu_ms: list[float] = []
     cpu_stat = None
@@ -117,7 +123,7 @@ def measure(worker, segment_id: str, inputs: list[np.ndarray], *, gap_ms: float,
     # Back to back, two periods of runs always show whether the quota throttles this unit;
     # only a unit that was throttled needs the full window.
     probe_window_ms = min(policy.min_window_ms, PROBE_WINDOW_MS) if gap_ms == 0 else 0.0
-    min_window_ms = probe_window_ms
+    min_window_ms = policy.min_window_ms if gap_ms == 0 and throttled else probe_window_ms
     while True:
         window_short_ms = min_window_ms - sum(wall_ms)
         if first:
@@ -189,7 +195,11 @@ def measure_back_to_back_interleaved(
     measured: dict[str, list[Measurement]] = {name: [] for name in names}
     for turn in range(parts):
         for name in _rotated(names, start + turn):
-            measured[name].append(measure(workers[name], segment_id, inputs, gap_ms=0.0, warmup=warmup, policy=part_policy))
+            # Once a turn was throttled, every later turn of that profile spans the full part window.
+            throttled = any(part.cpu_stat is not None and (part.cpu_stat.nr_throttled or 0) > 0 for part in measured[name])
+            measured[name].append(
+                measure(workers[name], segment_id, inputs, gap_ms=0.0, warmup=warmup, policy=part_policy, throttled=throttled)
+            )
     return {name: _merge(measured[name], policy) for name in names}
 
 

@@ -10,6 +10,7 @@ workers, are fitted from echo round trips over the same transport real mode uses
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import shlex
 import sys
@@ -77,15 +78,25 @@ def parse_profiles(specs: Sequence[str]) -> list[NodeSpec]:
         parts = spec.split(":")
         if len(parts) not in (3, 4):
             raise UsageError(f"profile {spec!r} is not NAME:CPUS:MEMORY_MB[:THREADS], e.g. low:0.4:512", field="--profile")
+        fields: dict[str, object] = {"name": parts[0]}
+        for field, text, kind in zip(("cpus", "memory_mb", "threads"), parts[1:], (float, float, int)):
+            try:
+                fields[field] = kind(text)
+            except ValueError:
+                expected = "a whole number" if kind is int else "a number"
+                raise UsageError(f"profile {spec!r} is invalid: {field} is {text!r}, expected {expected}", field="--profile") from None
         try:
-            cpus = float(parts[1])
-            memory_mb = float(parts[2])
-            threads = int(parts[3]) if len(parts) == 4 else None
-            profiles.append(NodeSpec(name=parts[0], cpus=cpus, memory_mb=memory_mb, threads=threads))
+            profile = NodeSpec(**fields)
         except ValidationError as exc:
             raise UsageError(f"profile {spec!r} is invalid: {validation_problems(exc)}", field="--profile") from exc
-        except ValueError as exc:
-            raise UsageError(f"profile {spec!r} is invalid: {exc}", field="--profile") from exc
+        host_cpus = os.cpu_count() or 1
+        if profile.cpus > host_cpus:
+            raise UsageError(
+                f"profile {spec!r} asks for {profile.cpus:g} CPUs but this host has {host_cpus}; "
+                f"give at most {host_cpus} CPUs, as Docker cannot grant more",
+                field="--profile",
+            )
+        profiles.append(profile)
     names = [p.name for p in profiles]
     if len(set(names)) != len(names):
         raise UsageError(f"profile names must be unique, got {names}", field="--profile")
@@ -605,8 +616,6 @@ def _memory_search(
 
 
 def _host_cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 

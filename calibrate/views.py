@@ -128,11 +128,17 @@ def validate_table(calibration: Calibration, *, normalise: bool = False) -> tupl
     thread_counts = Counter(p.threads for p in calibration.profiles)
     summary["extrapolated"] = [p.name for p in calibration.profiles if thread_counts[p.threads] == 1]
     if summary["extrapolated"]:
-        alone = ", ".join(f"{p.name} ({p.threads} threads)" for p in calibration.profiles if p.name in summary["extrapolated"])
-        table.caption += (
-            f". No other profile has the thread count of {alone}, so predicting it extrapolates across thread counts; "
-            "calibrate a second profile with that thread count to validate it"
-        )
+        alone = [f"{p.name} ({p.threads} thread{'s' if p.threads != 1 else ''})" for p in calibration.profiles if p.name in summary["extrapolated"]]
+        if len(alone) == 1:
+            table.caption += (
+                f". Profile {alone[0]} is the only one with its thread count, so its prediction extrapolates across "
+                "thread counts; calibrate a second profile with that thread count to validate it"
+            )
+        else:
+            table.caption += (
+                f". Profiles {', '.join(alone)} are each the only one with their thread count, so their predictions "
+                "extrapolate across thread counts; calibrate a second profile with each of those counts to validate them"
+            )
     return table, summary
 
 
@@ -171,7 +177,7 @@ def plot_calibration(calibration: Calibration, out: Path) -> None:
     for regime, axis in zip(REGIMES, axes[:2]):
         for offset, profile in enumerate(calibration.profiles):
             means = [unit_samples(u, regime)[1].mean() for u in profile.units]
-            axis.bar(positions + offset * width, means, width, label=f"{profile.name} ({profile.cpus:g} CPU)")
+            axis.bar(positions + offset * width, means, width, label=f"{profile.name} ({profile.cpus:g} CPU, {profile.threads} thread{'s' if profile.threads != 1 else ''})")
         axis.set_xticks(positions + 0.4 - width / 2, names, rotation=90, fontsize=7)
         axis.set_ylabel("mean wall time per forward (ms)")
         axis.set_title(f"per-unit wall time, runs {'spaced apart' if regime == 'spaced' else 'back to back'}")

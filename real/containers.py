@@ -470,15 +470,15 @@ class WorkerCluster:
 
     def _on_signal(self, signum, frame) -> None:
         if self._creating:
-            log.warning("run %s: signal %d received while creating a container or network; stopping once that call returns", self.run_id, signum)
+            log.warning("run %s: %s received while creating a container or network; stopping once that call returns", self.run_id, signal.Signals(signum).name)
             self._deferred_signal = signum
             return
         if self._closing:
             # A second Ctrl-C while the first one's cleanup runs would otherwise interrupt it
             # and leave the network (or a container) behind.
-            log.warning("run %s: signal %d ignored; still removing worker containers", self.run_id, signum)
+            log.warning("run %s: %s ignored; still removing worker containers", self.run_id, signal.Signals(signum).name)
             return
-        log.warning("run %s: received signal %d, removing worker containers", self.run_id, signum)
+        log.warning("run %s: received %s, removing worker containers", self.run_id, signal.Signals(signum).name)
         self.close()
         if signum == signal.SIGINT:
             raise KeyboardInterrupt

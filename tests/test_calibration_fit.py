@@ -248,7 +248,7 @@ def test_validate_show_plot_commands(calibration_file, tmp_path):
     lonely.write_text(json.dumps(data))
     result = runner.invoke(main, ["calibrate", "validate", str(lonely), "--json", str(tmp_path / "v2.json")])
     assert result.exit_code == 0, result.output
-    assert "extrapolates across thread counts" in " ".join(result.output.split())
+    assert "Profile low (2 threads) is the only one with its thread count" in " ".join(result.output.split())
     assert json.loads((tmp_path / "v2.json").read_text())["extrapolated"] == ["low"]
 
     result = runner.invoke(main, ["calibrate", "show", str(calibration_file)])
@@ -269,6 +269,12 @@ def test_validate_show_plot_commands(calibration_file, tmp_path):
         (lambda data: data["profiles"][0]["units"][0]["spaced"]["wall_ms"].__setitem__(0, -1.0), "greater than or equal to 0"),
         (lambda data: data["profiles"][0]["units"][0]["saturated"]["cpu_ms"].pop(), "each run needs both"),
         (lambda data: data["profiles"][1].__setitem__("name", data["profiles"][0]["name"]), "appears more than once"),
+        (
+            lambda data: data["profiles"][0]["units"][1]["saturated"]["turns"].__setitem__(0, 1),
+            "profile 'high' unit 'u1' saturated: turns add up to",
+        ),
+        (lambda data: data["profiles"][0]["units"][0]["saturated"].__setitem__("turns", ["9"] * 6), "valid integer"),
+        (lambda data: data["profiles"][0]["units"][0]["spaced"].__setitem__("turns", [40]), "only back-to-back"),
     ],
 )
 def test_invalid_samples_rejected(tmp_path, calibration_file, change, message):
@@ -303,6 +309,13 @@ def test_bad_profile_and_gap_are_one_line(tmp_path):
 
     with pytest.raises(UsageError, match=r"profile 'x:0:512' is invalid: cpus: input should be greater than 0$"):
         parse_profiles(["x:0:512"])
+    with pytest.raises(UsageError, match=r"profile 'x:1:abc' is invalid: memory_mb is 'abc', expected a number$"):
+        parse_profiles(["x:1:abc"])
+    with pytest.raises(UsageError, match=r"profile 'x:1:512:1.5' is invalid: threads is '1.5', expected a whole number$"):
+        parse_profiles(["x:1:512:1.5"])
+    # Docker refuses a quota above the host's CPU count only once a container is created.
+    with pytest.raises(UsageError, match=r"asks for 4096 CPUs but this host has \d+; give at most"):
+        parse_profiles(["x:4096:512"])
     result = CliRunner().invoke(main, ["calibrate", "--gap-ms", "nan", "--out", str(tmp_path / "c.json")])
     assert result.exit_code == 2
     assert "--gap-ms must be a finite number" in result.output
@@ -312,7 +325,7 @@ def test_schema_versions_load_or_fail(tmp_path, calibration_file):
     data = json.loads(calibration_file.read_text())
     assert data["schema"] == CALIBRATION_SCHEMA
     data["schema"] = "amp4ec.calibration/1"
-    for timing in [u for p in data["profiles"] for u in p["units"]]:
+    for timing in [u for p in data["profiles"] for u in [*p["units"], p["model"]]]:
         del timing["spaced"], timing["saturated"]
     old = tmp_path / "old.json"
     old.write_text(json.dumps(data))
@@ -326,7 +339,23 @@ def test_schema_versions_load_or_fail(tmp_path, calibration_file):
     result = CliRunner().invoke(main, ["calibrate", "show", str(future)])
     assert result.exit_code == 2
     assert "amp4ec.calibration/99" in result.output
+    assert "upgrade amp4ec" in result.output
+
+    data["schema"] = "amp4ec.calibration/0"
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["calibrate", "show", str(unknown)])
+    assert result.exit_code == 2
     assert "recalibrate" in result.output
+
+    # Turns came with schema 4, so an older file that has them was edited by hand.
+    data = json.loads(calibration_file.read_text())
+    data["schema"] = "amp4ec.calibration/3"
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["calibrate", "show", str(edited)])
+    assert result.exit_code == 2
+    assert "unit 'u0' has saturated.turns, which amp4ec.calibration/3 files do not have" in result.output
 
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text(calibration_file.read_text()[:100])
@@ -416,6 +445,25 @@ def test_back_to_back_interleaved_takes_turns():
         assert sum(result.wall_ms) >= 900.0
         assert result.cpu_stat.nr_throttled == len(workers[name].requests)
         assert result.converged
+
+
+def test_later_turns_span_window_after_throttling():
+    from amp4ec.calibrate.measure import measure_back_to_back_interleaved
+
+    class ThrottledOnce(FakeWorker):
+        """Throttled in the first request only, as a quota can be at one phase of the period and not another."""
+
+        def profile(self, *args, **kwargs):
+            reply = super().profile(*args, **kwargs)
+            self.throttled = False
+            return reply
+
+    worker = ThrottledOnce(noise=0.001)
+    policy = RepeatPolicy(min_repeats=10, max_repeats=60, batch=10, min_window_ms=1200.0)
+    result = measure_back_to_back_interleaved({"a": worker}, "u", [], warmup=0, policy=policy, parts=3)["a"]
+    # Every turn spans its 400 ms share of the window, not just the 200 ms probe.
+    spans = [sum(turn) for turn in np.split(np.asarray(result.wall_ms), np.cumsum(result.turns)[:-1])]
+    assert min(spans) >= 400.0, spans
 
 
 def test_spaced_interleaved_stops_at_max_rounds():

@@ -266,7 +266,7 @@ def test_sigterm_removes_partial_output(tmp_path):
             process.kill()
             process.wait()
     assert process.returncode == 143
-    assert "terminated; partial output removed" in stderr
+    assert "terminated; no partial output left" in stderr
     assert not out.exists()
     assert list(tmp_path.glob(".run.partial-*")) == []
 

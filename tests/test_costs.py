@@ -46,6 +46,10 @@ def test_other_schema_version_rejected(tmp_path):
     data = json.loads(path.read_text())
     data["schema"] = "amp4ec.calibration/99"
     path.write_text(json.dumps(data))
+    with pytest.raises(FileFormatError, match="upgrade amp4ec"):
+        load_calibration(path)
+    data["schema"] = "something/1"
+    path.write_text(json.dumps(data))
     with pytest.raises(FileFormatError, match="recalibrate"):
         load_calibration(path)
 
