@@ -140,6 +140,8 @@ class SimNode:
     """(flow, continuation, remaining s) of the stages that reached an event while the node was paused"""
     direct_flow: "RequestFlow | None" = None
     """the flow whose stage was computed in one step, without the links, and has not ended (see _run_stage_direct)"""
+    name: str = ""
+    """the spec's name, kept here because the hot path reads it once per stage"""
 
 
 @dataclass
@@ -177,6 +179,7 @@ class Simulation:
                 f"{self.total_requests} requests are simulated"
             )
         check_fits_in_memory(self.total_requests, len(self.plan.segments), len(scenario.nodes))
+        self._segment_memory: dict[tuple[int, int], int] = {}
         self._stages = self._stage_table()
         # A node whose first event is join is absent until then, as in replay.
         self._first_kinds = first_kinds(scenario)
@@ -199,6 +202,8 @@ class Simulation:
         # _run_stage_direct). Pull dispatch releases nodes at events of its own, so it always
         # goes through the links.
         self._direct_stages = not self._pull
+        # One bound method for every direct stage's end event, rather than a new one per stage.
+        self._end_direct_stage = self._direct_output_arrived
         self._batch = scenario.workload.batch
         # (segment start, stop, torch threads, container CPU quota) -> (CPU ms per request,
         # parallelism); a node's CfsCpu has as many cores as the node has torch threads.
@@ -259,9 +264,15 @@ class Simulation:
 
     def _deployed_bytes(self, name: str) -> int:
         """Memory the current plan keeps resident on node ``name``: the runtime and its segments."""
-        return self.costs.runtime_bytes + sum(
-            self.costs.segment_memory_bytes(s.start, s.stop) for s in self.plan.segments_on(name)
-        )
+        return self.costs.runtime_bytes + sum(self._segment_memory_bytes(s) for s in self.plan.segments_on(name))
+
+    def _segment_memory_bytes(self, segment) -> int:
+        """Return the segment's resident memory, computed once per segment rather than once per node."""
+        key = (segment.start, segment.stop)
+        memory_bytes = self._segment_memory.get(key)
+        if memory_bytes is None:
+            memory_bytes = self._segment_memory[key] = self.costs.segment_memory_bytes(segment.start, segment.stop)
+        return memory_bytes
 
     def _make_node(self, spec: NodeSpec) -> SimNode:
         # A node's CFS phase depends on the seed and its name only, so adding nodes leaves the
@@ -280,6 +291,7 @@ class Simulation:
             bandwidth_bps=bandwidth_bps,
             latency_ms=latency_ms,
             quota_cpus=spec.cpus,
+            name=spec.name,
         )
         node.uplink = SharedLink(self.env, bandwidth_bps)
         node.downlink = SharedLink(self.env, bandwidth_bps)
@@ -732,13 +744,13 @@ class Simulation:
             flow.frozen_mark_s = self._frozen_until(node, now)
             self._watch_deadline(flow, node)
         elif alone and self._direct_stages and node.uplink.idle and node.downlink.idle:
-            self._run_stage_direct(flow, node, in_bytes)
+            self._run_stage_direct(flow, node, in_bytes, now)
             return
         if node.direct_flow is not None:
             self._settle_direct(node)
         node.uplink.send(in_bytes, node.latency_ms, flow.input_arrived)
 
-    def _run_stage_direct(self, flow: "RequestFlow", node: SimNode, in_bytes: float) -> None:
+    def _run_stage_direct(self, flow: "RequestFlow", node: SimNode, in_bytes: float, now: float) -> None:
         """Compute the whole stage on a node with nothing else in flight, with one event for its end.
 
         Unless another stage or a timeline event reaches the node first, the input and the
@@ -748,23 +760,28 @@ class Simulation:
         _settle_direct first, which hands the stage to the links as if it had been sent
         through them, so the records are the same as without this path.
         """
-        now = self.env.now
         input_s = node.uplink.alone_arrival_s(in_bytes, node.latency_ms, now)
         flow.input_s = input_s
         flow.booking_undo = (node.worker_free_s, node.cpu.save_state())
         output_start_s = flow.output_start_s = self._book_worker(flow, node, input_s)
         out_bytes = flow.stages[flow.stage][3]
         output_s = node.downlink.alone_arrival_s(out_bytes, node.latency_ms, input_s, output_start_s)
-        event = flow.direct_event = schedule_at(self.env, output_s)
-        # The callback refers to the flow, which refers to the event, a reference cycle that
-        # SimPy breaks when it processes the event. A cycle that outlived its event would stay
-        # in memory until the run ends, because the cyclic collector is off until then.
-        event.callbacks.append(flow.direct_output_arrived)
+        # The event's value is the flow, and the flow refers to the event until it is processed.
+        event = flow.direct_event = schedule_at(self.env, output_s, flow)
+        event.callbacks.append(self._end_direct_stage)
         node.direct_flow = flow
 
-    def _direct_output_arrived(self, flow: "RequestFlow", event: simpy.Event) -> None:
+    def _direct_output_arrived(self, event: simpy.Event) -> None:
+        flow = event.value
+        if flow.direct_event is not event:
+            # The stage was handed to the links before its input arrived, and its flow has moved on.
+            return
+        # This breaks the reference cycle between the flow and its event. A cycle that outlived
+        # its event would stay in memory until the run ends, because the cyclic collector is off
+        # until then.
+        flow.direct_event = None
         node = flow.node
-        if node.direct_flow is not flow or flow.direct_event is not event:
+        if node.direct_flow is not flow:
             # The stage was handed to the links, whose timers carry it on.
             return
         node.direct_flow = None
@@ -832,7 +849,7 @@ class Simulation:
         request_id = flow.request_id
         node.in_flight.pop(request_id, None)
         node.busy_cpu_ms += flow.work_ms + flow.cold_ms
-        self.scheduler.observe(node.spec.name, flow.exec_ms)
+        self.scheduler.observe(node.name, flow.exec_ms)
         _, _, in_bytes, out_bytes, _ = flow.stages[flow.stage]
         records = self.records
         # RecordColumns.add_stage, inlined on the hot path.
@@ -1091,9 +1108,6 @@ class RequestFlow:
 
     def output_arrived(self) -> None:
         self.sim._output_arrived(self)
-
-    def direct_output_arrived(self, event: simpy.Event) -> None:
-        self.sim._direct_output_arrived(self, event)
 
     def interrupt(self, cause: NodeLost) -> None:
         """Lose the stage in flight; the flow goes on at an urgent event, as a SimPy interrupt would."""
