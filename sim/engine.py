@@ -131,7 +131,7 @@ class SimNode:
     epoch: int = 0
     """incremented when the node fails, so a stage can tell it outlived its container"""
     in_flight: dict = field(default_factory=dict)
-    """request id -> the request's flow, for the stages dispatched to this node"""
+    """request id -> the request's flow, for the stages dispatched to this node other than direct_flow"""
     paused_since_s: float | None = None
     """while the node is paused: when the pause began; None while it runs"""
     frozen_s: float = 0.0
@@ -718,7 +718,7 @@ class Simulation:
         now = self.env.now
         segment, _, in_bytes, _, _ = flow.stages[flow.stage]
         records = self.records
-        if math.isnan(records.start_s[flow.request_id]):
+        if flow.stage == 0 and math.isnan(records.start_s[flow.request_id]):
             records.start_s[flow.request_id] = now
         key = (segment.start, segment.stop, node.cpu.cores, node.quota_cpus)
         cost = self._costs.get(key)
@@ -736,18 +736,21 @@ class Simulation:
         flow.resume_ms = cost[2]
         # Negative until the input has arrived and the worker is booked.
         flow.exec_ms = -1.0
-        alone = not node.in_flight
-        node.in_flight[flow.request_id] = flow
+        # A direct stage enters in_flight only when _settle_direct hands it to the links, so
+        # settling it before this stage enters keeps in_flight in the order stages were sent.
+        if node.direct_flow is not None:
+            self._settle_direct(node)
         flow.frozen_mark_s = node.frozen_s
         if node.paused_since_s is not None:
             # Sent to a paused node: the stage waits for the resume, for at most PAUSED_STAGE_TIMEOUT_S.
+            node.in_flight[flow.request_id] = flow
             flow.frozen_mark_s = self._frozen_until(node, now)
             self._watch_deadline(flow, node)
-        elif alone and self._direct_stages and node.uplink.idle and node.downlink.idle:
+        elif not node.in_flight and self._direct_stages and node.uplink.idle and node.downlink.idle:
             self._run_stage_direct(flow, node, in_bytes, now)
             return
-        if node.direct_flow is not None:
-            self._settle_direct(node)
+        else:
+            node.in_flight[flow.request_id] = flow
         node.uplink.send(in_bytes, node.latency_ms, flow.input_arrived)
 
     def _run_stage_direct(self, flow: "RequestFlow", node: SimNode, in_bytes: float, now: float) -> None:
@@ -785,7 +788,9 @@ class Simulation:
             # The stage was handed to the links, whose timers carry it on.
             return
         node.direct_flow = None
-        self._output_arrived(flow)
+        # Any event on the node since the stage was sent would have handed the stage to the
+        # links, so the node has the stage's epoch and has not been paused.
+        self._end_stage(flow, node)
 
     def _settle_direct(self, node: SimNode) -> None:
         """Hand the node's direct stage, if any, to its links, as they would carry it had it gone through them."""
@@ -793,6 +798,7 @@ class Simulation:
         if flow is None:
             return
         node.direct_flow = None
+        node.in_flight[flow.request_id] = flow
         _, _, in_bytes, out_bytes, _ = flow.stages[flow.stage]
         # NOTE: at a tie (now equal to the input's arrival) the input counts as arrived. Through
         # the links the order would follow the creation order of the two events instead.
@@ -846,8 +852,12 @@ class Simulation:
             flow, node, self._output_arrived
         ):
             return
+        node.in_flight.pop(flow.request_id, None)
+        self._end_stage(flow, node)
+
+    def _end_stage(self, flow: "RequestFlow", node: SimNode) -> None:
+        """Record the stage whose output has arrived and go on to the request's next stage."""
         request_id = flow.request_id
-        node.in_flight.pop(request_id, None)
         node.busy_cpu_ms += flow.work_ms + flow.cold_ms
         self.scheduler.observe(node.name, flow.exec_ms)
         _, _, in_bytes, out_bytes, _ = flow.stages[flow.stage]
