@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
 
@@ -134,22 +134,27 @@ class NoNodeAvailable(RuntimeError):
         self.task = task
 
 
-# Static score of a node that the snapshot alone rules out for a stage. Every real static
-# score is >= 0, because the weights and the resource ratios are.
-_RULED_OUT = -1.0
-# Values per node in Amp4ecScheduler._dynamic: load, then the load, performance and balance
-# terms of the score (S_L, S_P, S_B), each already multiplied by its weight.
-_DYNAMIC_VALUES = 4
+# Score term of a node that the snapshot, or its load, rules out for a stage. Every other term
+# is >= 0, because the weights and the ratios are, and a sum with -inf stays -inf.
+_RULED_OUT = -math.inf
+# Uniform draws taken from the scheduler's generator at a time.
+_DRAW_BLOCK = 4096
+# Values per node in Amp4ecScheduler._terms, at these offsets: the node's load; w_load * S_L +
+# w_performance * S_P, which change when the node reports; w_balance * S_B, which changes when
+# the node is chosen; and the sum of the last two, or _RULED_OUT while the load is above
+# max_load. One node's values share a cache line, which matters at 10,000 nodes.
+_TERMS = 4
+_LOAD, _LOAD_PERFORMANCE, _BALANCE, _DYNAMIC = range(_TERMS)
 
 
 class _NodeHistory:
-    """A node's execution times as the scheduler learns them, and its position in the dynamic terms."""
+    """A node's execution times as the scheduler learns them, and its index in the per-node arrays."""
 
     __slots__ = ("index", "recent_ms", "total_ms", "count")
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, history: int) -> None:
         self.index = index
-        self.recent_ms: list[float] = []
+        self.recent_ms: deque[float] = deque(maxlen=history)
         self.total_ms = 0.0
         self.count = 0
 
@@ -192,7 +197,6 @@ class Amp4ecScheduler:
         if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 1:
             raise ValueError(f"max_candidates must be an integer >= 1, got {max_candidates!r}")
         self.max_candidates = max_candidates
-        self._candidates = LiveCandidates()
         self._rng = rng
         numbers = {
             "w_resources": w_resources,
@@ -223,39 +227,45 @@ class Amp4ecScheduler:
         self._histories: dict[str, _NodeHistory] = {}
         self._names: list[str] = []
         # Decisions are made once per stage of every request, so every term of the score is
-        # kept ready, already multiplied by its weight. The terms that change when a node
-        # reports or is chosen are kept per node in _dynamic. The ones that change with the
-        # snapshot (filters, S_R) are kept per live node in _static. Flat arrays of floats
-        # replace an object per node and term, with which the scheduler took about 40 % of a
-        # run's CPU time at 10,000 nodes. A tuple per node was slower than arrays in runs at
-        # 10,000 nodes, although faster when select() ran alone in a loop.
-        self._dynamic = array("d")
+        # kept ready, already multiplied by its weight, in flat arrays indexed by node. An
+        # object per node and term made the scheduler take about 40 % of a run's CPU time at
+        # 10,000 nodes. A tuple per node was slower than arrays in runs at 10,000 nodes,
+        # although faster when select() ran alone in a loop.
+        self._terms = array("d")
         self._static: dict[tuple[float, int], array] = {}
-        self._live_index = array("q")
-        """offset in _dynamic of each node in the snapshot's live list"""
+        """per (CPUs, memory bytes) a stage needs: w_resources * S_R per node, or _RULED_OUT where the snapshot rules the node out"""
+        self._snapshot: Mapping[str, NodeState] | None = None
+        """the states select() last took a snapshot of"""
+        self._live_states: list[NodeState] = []
+        self._live_nodes: list[int] = []
+        """node index of each live node of the snapshot, in the snapshot's order"""
+        self._live_array = np.empty(0, dtype=np.int64)
+        self._assigned_nodes: dict[tuple[str, ...], list[int]] = {}
         self._latency_ms = np.empty(0)
         self._cpu_available = np.empty(0)
         self._memory_available_bytes = np.empty(0)
-        self._draws: list[float] = []
+        # The block of uniform draws not yet used, from _draw_next on, with each draw's noise
+        # factor and, computed when needed, the live node each draw picks.
+        self._draw_block = np.empty(0)
+        self._draws = array("d")
+        self._factors = array("d")
+        self._picks: array | None = None
         self._draw_next = 0
-        self._snapshot: Mapping[str, NodeState] | None = None
-        """the states select() last took a snapshot of"""
-        self._all_live = range(0)
 
     def _node_history(self, name: str) -> _NodeHistory:
         history = self._histories.get(name)
         if history is None:
-            history = self._histories[name] = _NodeHistory(len(self._names))
+            history = self._histories[name] = _NodeHistory(len(self._names), self.history)
             self._names.append(name)
-            assigned = self.tasks_assigned.get(name, 0)
-            self._dynamic.extend(
-                (0.0, self.w_load * (1.0 - 0.0), self.w_performance * 0.5, self.w_balance * (1.0 / (1.0 + 2.0 * assigned)))
-            )
+            # The terms of a node with no history: load 0, S_P 0.5.
+            load_performance = self.w_load * (1.0 - 0.0) + self.w_performance * 0.5
+            balance = self.w_balance * (1.0 / (1.0 + 2.0 * self.tasks_assigned.get(name, 0)))
+            self._terms.extend((0.0, load_performance, balance, load_performance + balance))
         return history
 
     def load(self, node: str) -> float:
         history = self._histories.get(node)
-        return self._dynamic[history.index * _DYNAMIC_VALUES] if history is not None else 0.0
+        return self._terms[history.index * _TERMS + _LOAD] if history is not None else 0.0
 
     def _ratio(self, available: float, needed: float) -> float:
         if needed <= 0:
@@ -275,11 +285,9 @@ class Amp4ecScheduler:
         # S_P takes the mean execution time in seconds; with no history it is 0.5.
         s_performance = 1.0 / (1.0 + history.total_ms / history.count / 1e3) if history is not None and history.count else 0.5
         s_balance = 1.0 / (1.0 + 2.0 * self.tasks_assigned[state.name])
-        return (
-            self.w_resources * s_resources
-            + self.w_load * s_load
-            + self.w_performance * s_performance
-            + self.w_balance * s_balance
+        # The terms are added in the order select() adds its precomputed ones, so both give the same float.
+        return self.w_resources * s_resources + (
+            self.w_load * s_load + self.w_performance * s_performance + self.w_balance * s_balance
         )
 
     def eligible(self, task: StageTask, state: NodeState) -> bool:
@@ -291,43 +299,61 @@ class Amp4ecScheduler:
             and state.memory_available_bytes >= task.memory_needed_bytes
         )
 
-    def _uniform(self) -> float:
-        """Return the next uniform draw in [0, 1) of the scheduler's stream.
-
-        Draws are taken from the generator in blocks because one numpy call per draw costs more
-        than the rest of a decision; ``noise * draw`` equals ``rng.uniform(0, noise)`` bit for bit.
-        """
-        if self._draw_next >= len(self._draws):
-            self._draws = self._rng.random(4096).tolist()
-            self._draw_next = 0
-        draw = self._draws[self._draw_next]
-        self._draw_next += 1
-        return draw
-
     def _ensure_draws(self, count: int) -> None:
         """Make the block hold at least ``count`` unused draws.
 
         Appending the next blocks early keeps the stream's order, so the draws are the same
-        as when each block is fetched only once the previous one is spent.
+        as when each block is fetched only once the previous one is spent. Draws come in
+        blocks because one numpy call per draw costs more than the rest of a decision.
+        ``noise * draw`` equals ``rng.uniform(0, noise)`` bit for bit.
         """
-        if self._draw_next + count > len(self._draws):
-            remaining = self._draws[self._draw_next :]
-            while len(remaining) < count:
-                remaining += self._rng.random(4096).tolist()
-            self._draws = remaining
-            self._draw_next = 0
+        if self._draw_next + count <= len(self._draws):
+            return
+        blocks = [self._draw_block[self._draw_next :]]
+        drawn = len(blocks[0])
+        while drawn < count:
+            blocks.append(self._rng.random(_DRAW_BLOCK))
+            drawn += _DRAW_BLOCK
+        self._draw_block = np.concatenate(blocks)
+        self._draws = array("d", self._draw_block.tobytes())
+        # The same float operations as 1.0 + noise * draw in Python.
+        self._factors = array("d", (1.0 + self.noise * self._draw_block).tobytes())
+        self._picks = None
+        self._draw_next = 0
 
-    def _take_snapshot(self) -> None:
+    def _live_picks(self) -> array:
+        """Return the live node that each draw of the block picks when it samples the whole live list.
+
+        ``int(draw * n)`` in Python and numpy's truncation of ``draw * n`` give the same index.
+        """
+        positions = (self._draw_block * len(self._live_nodes)).astype(np.int64)
+        return array("q", self._live_array[positions].tobytes())
+
+    def _take_snapshot(self, states: Mapping[str, NodeState]) -> None:
         """Index the live nodes of a new snapshot and keep the columns the filters and S_R read."""
-        live = self._candidates.live
+        self._snapshot = states
+        live = self._live_states = [state for state in states.values() if state.alive]
+        self._live_nodes = [self._node_history(state.name).index for state in live]
+        self._live_array = np.array(self._live_nodes, dtype=np.int64)
+        self._assigned_nodes = {}
         self._static = {}
-        self._live_index = array("q", [self._node_history(state.name).index * _DYNAMIC_VALUES for state in live])
-        self._all_live = range(len(live))
+        self._picks = None
         self._latency_ms = np.array([state.link_latency_ms for state in live], dtype=np.float64)
         self._cpu_available = np.array([state.cpu_available for state in live], dtype=np.float64)
         # Memory sizes below 2**53 bytes are exact as float64, so comparisons and ratios match
         # the ones score() computes on Python integers.
         self._memory_available_bytes = np.array([state.memory_available_bytes for state in live], dtype=np.float64)
+
+    def _candidates(self, segment: Segment) -> list[int]:
+        """Return the node indices of the live nodes that may run ``segment``, in the snapshot's order."""
+        if not segment.nodes:
+            return self._live_nodes
+        found = self._assigned_nodes.get(segment.nodes)
+        if found is None:
+            allowed = set(segment.nodes)
+            found = [index for index, state in zip(self._live_nodes, self._live_states) if state.name in allowed]
+            self._assigned_nodes[segment.nodes] = found
+        return found
 
     def _ratios(self, available: np.ndarray, needed: float) -> np.ndarray:
         """Apply _ratio() to every element of ``available``, with the same float operations."""
@@ -337,7 +363,7 @@ class Amp4ecScheduler:
         return np.minimum(1.0, np.maximum(0.0, ratios)) if self.clamp else ratios
 
     def _static_scores(self, task: StageTask) -> array:
-        """Compute, per live node, ``w_resources * S_R`` or _RULED_OUT if the snapshot alone rules the node out."""
+        """Compute, per node, ``w_resources * S_R``, or _RULED_OUT unless the snapshot shows it live and able to run the stage."""
         eligible = (
             (self._latency_ms <= self.max_latency_ms)
             & (self._cpu_available >= task.cpu_needed)
@@ -346,68 +372,65 @@ class Amp4ecScheduler:
         s_resources = 0.5 * self._ratios(self._cpu_available, task.cpu_needed) + 0.5 * self._ratios(
             self._memory_available_bytes, task.memory_needed_bytes
         )
-        scores = array("d")
-        scores.frombytes(np.where(eligible, self.w_resources * s_resources, _RULED_OUT).tobytes())
-        self._static[(task.cpu_needed, task.memory_needed_bytes)] = scores
+        by_node = np.full(len(self._names), _RULED_OUT)
+        by_node[self._live_array] = np.where(eligible, self.w_resources * s_resources, _RULED_OUT)
+        scores = self._static[(task.cpu_needed, task.memory_needed_bytes)] = array("d", by_node.tobytes())
         return scores
 
     def select(self, task: StageTask, states: Mapping[str, NodeState]) -> str:
-        if states is not self._snapshot and self._candidates.refresh(states):
-            self._take_snapshot()
-            self._snapshot = states
-        live = self._candidates.live
+        if states is not self._snapshot:
+            self._take_snapshot(states)
         segment = task.segment
-        candidates = self._candidates.indices(segment) if segment.nodes else self._all_live
+        candidates = self._candidates(segment)
         n_candidates = len(candidates)
         if not n_candidates:
             raise NoNodeAvailable(task)
         max_candidates = self.max_candidates
         sampled = n_candidates > max_candidates
-        # Uniform draws are read straight from the block: first the sample's, then one per
-        # scored node, in the order _uniform() would return them.
+        # A decision takes its draws in this order: first the sample's, then one per scored node.
         needed = max_candidates + max_candidates if sampled else n_candidates
         if self._draw_next + needed > len(self._draws):
             self._ensure_draws(needed)
-        draws = self._draws
         position = self._draw_next
         if sampled:
             end = position + max_candidates
-            picks = [int(draw * n_candidates) for draw in draws[position:end]]
             if segment.nodes:
-                picks = [candidates[pick] for pick in picks]
+                draws = self._draws
+                picks = [candidates[int(draws[j] * n_candidates)] for j in range(position, end)]
+            else:
+                if self._picks is None:
+                    self._picks = self._live_picks()
+                picks = self._picks[position:end]
             # Duplicates are dropped, and each node keeps the place of its first draw.
-            indices = dict.fromkeys(picks)
+            nodes = dict.fromkeys(picks)
             position = end
         else:
-            indices = candidates
+            nodes = candidates
         static_scores = self._static.get((task.cpu_needed, task.memory_needed_bytes))
         if static_scores is None:
             static_scores = self._static_scores(task)
-        live_index = self._live_index
-        dynamic = self._dynamic
-        max_load = self.max_load
-        noise = self.noise
+        terms = self._terms
+        factors = self._factors
         chosen = -1
         best_score = -math.inf
-        for i in indices:
-            static_score = static_scores[i]
-            if static_score < 0.0:
+        for node in nodes:
+            score = static_scores[node] + terms[node * _TERMS + _DYNAMIC]
+            if score < 0.0:
+                # The snapshot or the node's load rules the node out, so no draw is taken for it.
                 continue
-            base = live_index[i]
-            if dynamic[base] > max_load:
-                continue
-            # Same terms, in the same order, as score().
-            score = static_score + dynamic[base + 1] + dynamic[base + 2] + dynamic[base + 3]
-            noisy = score * (1.0 + noise * draws[position])
+            noisy = score * factors[position]
             position += 1
             if noisy > best_score:
-                chosen, best_score = i, noisy
+                chosen, best_score = node, noisy
         self._draw_next = position
         if chosen < 0:
-            chosen = min(indices, key=lambda i: dynamic[live_index[i]])
-        name = live[chosen].name
+            chosen = min(nodes, key=lambda node: terms[node * _TERMS + _LOAD])
+        name = self._names[chosen]
         assigned = self.tasks_assigned[name] = self.tasks_assigned[name] + 1
-        dynamic[live_index[chosen] + 3] = self.w_balance * (1.0 / (1.0 + 2.0 * assigned))
+        base = chosen * _TERMS
+        balance = terms[base + _BALANCE] = self.w_balance * (1.0 / (1.0 + 2.0 * assigned))
+        if terms[base + _LOAD] <= self.max_load:
+            terms[base + _DYNAMIC] = terms[base + _LOAD_PERFORMANCE] + balance
         return name
 
     def observe(self, node: str, exec_ms: float) -> None:
@@ -416,14 +439,15 @@ class Amp4ecScheduler:
             history = self._node_history(node)
         recent_ms = history.recent_ms
         recent_ms.append(exec_ms)
-        if len(recent_ms) > self.history:
-            del recent_ms[0]
-        load = min(1.0, sum(recent_ms) / len(recent_ms) / 100.0)
+        mean_load = sum(recent_ms) / len(recent_ms) / 100.0
+        load = mean_load if mean_load < 1.0 else 1.0
         history.total_ms += exec_ms
         history.count += 1
-        dynamic = self._dynamic
-        base = history.index * _DYNAMIC_VALUES
-        dynamic[base] = load
-        dynamic[base + 1] = self.w_load * (1.0 - load)
+        terms = self._terms
+        base = history.index * _TERMS
+        terms[base + _LOAD] = load
         # S_P takes the mean execution time in seconds.
-        dynamic[base + 2] = self.w_performance * (1.0 / (1.0 + history.total_ms / history.count / 1e3))
+        load_performance = terms[base + _LOAD_PERFORMANCE] = self.w_load * (1.0 - load) + self.w_performance * (
+            1.0 / (1.0 + history.total_ms / history.count / 1e3)
+        )
+        terms[base + _DYNAMIC] = load_performance + terms[base + _BALANCE] if load <= self.max_load else _RULED_OUT

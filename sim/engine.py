@@ -131,7 +131,7 @@ class SimNode:
     epoch: int = 0
     """incremented when the node fails, so a stage can tell it outlived its container"""
     in_flight: dict = field(default_factory=dict)
-    """request id -> the request's flow, for the stages dispatched to this node"""
+    """request id -> the request's flow, for the stages dispatched to this node other than direct_flow"""
     paused_since_s: float | None = None
     """while the node is paused: when the pause began; None while it runs"""
     frozen_s: float = 0.0
@@ -140,6 +140,8 @@ class SimNode:
     """(flow, continuation, remaining s) of the stages that reached an event while the node was paused"""
     direct_flow: "RequestFlow | None" = None
     """the flow whose stage was computed in one step, without the links, and has not ended (see _run_stage_direct)"""
+    name: str = ""
+    """the spec's name, kept here because the hot path reads it once per stage"""
 
 
 @dataclass
@@ -177,6 +179,7 @@ class Simulation:
                 f"{self.total_requests} requests are simulated"
             )
         check_fits_in_memory(self.total_requests, len(self.plan.segments), len(scenario.nodes))
+        self._segment_memory: dict[tuple[int, int], int] = {}
         self._stages = self._stage_table()
         # A node whose first event is join is absent until then, as in replay.
         self._first_kinds = first_kinds(scenario)
@@ -199,6 +202,8 @@ class Simulation:
         # _run_stage_direct). Pull dispatch releases nodes at events of its own, so it always
         # goes through the links.
         self._direct_stages = not self._pull
+        # One bound method for every direct stage's end event, rather than a new one per stage.
+        self._end_direct_stage = self._direct_output_arrived
         self._batch = scenario.workload.batch
         # (segment start, stop, torch threads, container CPU quota) -> (CPU ms per request,
         # parallelism); a node's CfsCpu has as many cores as the node has torch threads.
@@ -259,9 +264,15 @@ class Simulation:
 
     def _deployed_bytes(self, name: str) -> int:
         """Memory the current plan keeps resident on node ``name``: the runtime and its segments."""
-        return self.costs.runtime_bytes + sum(
-            self.costs.segment_memory_bytes(s.start, s.stop) for s in self.plan.segments_on(name)
-        )
+        return self.costs.runtime_bytes + sum(self._segment_memory_bytes(s) for s in self.plan.segments_on(name))
+
+    def _segment_memory_bytes(self, segment) -> int:
+        """Return the segment's resident memory, computed once per segment rather than once per node."""
+        key = (segment.start, segment.stop)
+        memory_bytes = self._segment_memory.get(key)
+        if memory_bytes is None:
+            memory_bytes = self._segment_memory[key] = self.costs.segment_memory_bytes(segment.start, segment.stop)
+        return memory_bytes
 
     def _make_node(self, spec: NodeSpec) -> SimNode:
         # A node's CFS phase depends on the seed and its name only, so adding nodes leaves the
@@ -280,6 +291,7 @@ class Simulation:
             bandwidth_bps=bandwidth_bps,
             latency_ms=latency_ms,
             quota_cpus=spec.cpus,
+            name=spec.name,
         )
         node.uplink = SharedLink(self.env, bandwidth_bps)
         node.downlink = SharedLink(self.env, bandwidth_bps)
@@ -706,7 +718,7 @@ class Simulation:
         now = self.env.now
         segment, _, in_bytes, _, _ = flow.stages[flow.stage]
         records = self.records
-        if math.isnan(records.start_s[flow.request_id]):
+        if flow.stage == 0 and math.isnan(records.start_s[flow.request_id]):
             records.start_s[flow.request_id] = now
         key = (segment.start, segment.stop, node.cpu.cores, node.quota_cpus)
         cost = self._costs.get(key)
@@ -724,21 +736,24 @@ class Simulation:
         flow.resume_ms = cost[2]
         # Negative until the input has arrived and the worker is booked.
         flow.exec_ms = -1.0
-        alone = not node.in_flight
-        node.in_flight[flow.request_id] = flow
+        # A direct stage enters in_flight only when _settle_direct hands it to the links, so
+        # settling it before this stage enters keeps in_flight in the order stages were sent.
+        if node.direct_flow is not None:
+            self._settle_direct(node)
         flow.frozen_mark_s = node.frozen_s
         if node.paused_since_s is not None:
             # Sent to a paused node: the stage waits for the resume, for at most PAUSED_STAGE_TIMEOUT_S.
+            node.in_flight[flow.request_id] = flow
             flow.frozen_mark_s = self._frozen_until(node, now)
             self._watch_deadline(flow, node)
-        elif alone and self._direct_stages and node.uplink.idle and node.downlink.idle:
-            self._run_stage_direct(flow, node, in_bytes)
+        elif not node.in_flight and self._direct_stages and node.uplink.idle and node.downlink.idle:
+            self._run_stage_direct(flow, node, in_bytes, now)
             return
-        if node.direct_flow is not None:
-            self._settle_direct(node)
+        else:
+            node.in_flight[flow.request_id] = flow
         node.uplink.send(in_bytes, node.latency_ms, flow.input_arrived)
 
-    def _run_stage_direct(self, flow: "RequestFlow", node: SimNode, in_bytes: float) -> None:
+    def _run_stage_direct(self, flow: "RequestFlow", node: SimNode, in_bytes: float, now: float) -> None:
         """Compute the whole stage on a node with nothing else in flight, with one event for its end.
 
         Unless another stage or a timeline event reaches the node first, the input and the
@@ -748,27 +763,34 @@ class Simulation:
         _settle_direct first, which hands the stage to the links as if it had been sent
         through them, so the records are the same as without this path.
         """
-        now = self.env.now
         input_s = node.uplink.alone_arrival_s(in_bytes, node.latency_ms, now)
         flow.input_s = input_s
         flow.booking_undo = (node.worker_free_s, node.cpu.save_state())
         output_start_s = flow.output_start_s = self._book_worker(flow, node, input_s)
         out_bytes = flow.stages[flow.stage][3]
         output_s = node.downlink.alone_arrival_s(out_bytes, node.latency_ms, input_s, output_start_s)
-        event = flow.direct_event = schedule_at(self.env, output_s)
-        # The callback refers to the flow, which refers to the event, a reference cycle that
-        # SimPy breaks when it processes the event. A cycle that outlived its event would stay
-        # in memory until the run ends, because the cyclic collector is off until then.
-        event.callbacks.append(flow.direct_output_arrived)
+        # The event's value is the flow, and the flow refers to the event until it is processed.
+        event = flow.direct_event = schedule_at(self.env, output_s, flow)
+        event.callbacks.append(self._end_direct_stage)
         node.direct_flow = flow
 
-    def _direct_output_arrived(self, flow: "RequestFlow", event: simpy.Event) -> None:
+    def _direct_output_arrived(self, event: simpy.Event) -> None:
+        flow = event.value
+        if flow.direct_event is not event:
+            # The stage was handed to the links before its input arrived, and its flow has moved on.
+            return
+        # This breaks the reference cycle between the flow and its event. A cycle that outlived
+        # its event would stay in memory until the run ends, because the cyclic collector is off
+        # until then.
+        flow.direct_event = None
         node = flow.node
-        if node.direct_flow is not flow or flow.direct_event is not event:
+        if node.direct_flow is not flow:
             # The stage was handed to the links, whose timers carry it on.
             return
         node.direct_flow = None
-        self._output_arrived(flow)
+        # Any event on the node since the stage was sent would have handed the stage to the
+        # links, so the node has the stage's epoch and has not been paused.
+        self._end_stage(flow, node)
 
     def _settle_direct(self, node: SimNode) -> None:
         """Hand the node's direct stage, if any, to its links, as they would carry it had it gone through them."""
@@ -776,6 +798,7 @@ class Simulation:
         if flow is None:
             return
         node.direct_flow = None
+        node.in_flight[flow.request_id] = flow
         _, _, in_bytes, out_bytes, _ = flow.stages[flow.stage]
         # NOTE: at a tie (now equal to the input's arrival) the input counts as arrived. Through
         # the links the order would follow the creation order of the two events instead.
@@ -829,10 +852,14 @@ class Simulation:
             flow, node, self._output_arrived
         ):
             return
+        node.in_flight.pop(flow.request_id, None)
+        self._end_stage(flow, node)
+
+    def _end_stage(self, flow: "RequestFlow", node: SimNode) -> None:
+        """Record the stage whose output has arrived and go on to the request's next stage."""
         request_id = flow.request_id
-        node.in_flight.pop(request_id, None)
         node.busy_cpu_ms += flow.work_ms + flow.cold_ms
-        self.scheduler.observe(node.spec.name, flow.exec_ms)
+        self.scheduler.observe(node.name, flow.exec_ms)
         _, _, in_bytes, out_bytes, _ = flow.stages[flow.stage]
         records = self.records
         # RecordColumns.add_stage, inlined on the hot path.
@@ -1091,9 +1118,6 @@ class RequestFlow:
 
     def output_arrived(self) -> None:
         self.sim._output_arrived(self)
-
-    def direct_output_arrived(self, event: simpy.Event) -> None:
-        self.sim._direct_output_arrived(self, event)
 
     def interrupt(self, cause: NodeLost) -> None:
         """Lose the stage in flight; the flow goes on at an urgent event, as a SimPy interrupt would."""

@@ -27,8 +27,8 @@ from simpy.events import NORMAL
 _FINISHED_BITS = 1e-6
 
 
-def schedule_at(env: simpy.Environment, time_s: float) -> simpy.Event:
-    """Return a triggered event that SimPy processes at exactly ``time_s`` (not before now).
+def schedule_at(env: simpy.Environment, time_s: float, value: object = None) -> simpy.Event:
+    """Return a triggered event with ``value`` that SimPy processes at exactly ``time_s`` (not before now).
 
     ``env.timeout(time_s - env.now)`` would land at ``env.now + (time_s - env.now)``, which
     can differ from ``time_s`` in the last bit. This pushes the event as
@@ -37,7 +37,7 @@ def schedule_at(env: simpy.Environment, time_s: float) -> simpy.Event:
     """
     event = simpy.Event(env)
     event._ok = True
-    event._value = None
+    event._value = value
     heapq.heappush(env._queue, (time_s, NORMAL, next(env._eid), event))
     return event
 
