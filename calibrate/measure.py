@@ -27,6 +27,8 @@ DEFAULT_TARGET_CI_REL = 0.02
 # independent-sample confidence intervals cannot see this error, so it needs its own bound.
 DEFAULT_MIN_WINDOW_MS = 2000.0
 PROBE_WINDOW_MS = 200.0
+# Back to back, the runs that fill a window are asked for in at least this many requests.
+WINDOW_REQUESTS = 4
 # Back to back, each profile's window is measured in this many parts, the profiles taking turns,
 # so a slow spell of the shared host (0.1 to 0.5 s, about 40 % slower) reaches every profile.
 # Each part starts at a random phase of the CFS period, so parts much shorter than 333 ms add noise.
@@ -133,8 +135,11 @@ def measure(
         else:
             requested = policy.batch
         if not first and window_short_ms > 0:
-            # Ask for enough runs to fill the window in one request, at the mean wall time so far.
-            requested = max(requested, math.ceil(window_short_ms / max(float(np.mean(wall_ms)), 1e-3)))
+            # Ask for the runs that fill the rest of the window at the mean wall time so far, but
+            # for at most a quarter of the window at a time. Runs slow down once the quota starts
+            # throttling them, and one request for the whole rest overshot the window 2.5 times at 0.4 CPU.
+            fill_ms = min(window_short_ms, min_window_ms / WINDOW_REQUESTS)
+            requested = max(requested, math.ceil(fill_ms / max(float(np.mean(wall_ms)), 1e-3)))
         requested = min(requested, policy.max_window_repeats - len(wall_ms))
         if not first and gap_ms:
             # The worker sleeps only between the runs of one request, so the first run of a

@@ -124,8 +124,22 @@ def test_measure_back_to_back_fills_window():
     assert sum(result.wall_ms) >= 1000.0
     assert len(result.wall_ms) <= 101
     assert quiet.requests[0] == 10
-    assert len(quiet.requests) == 2
+    # The probe, then the rest of the window in quarters.
+    assert len(quiet.requests) == 5
     assert result.converged
+
+    # Throttled runs take 2.5 times as long after the probe: the window still ends close to 1 s.
+    class SlowingDown(FakeWorker):
+        def profile(self, *args, **kwargs):
+            reply = super().profile(*args, **kwargs)
+            if len(self.requests) > 1:
+                reply["wall_ms"] = [2.5 * value for value in reply["wall_ms"]]
+            return reply
+
+    slowing = SlowingDown(noise=0.001)
+    window_only = RepeatPolicy(min_repeats=10, max_repeats=10, batch=10, min_window_ms=1000.0)
+    result = measure(slowing, "u", [], gap_ms=0.0, warmup=0, policy=window_only)
+    assert 1000.0 <= sum(result.wall_ms) < 1300.0
 
     # Never throttled: two periods of runs are enough.
     unthrottled = FakeWorker(noise=0.001, throttled=False)
