@@ -10,10 +10,11 @@ import math
 from array import array
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Container, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from amp4ec.errors import UsageError
 from amp4ec.monitor import NodeState
 from amp4ec.partition import Segment
 
@@ -125,6 +126,16 @@ class Pinned:
 
     def observe(self, node: str, exec_ms: float) -> None:
         pass
+
+
+def check_choice(scheduler: str, name: object, nodes: Container[str]) -> None:
+    """Raise a UsageError unless ``name``, the node a scheduler's select() returned, is one of ``nodes``."""
+    if name not in nodes:
+        raise UsageError(
+            f"scheduler {scheduler!r} chose {name!r}, which is not a node of the scenario; "
+            "select() must return the name of one of the nodes in the states it is given",
+            field="policy.scheduler",
+        )
 
 
 class NoNodeAvailable(RuntimeError):

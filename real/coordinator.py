@@ -35,7 +35,7 @@ import numpy as np
 from amp4ec.errors import DockerError, WorkerError
 from amp4ec.metrics import RequestRecord
 from amp4ec.monitor import NodeState
-from amp4ec.schedule import NoNodeAvailable, StageTask
+from amp4ec.schedule import NoNodeAvailable, StageTask, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,9 @@ class NodeTable:
 
     def __getitem__(self, name: str) -> NodeRuntime:
         return self._nodes[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._nodes
 
     def names(self) -> list[str]:
         return list(self._nodes)
@@ -342,7 +345,10 @@ class Coordinator:
         """
         states = {name: state for name, state in self.monitor.snapshot().items() if name not in excluded}
         with self._scheduler_lock:
-            return [(segment, self.scheduler.select(self._task(request_id, segment), states)) for segment in segments]
+            route = [(segment, self.scheduler.select(self._task(request_id, segment), states)) for segment in segments]
+        for _, name in route:
+            check_choice(self.scenario.policy.scheduler, name, self.table)
+        return route
 
     def choose_stage(self, request_id: int, segment, excluded: set[str]) -> str:
         """Return the node for one stage, chosen now from the latest monitor snapshot."""
@@ -356,7 +362,9 @@ class Coordinator:
     def _select(self, task: StageTask, excluded: set[str]) -> str:
         states = {name: state for name, state in self.monitor.snapshot().items() if name not in excluded}
         with self._scheduler_lock:
-            return self.scheduler.select(task, states)
+            name = self.scheduler.select(task, states)
+        check_choice(self.scenario.policy.scheduler, name, self.table)
+        return name
 
     def _task(self, request_id: int, segment) -> StageTask:
         return StageTask(

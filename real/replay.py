@@ -313,12 +313,20 @@ def drive_workload(coordinator, scenario, input_shape, update: Callable[[int, in
     total = request_count(workload)
     results: dict[int, tuple] = {}
     duplicates: list[int] = []
+    usage_errors: list[UsageError] = []
     lock = threading.Lock()
 
     def run_one(request_id: int, arrival_s: float) -> None:
         x = request_input(scenario.seed, request_id, input_shape)
         try:
             record, output = coordinator.run_request(request_id, x, arrival_s)
+        except UsageError as error:
+            # A mistake in the scenario, such as a plug-in choosing no node of it, ends the replay.
+            usage_errors.append(error)
+            coordinator.abort()
+            record = RequestRecord(request_id=request_id, arrival_s=arrival_s)
+            record.fail(coordinator.now_s(), str(error))
+            output = None
         except Exception as error:  # noqa: BLE001 - every request must end with a record
             record = RequestRecord(request_id=request_id, arrival_s=arrival_s)
             record.fail(coordinator.now_s(), f"coordinator error: {type(error).__name__}: {error}")
@@ -367,6 +375,8 @@ def drive_workload(coordinator, scenario, input_shape, update: Callable[[int, in
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
+    if usage_errors:
+        raise usage_errors[0]
     missing = [i for i in range(total) if i not in results]
     if duplicates:
         raise WorkerError(f"requests {duplicates[:10]} ended twice; this is a bug in the coordinator")

@@ -39,7 +39,7 @@ from amp4ec.metrics import summarise_arrays
 from amp4ec.monitor import NodeState
 from amp4ec.partition import Plan
 from amp4ec.scenario import EventSpec, NodeSpec, Scenario
-from amp4ec.schedule import NoNodeAvailable, Scheduler, StageTask
+from amp4ec.schedule import NoNodeAvailable, Scheduler, StageTask, check_choice
 from amp4ec.sim.cfs import CfsCpu
 from amp4ec.sim.links import SharedLink, schedule_at
 from amp4ec.sim.records import COMPLETED, REQUEST_BYTES, STAGE_BYTES, RecordColumns
@@ -690,11 +690,7 @@ class Simulation:
                 return
             node = self.nodes.get(name)
             if node is None:
-                raise UsageError(
-                    f"scheduler {self.scenario.policy.scheduler!r} chose {name!r}, which is not a node of the scenario; "
-                    "select() must return the name of one of the nodes in the states it is given",
-                    field="policy.scheduler",
-                )
+                check_choice(self.scenario.policy.scheduler, name, self.nodes)
             if node.alive:
                 break
             # The scheduler chose from a stale snapshot; the stage is refused as a dead

@@ -102,6 +102,38 @@ def test_replay_bad_scenario_starts_nothing(tmp_path, docker_client, run_id):
     assert run_resources(docker_client, run_id) == []
 
 
+PLUGIN_CHOOSING_NO_NODE = """
+class Nowhere:
+    name = "nowhere"
+
+    def __init__(self, rng):
+        pass
+
+    def select(self, task, states):
+        return "nope"
+
+    def observe(self, node, exec_ms):
+        pass
+"""
+
+
+@pytest.mark.parametrize("transport", ["forward", "relay"])
+def test_replay_plugin_choosing_no_node_is_usage_error(tmp_path, monkeypatch, docker_client, worker_image, run_id, transport):
+    require_torch()
+    from amp4ec.errors import UsageError
+    from amp4ec.real.replay import run_replay
+
+    (tmp_path / "nowhere_plugin.py").write_text(PLUGIN_CHOOSING_NO_NODE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = short_scenario(tmp_path, "2-node.toml", 3).read_text().replace('scheduler = "amp4ec"', 'scheduler = "nowhere_plugin:Nowhere"')
+    scenario = tmp_path / "plugin.toml"
+    scenario.write_text(text + f'\n[replay]\ntransport = "{transport}"\n')
+    with pytest.raises(UsageError, match="chose 'nope', which is not a node of the scenario"):
+        run_replay(scenario, tmp_path / "out", log=print, run_id=run_id)
+    assert not (tmp_path / "out").exists()
+    assert run_resources(docker_client, run_id) == []
+
+
 STARTUP_SCRIPT = """
 import sys
 from amp4ec.real.containers import NodeSpec, WorkerCluster, docker_client
