@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from amp4ec.errors import UsageError
 
 MIB = 1024 * 1024
+# Docker grants no quota below 0.01 CPUs. The upper bound is far above any edge node, and keeps
+# the fitted work's quota term, extrapolated far outside the calibrated quotas, finite.
+MIN_CPUS = 0.01
+MAX_CPUS = 1024.0
 
 
 class _Strict(BaseModel):
@@ -29,7 +33,7 @@ class NodeSpec(_Strict):
     """One edge node: a container limited to ``cpus`` CPUs and ``memory_mb`` MiB."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    cpus: float = Field(gt=0, description="CFS quota in CPUs (docker run --cpus)")
+    cpus: float = Field(ge=MIN_CPUS, le=MAX_CPUS, description="CFS quota in CPUs (docker run --cpus)")
     memory_mb: float = Field(gt=0, description="memory limit in MiB (docker run --memory); no swap")
     threads: int | None = Field(default=None, ge=1, description="torch threads; default max(1, floor(cpus))")
     bandwidth_mbps: float | None = Field(default=None, gt=0, description="this node's link; default network.bandwidth_mbps")
@@ -201,7 +205,7 @@ class DynamicsEvent(_Strict):
     at_s: float = Field(ge=0, description="seconds after the first request")
     node: str
     action: Literal["fail", "recover", "leave", "join", "pause", "resume", "restart", "set_cpus"]
-    cpus: float | None = Field(default=None, gt=0, description="set_cpus only: the new CPU limit in CPUs")
+    cpus: float | None = Field(default=None, ge=MIN_CPUS, le=MAX_CPUS, description="set_cpus only: the new CPU limit in CPUs")
 
     @model_validator(mode="after")
     def _check_cpus(self) -> "DynamicsEvent":
@@ -215,7 +219,7 @@ class DynamicsEvent(_Strict):
 class NodeProfileMix(_Strict):
     """One kind of node inside a group, drawn with probability proportional to ``weight``."""
 
-    cpus: float = Field(gt=0)
+    cpus: float = Field(ge=MIN_CPUS, le=MAX_CPUS)
     memory_mb: float = Field(gt=0)
     threads: int | None = Field(default=None, ge=1)
     bandwidth_mbps: float | None = Field(default=None, gt=0)
@@ -256,7 +260,10 @@ class EventSpec(_Strict):
     kind: Literal["join", "leave", "fail", "recover", "restart", "pause", "resume", "cpu", "background_load", "link_bandwidth"]
     node: str
     cpus: float | None = Field(
-        default=None, ge=0, description="cpu: the new CPU quota (> 0); background_load: CPUs taken by other work"
+        default=None,
+        ge=0,
+        le=MAX_CPUS,
+        description=f"cpu: the new CPU quota (at least {MIN_CPUS}); background_load: CPUs taken by other work",
     )
     bandwidth_mbps: float | None = Field(default=None, gt=0, description="link_bandwidth: the link's new bandwidth")
     latency_ms: float | None = Field(default=None, ge=0, description="link_bandwidth: the link's new per-hop cost")
@@ -276,8 +283,8 @@ class EventSpec(_Strict):
     def _check_values(self) -> "EventSpec":
         if self.kind == "background_load" and self.cpus is None:
             raise ValueError("a background_load event needs cpus, the CPUs other work takes")
-        if self.kind == "cpu" and not self.cpus:
-            raise ValueError("a cpu event needs cpus > 0, the node's new CPU quota")
+        if self.kind == "cpu" and (self.cpus is None or self.cpus < MIN_CPUS):
+            raise ValueError(f"a cpu event needs cpus >= {MIN_CPUS}, the node's new CPU quota")
         if self.kind not in ("cpu", "background_load") and self.cpus is not None:
             raise ValueError(f"cpus applies to cpu and background_load events only, not to kind {self.kind!r}")
         if self.kind == "link_bandwidth" and self.bandwidth_mbps is None and self.latency_ms is None:

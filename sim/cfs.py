@@ -75,9 +75,15 @@ class CfsCpu:
                 throttled = True
                 time_ms = period_end_ms
                 if started:
-                    remaining_ms += cold_ms
+                    # At most half a period's quota, so that a quota smaller than the cold
+                    # work (under about 0.01 CPUs) still lets the job advance.
+                    remaining_ms += min(cold_ms, self.quota_ms / 2)
                     waits_after_start += 1
                 continue
+            if remaining_ms / rate <= _EPSILON_MS:
+                # The work left takes no measurable time at this rate (a huge core count).
+                time_ms += remaining_ms / rate
+                break
             step_ms = min(remaining_ms / rate, available_ms / rate, period_end_ms - time_ms)
             if step_ms <= _EPSILON_MS:
                 time_ms = period_end_ms
@@ -88,5 +94,5 @@ class CfsCpu:
             started = True
         if throttled:
             self.throttled_jobs += 1
-        self.last_cold_ms = cold_ms * waits_after_start
+        self.last_cold_ms = min(cold_ms, self.quota_ms / 2) * waits_after_start
         return time_ms

@@ -1,3 +1,4 @@
+import math
 import statistics
 
 import pytest
@@ -69,3 +70,13 @@ def test_phase_shifts_period_boundaries():
 def test_invalid_cpus_rejected():
     with pytest.raises(ValueError, match="cpus must be positive"):
         CfsCpu(0.0)
+
+
+def test_extreme_quotas_finish():
+    # Cold work larger than the whole quota of a period, and a core count too large to measure.
+    tiny = CfsCpu(0.004)
+    end_ms = tiny.run(0.0, 16.0, 1.0, cold_ms=0.6)
+    assert math.isfinite(end_ms)
+    assert end_ms > 16.0 / 0.004
+    huge = CfsCpu(1e300, cores=10**300)
+    assert huge.run(5.0, 16.0, 1e300) == pytest.approx(5.0)

@@ -107,3 +107,14 @@ def test_estimate_grows_with_nodes_and_requests():
     assert engine.estimated_run_bytes(10_000, 1000, 3) > small
     assert engine.estimated_run_bytes(10, 1_000_000, 3) > small
     assert engine.estimated_run_bytes(10, 1000, 6) > small
+
+
+@pytest.mark.parametrize(("cpus", "bound"), [("0.004", "greater than or equal to 0.01"), ("1e300", "less than or equal to 1024")])
+def test_quota_outside_docker_range_rejected(tmp_path, cpus, bound):
+    # Both once ran for hours: cold work that outgrew a tiny quota, and work extrapolated to a huge one.
+    text = f'name = "x"\n[[nodes]]\nname = "n"\ncpus = {cpus}\nmemory_mb = 1024\n'
+    result, out = simulate(tmp_path, text)
+    assert result.exit_code == 2
+    assert "nodes[0].cpus" in result.output
+    assert bound in result.output
+    assert not out.exists()

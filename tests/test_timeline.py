@@ -98,8 +98,8 @@ def test_old_kind_names_renamed():
 @pytest.mark.parametrize(
     ("event", "message"),
     [
-        ({"time_s": 1.0, "kind": "cpu", "node": "a"}, "a cpu event needs cpus > 0"),
-        ({"time_s": 1.0, "kind": "cpu", "node": "a", "cpus": 0.0}, "a cpu event needs cpus > 0"),
+        ({"time_s": 1.0, "kind": "cpu", "node": "a"}, "a cpu event needs cpus >= 0.01"),
+        ({"time_s": 1.0, "kind": "cpu", "node": "a", "cpus": 0.0}, "a cpu event needs cpus >= 0.01"),
         ({"time_s": 1.0, "kind": "pause", "node": "a", "cpus": 0.5}, "cpus applies to cpu and background_load"),
         ({"time_s": 1.0, "kind": "fail", "node": "a", "bandwidth_mbps": 5.0}, "apply to link_bandwidth events only"),
         ({"time_s": 1.0, "kind": "link_bandwidth", "node": "a"}, "needs bandwidth_mbps or latency_ms"),
