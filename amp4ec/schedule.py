@@ -138,6 +138,17 @@ def check_choice(scheduler: str, name: object, nodes: Container[str]) -> None:
         )
 
 
+def plugin_failure(scheduler: str, error: Exception) -> UsageError | None:
+    """Return the usage error for a plug-in scheduler (``package.module:Class``) whose select() raised ``error``.
+
+    A built-in scheduler's exception is a bug in amp4ec, not in the scenario, so it gets None
+    and its caller re-raises the exception as it is.
+    """
+    if ":" not in scheduler:
+        return None
+    return UsageError(f"scheduler {scheduler!r} failed: {type(error).__name__}: {error}", field="policy.scheduler")
+
+
 class NoNodeAvailable(RuntimeError):
     def __init__(self, task: StageTask):
         where = f" among its assigned nodes {', '.join(task.segment.nodes)}" if task.segment.nodes else ""

@@ -23,11 +23,12 @@ reason. Every request ends completed or failed, exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -35,7 +36,7 @@ import numpy as np
 from amp4ec.errors import DockerError, WorkerError
 from amp4ec.metrics import RequestRecord
 from amp4ec.monitor import NodeState
-from amp4ec.schedule import NoNodeAvailable, StageTask, check_choice
+from amp4ec.schedule import NoNodeAvailable, StageTask, check_choice, plugin_failure
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +345,7 @@ class Coordinator:
         NoNodeAvailable when a stage has no live node.
         """
         states = {name: state for name, state in self.monitor.snapshot().items() if name not in excluded}
-        with self._scheduler_lock:
+        with self._scheduler_lock, self._plugin_errors():
             route = [(segment, self.scheduler.select(self._task(request_id, segment), states)) for segment in segments]
         for _, name in route:
             check_choice(self.scenario.policy.scheduler, name, self.table)
@@ -361,10 +362,23 @@ class Coordinator:
 
     def _select(self, task: StageTask, excluded: set[str]) -> str:
         states = {name: state for name, state in self.monitor.snapshot().items() if name not in excluded}
-        with self._scheduler_lock:
+        with self._scheduler_lock, self._plugin_errors():
             name = self.scheduler.select(task, states)
         check_choice(self.scenario.policy.scheduler, name, self.table)
         return name
+
+    @contextlib.contextmanager
+    def _plugin_errors(self) -> Iterator[None]:
+        """Turn an exception of a plug-in scheduler's select() into a usage error that ends the replay."""
+        try:
+            yield
+        except NoNodeAvailable:
+            raise
+        except Exception as error:
+            usage_error = plugin_failure(self.scenario.policy.scheduler, error)
+            if usage_error is None:
+                raise
+            raise usage_error from error
 
     def _task(self, request_id: int, segment) -> StageTask:
         return StageTask(

@@ -114,21 +114,33 @@ class Nowhere:
 
     def observe(self, node, exec_ms):
         pass
+
+
+class Raising(Nowhere):
+    def select(self, task, states):
+        raise RuntimeError("boom")
 """
 
 
-@pytest.mark.parametrize("transport", ["forward", "relay"])
-def test_replay_plugin_choosing_no_node_is_usage_error(tmp_path, monkeypatch, docker_client, worker_image, run_id, transport):
+@pytest.mark.parametrize(
+    ("transport", "plugin", "message"),
+    [
+        ("forward", "Nowhere", "chose 'nope', which is not a node of the scenario"),
+        ("relay", "Nowhere", "chose 'nope', which is not a node of the scenario"),
+        ("forward", "Raising", "scheduler 'nowhere_plugin:Raising' failed: RuntimeError: boom"),
+    ],
+)
+def test_replay_plugin_choosing_no_node_is_usage_error(tmp_path, monkeypatch, docker_client, worker_image, run_id, transport, plugin, message):
     require_torch()
     from amp4ec.errors import UsageError
     from amp4ec.real.replay import run_replay
 
     (tmp_path / "nowhere_plugin.py").write_text(PLUGIN_CHOOSING_NO_NODE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    text = short_scenario(tmp_path, "2-node.toml", 3).read_text().replace('scheduler = "amp4ec"', 'scheduler = "nowhere_plugin:Nowhere"')
+    text = short_scenario(tmp_path, "2-node.toml", 3).read_text().replace('scheduler = "amp4ec"', f'scheduler = "nowhere_plugin:{plugin}"')
     scenario = tmp_path / "plugin.toml"
     scenario.write_text(text + f'\n[replay]\ntransport = "{transport}"\n')
-    with pytest.raises(UsageError, match="chose 'nope', which is not a node of the scenario"):
+    with pytest.raises(UsageError, match=message):
         run_replay(scenario, tmp_path / "out", log=print, run_id=run_id)
     assert not (tmp_path / "out").exists()
     assert run_resources(docker_client, run_id) == []

@@ -195,6 +195,10 @@ def plugin_module(tmp_path, monkeypatch):
 
                 def observe(self, node, exec_ms):
                     pass
+
+            class Raises(ChoosesUnknownNode):
+                def select(self, task, states):
+                    raise RuntimeError("boom")
             """
         )
     )
@@ -236,6 +240,12 @@ def test_plugin_choosing_unknown_node(plugin_module):
     costs = CostModel(make_calibration([1.0, 2.0]))
     with pytest.raises(UsageError, match="chose 'no-such-node', which is not a node of the scenario"):
         simulate(parse_scenario(scenario_data(scheduler=f"{plugin_module}:ChoosesUnknownNode")), costs)
+
+
+def test_plugin_select_raising_is_usage_error(plugin_module):
+    costs = CostModel(make_calibration([1.0, 2.0]))
+    with pytest.raises(UsageError, match=r"policy.scheduler: scheduler '.*:Raises' failed: RuntimeError: boom"):
+        simulate(parse_scenario(scenario_data(scheduler=f"{plugin_module}:Raises")), costs)
 
 
 def test_scheduler_without_rng_is_explained(plugin_module):
