@@ -569,6 +569,8 @@ def compare(
 
     if json_out is not None:
         check_output_file(json_out, field="--json")
+    if plot is not None:
+        check_output_file(plot, field="--plot")
     thresholds = {
         "mean": max_error_mean,
         "p50": max_error_p50,

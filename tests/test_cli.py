@@ -331,6 +331,7 @@ def test_paper_without_containers_writes_page(tmp_path):
     assert "| 2-node | simulated |" in page
     assert "real runs were not requested" in page
     # The links' cost in both modes comes from the scenario and the calibration file.
-    assert "1,000 Mbit/s" in page
+    assert "1,000 Mbit/s, the default, since the scenarios set no `[network]` bandwidth" in page
+    assert "the runs here send 5 that way" in page
     assert "Gbit/s host to worker" in page
     assert "input alone is 0.60 MB" in page

@@ -78,6 +78,10 @@ def test_cli_compare_exit_status_and_plot(runs, tmp_path):
     assert failing.exit_code == 1, failing.output
     missing = runner.invoke(main, ["compare", str(tmp_path / "nope"), str(real)])
     assert missing.exit_code == 2
+    # A plot path under a file is rejected before the comparison runs.
+    under_file = runner.invoke(main, ["compare", str(sim), str(real), "--plot", str(report / "x.png")])
+    assert under_file.exit_code == 2
+    assert "--plot" in under_file.output
 
 
 def test_compare_simulated_runs_from_cli(tmp_path):
