@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -10,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from amp4ec.calibrate.measure import BACK_TO_BACK_PARTS, PROBE_WINDOW_MS, RepeatPolicy
 from amp4ec.costs import CALIBRATION_SCHEMA, load_calibration
 
 from conftest import require_torch
@@ -67,8 +70,13 @@ def test_calibrate_factory_model_measures_both_regimes(tmp_path, docker_client, 
         for timing in [*profile.units, profile.model]:
             assert 3 <= len(timing.spaced.wall_ms) <= 6
             assert timing.spaced.converged == (timing.spaced.ci95_rel <= 0.02)
-            # Back to back, runs continue past --max-repeats until they span at least two CFS periods.
-            assert sum(timing.saturated.wall_ms) >= 200.0 or len(timing.saturated.wall_ms) == 5000
+            # Back to back, each turn's runs continue past --max-repeats until they span at least
+            # two CFS periods, or until the turn's share of the run cap.
+            turn_cap = math.ceil(RepeatPolicy().max_window_repeats / BACK_TO_BACK_PARTS)
+            turns = np.split(np.asarray(timing.saturated.wall_ms), np.cumsum(timing.saturated.turns)[:-1])
+            assert len(turns) == BACK_TO_BACK_PARTS
+            for turn in turns:
+                assert turn.sum() >= PROBE_WINDOW_MS or len(turn) == turn_cap
             for measurement in (timing.spaced, timing.saturated):
                 assert measurement.ci95_rel <= 0.02 or not measurement.converged
                 assert measurement.cpu_stat is not None
