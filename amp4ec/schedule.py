@@ -10,7 +10,7 @@ import math
 from array import array
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Container, Mapping, Protocol, Sequence
+from typing import Container, Mapping, NoReturn, Protocol, Sequence
 
 import numpy as np
 
@@ -138,15 +138,14 @@ def check_choice(scheduler: str, name: object, nodes: Container[str]) -> None:
         )
 
 
-def plugin_failure(scheduler: str, error: Exception) -> UsageError | None:
-    """Return the usage error for a plug-in scheduler (``package.module:Class``) whose select() raised ``error``.
+def raise_scheduler_failure(scheduler: str, error: Exception) -> NoReturn:
+    """Raise a usage error for a plug-in scheduler (``package.module:Class``) whose select() raised ``error``.
 
-    A built-in scheduler's exception is a bug in amp4ec, not in the scenario, so it gets None
-    and its caller re-raises the exception as it is.
+    A built-in scheduler's exception is a bug in amp4ec, not in the scenario, so it is raised as it is.
     """
     if ":" not in scheduler:
-        return None
-    return UsageError(f"scheduler {scheduler!r} failed: {type(error).__name__}: {error}", field="policy.scheduler")
+        raise error
+    raise UsageError(f"scheduler {scheduler!r} failed: {type(error).__name__}: {error}", field="policy.scheduler") from error
 
 
 class NoNodeAvailable(RuntimeError):
@@ -161,10 +160,11 @@ class NoNodeAvailable(RuntimeError):
 _RULED_OUT = -math.inf
 # Uniform draws taken from the scheduler's generator at a time.
 _DRAW_BLOCK = 4096
-# Values per node in Amp4ecScheduler._terms, at these offsets: the node's load; w_load * S_L +
-# w_performance * S_P, which change when the node reports; w_balance * S_B, which changes when
-# the node is chosen; and the sum of the last two, or _RULED_OUT while the load is above
-# max_load. One node's values share a cache line, which matters at 10,000 nodes.
+# Values per node in Amp4ecScheduler._terms, at these offsets. _LOAD is the node's load and
+# _LOAD_PERFORMANCE is w_load * S_L + w_performance * S_P, both changed when the node reports.
+# _BALANCE is w_balance * S_B, changed when the node is chosen. _DYNAMIC is the sum of the last
+# two, or _RULED_OUT while the load is above max_load. One node's values share a cache line,
+# which matters at 10,000 nodes.
 _TERMS = 4
 _LOAD, _LOAD_PERFORMANCE, _BALANCE, _DYNAMIC = range(_TERMS)
 

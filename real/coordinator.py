@@ -36,7 +36,7 @@ import numpy as np
 from amp4ec.errors import DockerError, WorkerError
 from amp4ec.metrics import RequestRecord
 from amp4ec.monitor import NodeState
-from amp4ec.schedule import NoNodeAvailable, StageTask, check_choice, plugin_failure
+from amp4ec.schedule import NoNodeAvailable, StageTask, check_choice, raise_scheduler_failure
 
 log = logging.getLogger(__name__)
 
@@ -375,10 +375,7 @@ class Coordinator:
         except NoNodeAvailable:
             raise
         except Exception as error:
-            usage_error = plugin_failure(self.scenario.policy.scheduler, error)
-            if usage_error is None:
-                raise
-            raise usage_error from error
+            raise_scheduler_failure(self.scenario.policy.scheduler, error)
 
     def _task(self, request_id: int, segment) -> StageTask:
         return StageTask(

@@ -39,7 +39,7 @@ from amp4ec.metrics import summarise_arrays
 from amp4ec.monitor import NodeState
 from amp4ec.partition import Plan
 from amp4ec.scenario import EventSpec, NodeSpec, Scenario
-from amp4ec.schedule import NoNodeAvailable, Scheduler, StageTask, check_choice, plugin_failure
+from amp4ec.schedule import NoNodeAvailable, Scheduler, StageTask, check_choice, raise_scheduler_failure
 from amp4ec.sim.cfs import CfsCpu
 from amp4ec.sim.links import SharedLink, schedule_at
 from amp4ec.sim.records import COMPLETED, REQUEST_BYTES, STAGE_BYTES, RecordColumns
@@ -689,10 +689,7 @@ class Simulation:
                 self._finish(flow, "no live node")
                 return
             except Exception as error:
-                usage_error = plugin_failure(self.scenario.policy.scheduler, error)
-                if usage_error is None:
-                    raise
-                raise usage_error from error
+                raise_scheduler_failure(self.scenario.policy.scheduler, error)
             node = self.nodes.get(name)
             if node is None:
                 check_choice(self.scenario.policy.scheduler, name, self.nodes)
