@@ -191,6 +191,13 @@ def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Pat
 @click.option("--repeats", default=10, show_default=True, help="minimum timed runs per unit, profile and regime")
 @click.option("--max-repeats", default=40, show_default=True, help="maximum timed runs per unit, profile and regime; back to back, runs continue until their time window is full")
 @click.option("--target-ci", default=0.02, show_default=True, help="stop repeating once the 95 % confidence half-width of the mean is this share of the mean")
+@click.option(
+    "--max-turns",
+    default=None,
+    type=int,
+    help="back to back: maximum turns per unit and profile. Every profile takes the first six, and "
+    "only those whose mean across turns is less precise than --target-ci take more  [default: 6]",
+)
 @click.option("--input-shape", default=None, help="input shape for package.module:factory models, e.g. 1,3,64,64")
 @click.option("--memory-search", is_flag=True, help="also bisect the smallest memory limit each unit and the whole model run at (slow: one container per probe)")
 @click.option("--no-container-link", is_flag=True, help="skip the hop fit between two worker containers")
@@ -213,6 +220,7 @@ def calibrate(
     quiet: bool,
     max_repeats: int,
     target_ci: float,
+    max_turns: int | None,
     input_shape: str | None,
     memory_search: bool,
     no_container_link: bool,
@@ -225,6 +233,7 @@ def calibrate(
         # validate, show and plot read a calibration file; they need neither torch nor Docker.
         return
     require_extras("calibrate")
+    from amp4ec.calibrate.measure import BACK_TO_BACK_PARTS
     from amp4ec.calibrate.run import parse_input_shape, parse_profiles, run_calibration
 
     if out is None:
@@ -233,6 +242,9 @@ def calibrate(
         raise UsageError(f"--max-repeats ({max_repeats}) must be at least --repeats ({repeats})")
     if not 0 < target_ci < 1:
         raise UsageError(f"--target-ci must be between 0 and 1, got {target_ci}")
+    max_turns = BACK_TO_BACK_PARTS if max_turns is None else max_turns
+    if max_turns < BACK_TO_BACK_PARTS:
+        raise UsageError(f"--max-turns is {max_turns}, but every back-to-back window takes {BACK_TO_BACK_PARTS} turns; give at least {BACK_TO_BACK_PARTS}")
     if repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {repeats}")
     if warmup < 0:
@@ -251,6 +263,7 @@ def calibrate(
         log=(lambda message: None) if quiet else (lambda message: console.print(message, highlight=False)),
         max_repeats=max_repeats,
         target_ci_rel=target_ci,
+        max_turns=max_turns,
         input_shape=parse_input_shape(input_shape),
         memory_search=memory_search,
         container_link=not no_container_link,

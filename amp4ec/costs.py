@@ -61,7 +61,11 @@ class Measurement(BaseModel):
     gap_ms: float = Field(ge=0, description="pause before each run; 0 is back to back (saturated)")
     wall_ms: list[Sample] = Field(min_length=1)
     cpu_ms: list[Sample] = Field(min_length=1, description="one per run, in the order of wall_ms")
-    ci95_rel: float = Field(ge=0, description="95 % confidence half-width of the mean over the mean (the larger of wall and CPU time)")
+    ci95_rel: float = Field(
+        ge=0,
+        description="95 % confidence half-width of the mean over the mean (the larger of wall and CPU time); "
+        "for runs measured in turns, that of the mean across turns",
+    )
     converged: bool = Field(description="ci95_rel reached the target before the maximum count")
     cpu_stat: CpuStatDelta | None = None
     peak_rss_bytes: int | None = Field(default=None, description="worker's peak resident set size so far")

@@ -33,6 +33,8 @@ WINDOW_REQUESTS = 4
 # so a slow spell of the shared host (0.1 to 0.5 s, about 40 % slower) reaches every profile.
 # Each part starts at a random phase of the CFS period, so parts much shorter than 333 ms add noise.
 BACK_TO_BACK_PARTS = 6
+# Beyond those parts, a profile takes more turns of the same length while the mean across its
+# turns is less precise than the target, up to RepeatPolicy.max_turns.
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class RepeatPolicy:
     min_window_ms: float = DEFAULT_MIN_WINDOW_MS
     """back to back only: least total wall time of the timed runs, see DEFAULT_MIN_WINDOW_MS"""
     max_window_repeats: int = 5000
+    max_turns: int = BACK_TO_BACK_PARTS
+    """back to back only: most turns per profile, each a share of ``min_window_ms`` split in BACK_TO_BACK_PARTS"""
 
     def __post_init__(self) -> None:
         if self.min_repeats < 2 or self.max_repeats < self.min_repeats or self.batch < 1:
@@ -63,6 +67,27 @@ def ci95_rel(samples: Sequence[float]) -> float:
         return math.inf
     half_width = stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n)
     return float(half_width / mean)
+
+
+def turn_ci95_rel(samples: Sequence[float], turns: Sequence[int]) -> float:
+    """Return the 95 % confidence half-width of the mean of runs measured in ``turns``, relative to the mean.
+
+    The runs of one turn share the machine's speed of that moment, so the turns, not the runs,
+    are the independent draws: this is the cluster-robust standard error of the mean over all
+    runs, with a Student's t quantile for the number of turns (inf with fewer than two).
+    """
+    from scipy import stats
+
+    values = np.asarray(samples, dtype=float)
+    counts = np.asarray(turns, dtype=float)
+    k = len(counts)
+    total = float(values.sum())
+    if k < 2 or total <= 0:
+        return math.inf
+    mean = total / counts.sum()
+    sums = np.add.reduceat(values, np.concatenate([[0], np.cumsum(turns)[:-1]]).astype(int))
+    variance = k / (k - 1) * float(np.sum((sums - mean * counts) ** 2)) / float(counts.sum()) ** 2
+    return float(stats.t.ppf(0.975, k - 1) * math.sqrt(variance) / mean)
 
 
 def timing_stats(samples_ms: Sequence[float]) -> TimingStats:
@@ -181,13 +206,15 @@ def measure_back_to_back_interleaved(
     parts: int = BACK_TO_BACK_PARTS,
     start: int = 0,
 ) -> dict[str, Measurement]:
-    """Time ``segment_id`` back to back on every worker, each window split into ``parts`` turns.
+    """Time ``segment_id`` back to back on every worker, in turns of a ``parts``-th of the window each.
 
     Every worker measures ``parts`` shorter windows as :func:`measure` does (each after
     ``warmup`` untimed runs), and the workers take turns, the first one rotating from turn to
     turn and with ``start``. Machine speed changes over seconds on a shared host, and taking
     turns spreads such a change over all profiles instead of charging it to the one measured
-    at that moment. Only one container computes at any time.
+    at that moment. Only one container computes at any time. After ``parts`` turns, the workers
+    whose mean across turns (:func:`turn_ci95_rel`) is not yet within ``policy.target_ci_rel``
+    take further turns, up to ``policy.max_turns`` in all.
     """
     names = list(workers)
     part_policy = replace(
@@ -198,14 +225,25 @@ def measure_back_to_back_interleaved(
         max_window_repeats=max(2, math.ceil(policy.max_window_repeats / parts)),
     )
     measured: dict[str, list[Measurement]] = {name: [] for name in names}
-    for turn in range(parts):
-        for name in _rotated(names, start + turn):
+    for turn in range(max(parts, policy.max_turns)):
+        taking_turns = [name for name in names if turn < parts or _turn_precision(measured[name]) > policy.target_ci_rel]
+        if not taking_turns:
+            break
+        for name in _rotated(taking_turns, start + turn):
             # Once a turn was throttled, every later turn of that profile spans the full part window.
             throttled = any(part.cpu_stat is not None and (part.cpu_stat.nr_throttled or 0) > 0 for part in measured[name])
             measured[name].append(
                 measure(workers[name], segment_id, inputs, gap_ms=0.0, warmup=warmup, policy=part_policy, throttled=throttled)
             )
     return {name: _merge(measured[name], policy) for name in names}
+
+
+def _turn_precision(parts: Sequence[Measurement]) -> float:
+    """Return the larger of the wall and CPU time precision of the mean across ``parts``."""
+    turns = [len(part.wall_ms) for part in parts]
+    wall_ms = [v for part in parts for v in part.wall_ms]
+    cpu_ms = [v for part in parts for v in part.cpu_ms]
+    return max(turn_ci95_rel(wall_ms, turns), turn_ci95_rel(cpu_ms, turns))
 
 
 def _rotated(names: list[str], start: int) -> list[str]:
@@ -215,7 +253,7 @@ def _rotated(names: list[str], start: int) -> list[str]:
 
 
 def _merge(parts: Sequence[Measurement], policy: RepeatPolicy) -> Measurement:
-    """Return one measurement containing every run of ``parts``, with the precision of them all."""
+    """Return one measurement containing every run of ``parts``, with the precision of the mean across them."""
     wall_ms = [v for part in parts for v in part.wall_ms]
     cpu_ms = [v for part in parts for v in part.cpu_ms]
     cpu_stat = None
@@ -224,7 +262,7 @@ def _merge(parts: Sequence[Measurement], policy: RepeatPolicy) -> Measurement:
     turns = [len(part.wall_ms) for part in parts]
     throttled = cpu_stat is not None and (cpu_stat.nr_throttled or 0) > 0
     min_window_ms = policy.min_window_ms if throttled else min(policy.min_window_ms, PROBE_WINDOW_MS)
-    precision = max(ci95_rel(wall_ms), ci95_rel(cpu_ms))
+    precision = _turn_precision(parts) if len(parts) > 1 else max(ci95_rel(wall_ms), ci95_rel(cpu_ms))
     peaks = [part.peak_rss_bytes for part in parts if part.peak_rss_bytes is not None]
     return Measurement(
         gap_ms=0.0,

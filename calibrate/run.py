@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from amp4ec import __version__
 from amp4ec.calibrate.link import LINK_PAYLOAD_BYTES, LINK_REPEATS, fit_hops, measure_container_link
 from amp4ec.calibrate.measure import (
+    BACK_TO_BACK_PARTS,
     DEFAULT_MIN_WINDOW_MS,
     DEFAULT_TARGET_CI_REL,
     RepeatPolicy,
@@ -196,13 +197,16 @@ def run_calibration(
     memory_search: bool = False,
     container_link: bool = True,
     min_window_ms: float = DEFAULT_MIN_WINDOW_MS,
+    max_turns: int = BACK_TO_BACK_PARTS,
     run_id: str | None = None,
 ) -> Calibration:
     """Measure the model in every profile and write the calibration file ``out`` atomically.
 
     Each unit runs at least ``repeats`` times per regime and more, in batches, until the 95 %
     confidence half-width of its mean is at most ``target_ci_rel`` of the mean or it ran
-    ``max_repeats`` times. Nothing is written unless every profile was measured.
+    ``max_repeats`` times. Back to back, the precision is that of the mean across turns, and a
+    profile takes more turns until it meets the target or has taken ``max_turns``. Nothing is
+    written unless every profile was measured.
     """
     from amp4ec.torchgraph import example_inputs, load_model, trace_model
     from amp4ec.real.containers import TORCH_RUNTIME_BYTES, docker_client
@@ -223,6 +227,7 @@ def run_calibration(
         max_repeats=max(max(2, repeats), max_repeats or DEFAULT_MAX_REPEATS),
         target_ci_rel=target_ci_rel,
         min_window_ms=min_window_ms,
+        max_turns=max_turns,
     )
     started = time.perf_counter()
     module = load_model(model)
@@ -470,7 +475,7 @@ def _measure_interleaved(
             profile_warnings.append(
                 f"profile {profile.name}: {not_converged} of {2 * len(timings[profile.name])} measurements ended before "
                 f"their 95 % confidence half-width reached {policy.target_ci_rel:.0%} (spaced at {policy.max_repeats} runs, "
-                "back to back when their window was full)"
+                f"back to back at {policy.max_turns} turns; --max-turns allows more)"
             )
         samples = sum(len(m.wall_ms) for u in timings[profile.name] for m in (u.spaced, u.saturated))
         log(

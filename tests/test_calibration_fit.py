@@ -333,6 +333,10 @@ def test_bad_profile_and_gap_are_one_line(tmp_path):
     result = CliRunner().invoke(main, ["calibrate", "--gap-ms", "nan", "--out", str(tmp_path / "c.json")])
     assert result.exit_code == 2
     assert "--gap-ms must be a finite number" in result.output
+    result = CliRunner().invoke(main, ["calibrate", "--max-turns", "3", "--out", str(tmp_path / "c.json")])
+    assert result.exit_code == 2
+    assert "--max-turns is 3, but every back-to-back window takes 6 turns" in result.output
+    assert not (tmp_path / "c.json").exists()
 
 
 def test_schema_versions_load_or_fail(tmp_path, calibration_file):
@@ -518,3 +522,50 @@ def test_memory_search_starts_from_guess(monkeypatch, guess_mib, first_probes):
     if guess_mib == 400:
         # The narrower bracket needs fewer probes than starting from the profile's limit.
         assert len(result.probes) < 6
+
+
+def test_turn_precision_counts_turns_not_runs():
+    from amp4ec.calibrate.fit import measured_ci_rel
+    from amp4ec.calibrate.measure import turn_ci95_rel
+
+    rng = np.random.default_rng(2)
+    levels = [1.0, 1.4, 1.0, 1.4, 1.4, 1.0]
+    samples = np.concatenate([level * rng.normal(1.0, 0.01, 100) for level in levels])
+    by_turn = turn_ci95_rel(samples, [100] * 6)
+    assert ci95_rel(samples) < 0.02
+    # Student's t over six turns is a little wider than the bootstrap of the same turns.
+    assert by_turn == pytest.approx(measured_ci_rel(samples, "mean", seed=0, turns=[100] * 6), rel=0.5)
+    assert by_turn > 0.1
+    assert turn_ci95_rel(samples, [600]) == float("inf")
+
+
+class SpellWorker(FakeWorker):
+    """A worker whose machine is 40 % slower in every other turn, as on a host with slow spells."""
+
+    def __init__(self, noise: float):
+        super().__init__(noise)
+        self.turn = -1
+
+    def profile(self, segment_id, inputs, *, warmup, repeats, gap_ms):
+        if warmup:
+            self.turn += 1
+        reply = super().profile(segment_id, inputs, warmup=warmup, repeats=repeats, gap_ms=gap_ms)
+        level = 1.4 if self.turn % 2 else 1.0
+        reply["wall_ms"] = [level * value for value in reply["wall_ms"]]
+        reply["cpu_ms"] = reply["wall_ms"]
+        return reply
+
+
+def test_imprecise_profiles_take_more_turns():
+    from amp4ec.calibrate.measure import measure_back_to_back_interleaved
+
+    workers = {"quiet": FakeWorker(noise=0.001), "spells": SpellWorker(noise=0.001)}
+    policy = RepeatPolicy(min_repeats=10, max_repeats=60, batch=10, min_window_ms=600.0, max_turns=8)
+    results = measure_back_to_back_interleaved(workers, "u", [], warmup=2, policy=policy, parts=3)
+    assert len(results["quiet"].turns) == 3
+    assert results["quiet"].converged
+    # The slow spells keep the mean across turns imprecise, so that profile takes every allowed turn.
+    assert len(results["spells"].turns) == 8
+    assert workers["spells"].turn == 7
+    assert results["spells"].ci95_rel > 0.02
+    assert not results["spells"].converged
