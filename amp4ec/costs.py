@@ -24,11 +24,12 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from amp4ec.errors import FileFormatError, UsageError, validation_problems
 from amp4ec.graph import ModelGraph, read_json, write_text_atomic
 
-CALIBRATION_SCHEMA = "amp4ec.calibration/4"
+CALIBRATION_SCHEMA = "amp4ec.calibration/5"
 # Version 2 only adds optional fields (raw samples, throttling counters, drift, memory search,
 # a container-to-container link), version 3 adds the drift series of an interleaved run and
-# version 4 the turns of a back-to-back window, so older files still load.
-READABLE_CALIBRATION_SCHEMAS = ("amp4ec.calibration/1", "amp4ec.calibration/2", "amp4ec.calibration/3", CALIBRATION_SCHEMA)
+# version 4 the turns of a back-to-back window and version 5 the whole model after short pauses,
+# so older files still load.
+READABLE_CALIBRATION_SCHEMAS = tuple(f"amp4ec.calibration/{version}" for version in range(1, 5)) + (CALIBRATION_SCHEMA,)
 DEFAULT_CALIBRATION = "calibration-mobilenet_v2.json"
 DEFAULT_HOP_LATENCY_MS = 0.2
 # A CPU time sample above this many times its series' median is a stall of the host, not the
@@ -155,6 +156,11 @@ class ProfileCalibration(BaseModel):
     )
     warnings: list[str] = Field(default_factory=list)
     memory_search: list[MemorySearch] = Field(default_factory=list)
+    idle_gaps: list[Measurement] = Field(
+        default_factory=list,
+        description="the whole model timed with a short pause before every run, one measurement per pause (schema 5): "
+        "how a forward's cost moves from back to back towards spaced as the container idles longer",
+    )
 
 
 class LinkCalibration(BaseModel):
@@ -267,15 +273,23 @@ def load_calibration(path: str | Path) -> Calibration:
     except ValidationError as exc:
         problems = validation_problems(exc, locate=lambda loc: _calibration_location(data, loc))
         raise FileFormatError(f"invalid calibration file: {problems}; recalibrate or restore the file", source=str(path)) from exc
-    if schema != CALIBRATION_SCHEMA:
-        for profile in calibration.profiles:
-            for timing in [*profile.units, *([profile.model] if profile.model is not None else [])]:
-                if timing.saturated is not None and timing.saturated.turns is not None:
-                    raise FileFormatError(
-                        f"invalid calibration file: profile {profile.name!r} unit {timing.name!r} has saturated.turns, which "
-                        f"{schema} files do not have; set schema to {CALIBRATION_SCHEMA!r} or remove turns",
-                        source=str(path),
-                    )
+    version = _schema_version(schema)
+    for profile in calibration.profiles:
+        newer = []
+        if version < 4:
+            newer += [
+                f"unit {timing.name!r} has saturated.turns"
+                for timing in [*profile.units, *([profile.model] if profile.model is not None else [])]
+                if timing.saturated is not None and timing.saturated.turns is not None
+            ]
+        if version < 5 and profile.idle_gaps:
+            newer.append("has idle_gaps")
+        if newer:
+            raise FileFormatError(
+                f"invalid calibration file: profile {profile.name!r} {newer[0]}, which {schema} files do not have; "
+                f"set schema to {CALIBRATION_SCHEMA!r} or remove it",
+                source=str(path),
+            )
     n_units = calibration.graph.n_units
     for profile in calibration.profiles:
         if len(profile.units) != n_units:
@@ -365,7 +379,7 @@ class CostModel:
         self.batch = batch
         self.graph = calibration.graph
         self._by_threads: dict[int, list[ProfileCalibration]] = {}
-        self._segment_costs: dict[tuple[int, int, int, float | None], SegmentCost] = {}
+        self._segment_costs: dict[tuple[int, int, int, float | None, bool], SegmentCost] = {}
         self._work: dict[tuple[str, float, int], list[float]] = {}
         for profile in calibration.profiles:
             self._by_threads.setdefault(profile.threads, []).append(profile)
@@ -447,25 +461,84 @@ class CostModel:
         cpu_ms = max(0.0, warm[index] - self.call_overhead(threads, cpus).cpu_ms)
         return SegmentCost(cpu_ms=cpu_ms, parallelism=self.parallelism(index, threads))
 
-    def segment_cost(self, start: int, stop: int, threads: int, cpus: float | None = None) -> SegmentCost:
-        """Return the work of one call of units ``start`` to ``stop - 1`` on a node with ``threads`` and ``cpus``.
+    def chain_scale(self, threads: int, cpus: float | None = None) -> float:
+        """Return the work of a call's units after its first, the call following an idle gap, over their back-to-back work.
 
-        That is one call overhead and the cold start of unit ``start``, plus each unit's warm work. Without
-        ``cpus`` the work is evaluated at :meth:`default_cpus`.
+        The whole model timed spaced apart is such a call: its first unit's spaced work, then
+        the rest. On 2 threads the rest costs less CPU time than the same units back to back,
+        on 1 thread about the same. Without a timed whole model the scale is 1.
         """
+        n_units = self.graph.n_units
+        if not self.fit.has_model or n_units < 2:
+            return 1.0
+        warm, spaced = self.work_ms("warm", threads, cpus), self.work_ms("spaced", threads, cpus)
+        # Units 1 to n-1 back to back, less their call overheads, add up to this.
+        rest_ms = warm[n_units] - warm[0]
+        return max(0.0, (spaced[n_units] - spaced[0]) / rest_ms) if rest_ms > 0 else 1.0
+
+    def segment_cost(self, start: int, stop: int, threads: int, cpus: float | None = None) -> SegmentCost:
+        """Return the work of one call of units ``start`` to ``stop - 1`` after an idle gap, on a node with ``threads`` and ``cpus``.
+
+        That is one call overhead and the cold start of unit ``start``, plus the warm work of
+        each unit, those after the first scaled by :meth:`chain_scale`. Without ``cpus`` the work
+        is evaluated at :meth:`default_cpus`.
+        """
+        return self._segment_cost(start, stop, threads, cpus, idle=True)
+
+    def busy_segment_cost(self, start: int, stop: int, threads: int, cpus: float | None = None) -> SegmentCost:
+        """Return the work of one call of units ``start`` to ``stop - 1`` right after the node's previous call: no cold start, no scale."""
+        return self._segment_cost(start, stop, threads, cpus, idle=False)
+
+    def _segment_cost(self, start: int, stop: int, threads: int, cpus: float | None, *, idle: bool) -> SegmentCost:
         if not 0 <= start < stop <= self.graph.n_units:
             raise ValueError(f"segment [{start}, {stop}) is outside the graph's {self.graph.n_units} units")
-        key = (start, stop, threads, cpus)
+        key = (start, stop, threads, cpus, idle)
         cached = self._segment_costs.get(key)
         if cached is not None:
             return cached
-        costs = [self.call_overhead(threads, cpus), self.cold_start(threads, cpus, first=start)]
-        costs += [self.unit_cost(i, threads, cpus) for i in range(start, stop)]
+        costs = [self.call_overhead(threads, cpus)] + [self.unit_cost(i, threads, cpus) for i in range(start, stop)]
+        if idle:
+            scale = self.chain_scale(threads, cpus)
+            costs = costs[:2] + [SegmentCost(c.cpu_ms * scale, c.parallelism) for c in costs[2:]]
+            costs.append(self.cold_start(threads, cpus, first=start))
         cpu_ms = sum(c.cpu_ms for c in costs)
         wall_ms = sum(c.cpu_ms / c.parallelism for c in costs)
         cost = SegmentCost(cpu_ms=cpu_ms, parallelism=cpu_ms / wall_ms if wall_ms > 0 else 1.0)
         self._segment_costs[key] = cost
         return cost
+
+    def idle_curve(self, threads: int) -> tuple[tuple[float, float], ...]:
+        """Return ``(pause_ms, share)`` points: how far a call after that pause has moved from its busy cost to its idle cost.
+
+        The share is 0 right after the previous call (:meth:`busy_segment_cost`) and 1 after an
+        idle gap (:meth:`segment_cost`). Each point is the calibration's whole model after that
+        pause, ``(C - W) / (S - W)`` with its back-to-back (W) and spaced (S) CPU time,
+        least squares over the profiles with the nearest thread count; the last point is
+        the spaced gap itself. Shares are kept between 0 and 1, so a call never costs more or
+        less than those two measured regimes. Without pauses in the calibration every call
+        counts as idle: ``((0.0, 1.0),)``.
+        """
+        _, profiles = self.profiles_for_threads(threads)
+        measured = [p for p in profiles if p.idle_gaps and p.model is not None]
+        if not measured:
+            return ((0.0, 1.0),)
+        sums: dict[float, list[float]] = {}
+        for profile in measured:
+            busy_ms, idle_ms = profile.model.typical_cpu_ms("warm"), profile.model.typical_cpu_ms("spaced")
+            contrast = idle_ms - busy_ms
+            for measurement in profile.idle_gaps:
+                numerator, denominator = sums.setdefault(measurement.gap_ms, [0.0, 0.0])
+                sums[measurement.gap_ms] = [
+                    numerator + contrast * (mean_without_stalls(measurement.cpu_ms) - busy_ms),
+                    denominator + contrast**2,
+                ]
+        spaced_gap_ms = max(p.gap_ms for p in measured)
+        points = [(0.0, 0.0)]
+        for gap_ms in sorted(g for g in sums if 0 < g < spaced_gap_ms):
+            numerator, denominator = sums[gap_ms]
+            points.append((gap_ms, min(1.0, max(0.0, numerator / denominator)) if denominator > 0 else 1.0))
+        points.append((spaced_gap_ms, 1.0))
+        return tuple(points)
 
     @property
     def runtime_bytes(self) -> int:
@@ -485,6 +558,19 @@ class CostModel:
     @staticmethod
     def transfer_ms(n_bytes: int, bandwidth_bps: float, latency_ms: float) -> float:
         return latency_ms + n_bytes * 8.0 / bandwidth_bps * 1e3
+
+
+def idle_share(curve: tuple[tuple[float, float], ...], pause_ms: float) -> float:
+    """Return the share of a :meth:`CostModel.idle_curve` after ``pause_ms``, linear between its points."""
+    last_ms, last_share = curve[-1]
+    if pause_ms >= last_ms:
+        return last_share
+    previous_ms, previous_share = 0.0, 0.0
+    for point_ms, share in curve:
+        if pause_ms < point_ms:
+            return previous_share + (share - previous_share) * (pause_ms - previous_ms) / (point_ms - previous_ms)
+        previous_ms, previous_share = point_ms, share
+    return last_share
 
 
 def _measured_parallelism(profile: ProfileCalibration, index: int) -> float:

@@ -73,34 +73,35 @@ class StageModel:
         self._memory: dict[tuple[int, int], int] = {}
 
     def prefix_sums(self, threads: int, cpus: float) -> tuple[list[float], list[float], list[float], list[float]]:
-        """Return the per-call CPU and wall ms by first unit and the prefix sums of the units' CPU and wall ms.
+        """Return the per-call CPU and wall ms by first unit (with that unit's own work) and the prefix sums of the units' scaled CPU and wall ms.
 
         The costs are the calibration's fit at the node's thread count and CPU quota.
         """
         # Prefix sums of CPU and wall time make every segment's cost O(1). They add up the same
-        # terms as CostModel.segment_cost: one call overhead, the first unit's cold start, the
-        # units' warm work.
+        # terms as CostModel.segment_cost: one call overhead, the first unit's cold start and warm
+        # work, the other units' warm work times the chain scale.
         cached = self._prefix.get((threads, cpus))
         if cached is None:
             overhead = self.costs.call_overhead(threads, cpus)
+            scale = self.costs.chain_scale(threads, cpus)
+            units = [self.costs.unit_cost(i, threads, cpus) for i in range(self.graph.n_units)]
             base_cpu, base_wall = [], []
             for first in range(self.graph.n_units):
-                base = [overhead, self.costs.cold_start(threads, cpus, first=first)]
+                base = [overhead, self.costs.cold_start(threads, cpus, first=first), units[first]]
                 base_cpu.append(sum(c.cpu_ms for c in base))
                 base_wall.append(sum(c.cpu_ms / c.parallelism for c in base))
             cpu, wall = [0.0], [0.0]
-            for i in range(self.graph.n_units):
-                unit = self.costs.unit_cost(i, threads, cpus)
-                cpu.append(cpu[-1] + unit.cpu_ms)
-                wall.append(wall[-1] + unit.cpu_ms / unit.parallelism)
+            for unit in units:
+                cpu.append(cpu[-1] + scale * unit.cpu_ms)
+                wall.append(wall[-1] + scale * unit.cpu_ms / unit.parallelism)
             cached = (base_cpu, base_wall, cpu, wall)
             self._prefix[(threads, cpus)] = cached
         return cached
 
     def exec_ms(self, start: int, stop: int, node: NodeSpec) -> float:
         base_cpu, base_wall, cpu, wall = self.prefix_sums(node.torch_threads, node.cpus)
-        cpu_ms = base_cpu[start] + cpu[stop] - cpu[start]
-        wall_ms = base_wall[start] + wall[stop] - wall[start]
+        cpu_ms = base_cpu[start] + cpu[stop] - cpu[start + 1]
+        wall_ms = base_wall[start] + wall[stop] - wall[start + 1]
         parallelism = cpu_ms / wall_ms if wall_ms > 0 else 1.0
         return cpu_ms / min(node.cpus, parallelism)
 
@@ -222,11 +223,12 @@ def stage_terms(
         base_cpu, base_wall, cpu, wall = model.prefix_sums(node.torch_threads, node.cpus)
         cpu = np.asarray(cpu[: n_units + 1])
         wall = np.asarray(wall[: n_units + 1])
-        # Row i is a segment starting at unit i; row n_units starts no segment and only pads.
+        # Row i is a segment starting at unit i, whose own work is in base_cpu[i], so the prefix
+        # sums count from unit i + 1. Row n_units starts no segment and only pads.
         first_cpu = np.append(base_cpu[:n_units], 0.0)[:, None]
         first_wall = np.append(base_wall[:n_units], 0.0)[:, None]
-        cpu_ms = first_cpu + cpu[None, :] - cpu[:, None]
-        wall_ms = first_wall + wall[None, :] - wall[:, None]
+        cpu_ms = first_cpu + cpu[None, :] - np.append(cpu[1:], 0.0)[:, None]
+        wall_ms = first_wall + wall[None, :] - np.append(wall[1:], 0.0)[:, None]
         with np.errstate(divide="ignore", invalid="ignore"):
             parallelism = np.where(wall_ms > 0, cpu_ms / wall_ms, 1.0)
         exec_ms = cpu_ms / np.minimum(node.cpus, parallelism)

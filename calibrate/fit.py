@@ -402,9 +402,12 @@ def simulator_leave_one_out(calibration: Calibration, *, phases: int = 200) -> l
     predicts the CPU time of one call after an idle gap, which is compared with the measured
     spaced CPU time. The wall time of that call under the held-out profile's CFS quota, averaged
     over ``phases`` evenly spread start phases of the period, is compared with the measured
-    spaced wall time. These comparisons have the regime ``"simulator"``.
+    spaced wall time. These comparisons have the regime ``"simulator"``. The whole model's CPU
+    time is also predicted back to back (:meth:`CostModel.busy_segment_cost`, regime
+    ``"simulator busy"``) and after each pause the profile was timed with (between the two by
+    :meth:`CostModel.idle_curve`, regime ``"simulator pause"``, unit ``"model after N ms"``).
     """
-    from amp4ec.costs import CostModel
+    from amp4ec.costs import CostModel, idle_share, mean_without_stalls
 
     _require_two_profiles(calibration)
     n_units = calibration.graph.n_units
@@ -425,6 +428,16 @@ def simulator_leave_one_out(calibration: Calibration, *, phases: int = 200) -> l
             name = timing.name
             comparisons.append(Comparison(held_out.name, name, "simulator", "cpu mean", timing.cpu_ms, cost.cpu_ms))
             comparisons.append(Comparison(held_out.name, name, "simulator", "wall mean", timing.wall.mean_ms, float(np.mean(walls))))
+        if held_out.model is None:
+            continue
+        busy_ms = costs.busy_segment_cost(0, n_units, held_out.threads, cpus=held_out.cpus).cpu_ms
+        idle_ms = costs.segment_cost(0, n_units, held_out.threads, cpus=held_out.cpus).cpu_ms
+        comparisons.append(Comparison(held_out.name, "model", "simulator busy", "cpu mean", held_out.model.typical_cpu_ms("warm"), busy_ms))
+        curve = costs.idle_curve(held_out.threads)
+        for measurement in held_out.idle_gaps:
+            predicted = busy_ms + (idle_ms - busy_ms) * idle_share(curve, measurement.gap_ms)
+            measured = mean_without_stalls(measurement.cpu_ms)
+            comparisons.append(Comparison(held_out.name, f"model after {measurement.gap_ms:g} ms", "simulator pause", "cpu mean", measured, predicted))
     return comparisons
 
 

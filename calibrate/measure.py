@@ -343,3 +343,60 @@ def measure_spaced_interleaved(
             peak_rss_bytes=peak_rss_bytes[name],
         )
     return results
+
+
+# A forward's cost moves from its back-to-back level to its spaced level as the pause before it
+# grows. These pauses sit between the worker's loop (about 0.02 ms) and the spaced gap (100 ms),
+# densest where 2-thread MobileNetV2 forwards changed level on a 2-core VM (between 10 and 30 ms).
+IDLE_GAPS_MS = (1.0, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0)
+IDLE_GAP_RUNS = 30
+IDLE_GAP_TURNS = 3
+
+
+def measure_idle_gaps(
+    workers: Mapping[str, object],
+    segment_id: str,
+    inputs: list[np.ndarray],
+    *,
+    gaps_ms: Sequence[float] = IDLE_GAPS_MS,
+    runs: int = IDLE_GAP_RUNS,
+    turns: int = IDLE_GAP_TURNS,
+) -> dict[str, list[Measurement]]:
+    """Time ``segment_id`` on every worker with each pause of ``gaps_ms`` before every run.
+
+    Each worker times ``runs`` forwards per pause, in ``turns`` requests. The pauses and the
+    workers take turns, both rotating, so a slow spell of the host spreads over all of them.
+    The worker itself sleeps the pause, so it is not lengthened by the request's round trip.
+    One untimed run opens every request, so its first timed run also follows a pause.
+    """
+    names = list(workers)
+    per_turn = max(2, math.ceil(runs / turns))
+    wall_ms: dict[tuple[str, float], list[list[float]]] = {(name, gap): [] for name in names for gap in gaps_ms}
+    cpu_ms: dict[tuple[str, float], list[list[float]]] = {(name, gap): [] for name in names for gap in gaps_ms}
+    cpu_stat: dict[tuple[str, float], CpuStatDelta | None] = {key: None for key in wall_ms}
+    for turn in range(turns):
+        for gap in _rotated(list(gaps_ms), turn):
+            for name in _rotated(names, turn):
+                reply = workers[name].profile(segment_id, inputs, warmup=1, repeats=per_turn, gap_ms=gap)
+                wall_ms[name, gap].append([float(v) for v in reply["wall_ms"]])
+                cpu_ms[name, gap].append([float(v) for v in reply["cpu_ms"]])
+                delta = _cpu_stat_delta(reply.get("cpu_stat_before"), reply.get("cpu_stat_after"))
+                cpu_stat[name, gap] = _add(cpu_stat[name, gap], delta)
+    results: dict[str, list[Measurement]] = {name: [] for name in names}
+    for (name, gap), parts in wall_ms.items():
+        walls = [v for part in parts for v in part]
+        cpus = [v for part in cpu_ms[name, gap] for v in part]
+        counts = [len(part) for part in parts]
+        precision = max(turn_ci95_rel(walls, counts), turn_ci95_rel(cpus, counts))
+        results[name].append(
+            Measurement(
+                gap_ms=gap,
+                wall_ms=[round(v, 3) for v in walls],
+                cpu_ms=[round(v, 3) for v in cpus],
+                ci95_rel=precision if math.isfinite(precision) else 1e9,
+                converged=precision <= DEFAULT_TARGET_CI_REL,
+                cpu_stat=cpu_stat[name, gap],
+                turns=counts,
+            )
+        )
+    return results

@@ -35,6 +35,7 @@ from amp4ec.calibrate.measure import (
     DEFAULT_TARGET_CI_REL,
     RepeatPolicy,
     measure_back_to_back_interleaved,
+    measure_idle_gaps,
     measure_spaced_interleaved,
     timing_stats,
 )
@@ -432,6 +433,15 @@ def _measure_interleaved(
                     + ", ".join(f"{p.name} {len(saturated[p.name].wall_ms)}" for p in profiles)
                     + f" runs; drift reference {drift[-1].cpu_ms:.1f} ms"
                 )
+            current = "the whole model after short pauses"
+            idle_gaps = timed("idle gaps", measure_idle_gaps, workers, REFERENCE_SEGMENT, model_inputs)
+            log(
+                "whole model after pauses of "
+                + ", ".join(f"{m.gap_ms:g}" for m in next(iter(idle_gaps.values())))
+                + " ms: "
+                + "; ".join(f"{name} " + ", ".join(f"{mean_without_stalls(m.cpu_ms):.1f}" for m in idle_gaps[name]) for name in workers)
+                + " ms CPU"
+            )
             current = "the reference run"
             reference_end = {name: timed("reference runs", _reference_cpu_ms, worker, model_inputs) for name, worker in workers.items()}
             for worker in workers.values():
@@ -496,6 +506,7 @@ def _measure_interleaved(
                 model=whole,
                 reference_cpu_ms=reference,
                 warnings=profile_warnings,
+                idle_gaps=idle_gaps[profile.name],
             )
         )
         all_warnings.extend(profile_warnings)

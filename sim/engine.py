@@ -33,7 +33,7 @@ from simpy.events import URGENT
 
 from amp4ec import policies
 from amp4ec.adapt import Adapter
-from amp4ec.costs import CostModel
+from amp4ec.costs import CostModel, idle_share
 from amp4ec.errors import UsageError
 from amp4ec.metrics import summarise_arrays
 from amp4ec.monitor import NodeState
@@ -127,7 +127,8 @@ class SimNode:
     downlink: SharedLink | None = None
     index: int = 0
     """position in the scenario's node list, the node's id in the record columns"""
-    worker_free_s: float = 0.0
+    worker_free_s: float = -math.inf
+    """when the worker's last booked run ends; -inf until it has run, so its first stage finds it idle"""
     epoch: int = 0
     """incremented when the node fails, so a stage can tell it outlived its container"""
     in_flight: dict = field(default_factory=dict)
@@ -398,13 +399,13 @@ class Simulation:
 
     def _fresh_container(self, node: SimNode) -> None:
         self._settle_direct(node)
-        now = self.env.now
         throttled_jobs = node.cpu.throttled_jobs
         node.cpu = CfsCpu(
             max(1e-6, node.quota_cpus - node.background_cpus), cores=node.spec.torch_threads, phase_ms=node.cpu.phase_ms
         )
         node.cpu.throttled_jobs = throttled_jobs
-        node.worker_free_s = now
+        # The new container has run nothing yet, so its first stage pays an idle call's work.
+        node.worker_free_s = -math.inf
         node.uplink.reset()
         node.downlink.reset()
 
@@ -722,14 +723,23 @@ class Simulation:
         cost = self._costs.get(key)
         if cost is None:
             # The calibration's fit gives the work at this thread count and quota, measured or not.
-            segment_cost = self.costs.segment_cost(*key)
+            idle = self.costs.segment_cost(*key)
+            busy = self.costs.busy_segment_cost(*key)
             # A wait for the quota in mid-stage leaves the rest of the stage cold, as an idle gap does.
             cold_ms = self.costs.cold_start(key[2], key[3]).cpu_ms
-            cost = self._costs[key] = (segment_cost.cpu_ms * self._batch, segment_cost.parallelism, cold_ms)
+            curve = self.costs.idle_curve(key[2])
+            cost = self._costs[key] = (busy.cpu_ms * self._batch, idle.parallelism, cold_ms, (idle.cpu_ms - busy.cpu_ms) * self._batch, curve)
         flow.node = node
         flow.epoch = node.epoch
         flow.stage_start_s = now
-        flow.work_ms = self._work_ms(cost[0]) if self._exponential else cost[0]
+        if self._exponential:
+            draw = self._work_ms(1.0)
+            flow.busy_ms = cost[0] * draw
+            flow.idle_extra_ms = cost[3] * draw
+        else:
+            flow.busy_ms = cost[0]
+            flow.idle_extra_ms = cost[3]
+        flow.idle_curve = cost[4]
         flow.parallelism = cost[1]
         flow.resume_ms = cost[2]
         # Negative until the input has arrived and the worker is booked.
@@ -836,6 +846,8 @@ class Simulation:
     def _book_worker(self, flow: "RequestFlow", node: SimNode, input_s: float) -> float:
         """Book the worker for the stage whose input arrives at ``input_s``; return when its run ends."""
         exec_start_s = max(input_s, node.worker_free_s)
+        # The longer the worker idled since its last run, the closer the stage's work is to an idle call's.
+        flow.work_ms = flow.busy_ms + flow.idle_extra_ms * idle_share(flow.idle_curve, (exec_start_s - node.worker_free_s) * 1e3)
         exec_end_s = node.cpu.run(exec_start_s * 1e3, flow.work_ms, flow.parallelism, flow.resume_ms) / 1e3
         flow.cold_ms = node.cpu.last_cold_ms
         node.worker_free_s = exec_end_s
@@ -1052,6 +1064,9 @@ class RequestFlow:
         "node",
         "epoch",
         "stage_start_s",
+        "busy_ms",
+        "idle_extra_ms",
+        "idle_curve",
         "work_ms",
         "resume_ms",
         "cold_ms",
@@ -1078,7 +1093,14 @@ class RequestFlow:
         self.node: SimNode | None = None
         self.epoch = 0
         self.stage_start_s = 0.0
+        self.busy_ms = 0.0
+        """CPU ms of the stage right after its node's previous run"""
+        self.idle_extra_ms = 0.0
+        """CPU ms an idle node's run costs beyond busy_ms (negative where idle runs cost less)"""
+        self.idle_curve: tuple[tuple[float, float], ...] = ((0.0, 1.0),)
+        """CostModel.idle_curve of the node's thread count"""
         self.work_ms = 0.0
+        """CPU ms of the booked run"""
         self.resume_ms = 0.0
         """CPU ms the stage adds after each wait for its node's CFS quota"""
         self.cold_ms = 0.0

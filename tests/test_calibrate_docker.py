@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amp4ec.calibrate.measure import BACK_TO_BACK_PARTS, PROBE_WINDOW_MS, RepeatPolicy
+from amp4ec.calibrate.measure import BACK_TO_BACK_PARTS, IDLE_GAP_RUNS, IDLE_GAP_TURNS, IDLE_GAPS_MS, PROBE_WINDOW_MS, RepeatPolicy
 from amp4ec.costs import CALIBRATION_SCHEMA, load_calibration
 
 from conftest import require_torch
@@ -82,6 +82,11 @@ def test_calibrate_factory_model_measures_both_regimes(tmp_path, docker_client, 
                 assert measurement.cpu_stat is not None
                 assert measurement.cpu_stat.nr_periods is not None
                 assert measurement.peak_rss_bytes > 100 * 2**20
+        # The whole model after each short pause, in turns.
+        assert [m.gap_ms for m in profile.idle_gaps] == list(IDLE_GAPS_MS)
+        for measurement in profile.idle_gaps:
+            assert len(measurement.turns) == IDLE_GAP_TURNS
+            assert len(measurement.cpu_ms) >= IDLE_GAP_RUNS
     # Both profiles are measured unit by unit in turn, with a drift sample before the first unit and after each one.
     assert calibration.drift_profile == "a"
     assert [sample.after for sample in calibration.drift] == ["start", *(u.name for u in calibration.profiles[0].units), "model"]

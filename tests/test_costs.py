@@ -67,6 +67,7 @@ def test_segment_cost_pays_call_overhead_and_cold_start_once():
     calibration = make_calibration([3.0, 3.0, 3.0])
     for profile in calibration.profiles:
         profile.model.warm_cpu_ms = 7.0  # 9 ms one by one, so each extra call costs 1 ms
+        profile.model.cpu_ms = 7.5  # spaced apart, the whole model pays one cold start
         for unit in profile.units:
             unit.cpu_ms = unit.warm_cpu_ms + 0.5  # spaced runs pay 0.5 ms for cold caches
     costs = CostModel(calibration)
@@ -83,6 +84,7 @@ def test_cold_start_is_first_units_own():
     calibration = make_calibration([3.0, 3.0, 3.0])
     for profile in calibration.profiles:
         profile.model.warm_cpu_ms = 9.0
+        profile.model.cpu_ms = 9.2
         for unit, penalty in zip(profile.units, (0.2, 0.8, 0.5)):
             unit.cpu_ms = unit.warm_cpu_ms + penalty
     costs = CostModel(calibration)
@@ -144,3 +146,56 @@ def test_fit_without_variation_keeps_measured_work():
     assert costs.fit.terms == ["gamma"]
     assert costs.work_ms("warm", 1, cpus=0.3) == pytest.approx([2.0, 3.0, 5.0])
     assert costs.parallelism(0, 4) == 1.0
+
+
+def two_thread_like_calibration():
+    """Three 3 ms units whose whole model costs 9 ms back to back but 7 ms after an idle gap, as 2-thread forwards do."""
+    calibration = make_calibration([3.0, 3.0, 3.0])
+    for profile in calibration.profiles:
+        profile.model.warm_cpu_ms = 9.0
+        profile.model.cpu_ms = 7.0
+        for unit in profile.units:
+            unit.cpu_ms = 3.5
+    return calibration
+
+
+def test_chain_scale_matches_spaced_whole_model():
+    from amp4ec.placement import StageModel
+    from amp4ec.scenario import NodeSpec
+
+    costs = CostModel(two_thread_like_calibration())
+    # After its first unit's 3.5 ms, the spaced whole model spends 3.5 ms on 6 ms of back-to-back work.
+    assert costs.chain_scale(1) == pytest.approx(3.5 / 6.0)
+    assert costs.segment_cost(0, 3, 1).cpu_ms == pytest.approx(7.0)
+    assert costs.segment_cost(1, 3, 1).cpu_ms == pytest.approx(3.5 + 3.5 / 2)
+    assert costs.busy_segment_cost(0, 3, 1).cpu_ms == pytest.approx(9.0)
+    node = NodeSpec(name="n", cpus=1.0, memory_mb=1024)
+    assert StageModel(costs.graph, costs).exec_ms(1, 3, node) == pytest.approx(3.5 + 3.5 / 2)
+
+
+def with_pauses(calibration, cpu_by_gap_ms):
+    """Add the whole model timed after each pause, with the given CPU time, to every profile."""
+    from amp4ec.costs import Measurement
+
+    for profile in calibration.profiles:
+        profile.idle_gaps = [
+            Measurement(gap_ms=gap_ms, wall_ms=[cpu_ms] * 5, cpu_ms=[cpu_ms] * 5, ci95_rel=0.0, converged=True)
+            for gap_ms, cpu_ms in cpu_by_gap_ms.items()
+        ]
+    return calibration
+
+
+def test_idle_curve_runs_from_busy_to_idle():
+    from amp4ec.costs import idle_share
+
+    costs = CostModel(with_pauses(two_thread_like_calibration(), {1.0: 8.5, 10.0: 7.5, 30.0: 6.0}))
+    # (C - W) / (S - W) with W = 9 and S = 7; below 7 ms the share stays at 1.
+    curve = costs.idle_curve(1)
+    assert [gap_ms for gap_ms, _ in curve] == [0.0, 1.0, 10.0, 30.0, 100.0]
+    assert [share for _, share in curve] == pytest.approx([0.0, 0.25, 0.75, 1.0, 1.0])
+    assert idle_share(curve, 0.0) == 0.0
+    assert idle_share(curve, 0.5) == pytest.approx(0.125)
+    assert idle_share(curve, 5.5) == pytest.approx(0.5)
+    assert idle_share(curve, 1e6) == 1.0
+    # A calibration without pauses charges every call as idle.
+    assert CostModel(two_thread_like_calibration()).idle_curve(1) == ((0.0, 1.0),)

@@ -113,3 +113,24 @@ def test_open_loop_throughput_follows_arrival_rate():
     result = simulate(scenario([node("a"), node("b")], workload=workload), costs)
     assert result.summary["requests"]["completed"] == 5000
     assert result.summary["throughput_rps"] == pytest.approx(100.0, rel=0.05)
+
+
+def test_stage_work_follows_idle_time():
+    from amp4ec.costs import Measurement
+
+    calibration = make_calibration([30.0])
+    for profile in calibration.profiles:
+        # 30 ms back to back, 32 ms after an idle gap, halfway after a 10 ms pause.
+        for timing in [*profile.units, profile.model]:
+            timing.cpu_ms = 32.0
+        profile.idle_gaps = [Measurement(gap_ms=10.0, wall_ms=[31.0] * 5, cpu_ms=[31.0] * 5, ci95_rel=0.0, converged=True)]
+    costs = CostModel(calibration)
+    monolithic = {"partitioner": "monolithic"}
+    # A closed loop without network time starts every request as the last one ends.
+    busy = simulate(scenario([node("a")], workload={"kind": "closed", "requests": 50}, **monolithic), costs).summary
+    assert busy["nodes"]["a"]["busy_cpu_ms"] / 50 == pytest.approx(30.0 + 2.0 / 50, rel=1e-6)
+    # After the first request, a pause of 5 ms pays a quarter of the difference, one of a second all of it.
+    for think_time_ms, mean_ms in ((5.0, (32.0 + 19 * 30.5) / 20), (1000.0, 32.0)):
+        workload = {"kind": "closed", "requests": 20, "think_time_ms": think_time_ms}
+        paused = simulate(scenario([node("a")], workload=workload, **monolithic), costs).summary
+        assert paused["latency_ms"]["mean"] == pytest.approx(mean_ms, rel=1e-6)
