@@ -25,7 +25,7 @@ $(DEV_VENV)/.installed: pyproject.toml
 test: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python -m pytest -ra
 
-# Regenerates the calibration shipped in amp4ec/data (needs Docker; about ten minutes).
+# Regenerates the calibration shipped in amp4ec/data (needs Docker; the log ends with its duration).
 calibration: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/amp4ec calibrate --model mobilenet_v2 --granularity block \
 		--profile high:1.0:1024 --profile medium:0.6:512 --profile low:0.4:512 --profile double:2.0:2048:2 --profile pair:1.0:1024:2 \

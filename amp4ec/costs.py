@@ -462,7 +462,7 @@ class CostModel:
         return SegmentCost(cpu_ms=cpu_ms, parallelism=self.parallelism(index, threads))
 
     def chain_scale(self, threads: int, cpus: float | None = None) -> float:
-        """Return the work of a call's units after its first, the call following an idle gap, over their back-to-back work.
+        """Return how much a call after an idle gap scales the back-to-back work of its units after the first.
 
         The whole model timed spaced apart is such a call: its first unit's spaced work, then
         the rest. On 2 threads the rest costs less CPU time than the same units back to back,
@@ -512,9 +512,9 @@ class CostModel:
 
         The share is 0 right after the previous call (:meth:`busy_segment_cost`) and 1 after an
         idle gap (:meth:`segment_cost`). Each point is the calibration's whole model after that
-        pause, ``(C - W) / (S - W)`` with its back-to-back (W) and spaced (S) CPU time,
-        least squares over the profiles with the nearest thread count; the last point is
-        the spaced gap itself. Shares are kept between 0 and 1, so a call never costs more or
+        pause: ``(C - W) / (S - W)``, with C its CPU time after the pause, W back to back and S
+        spaced. It is fitted by least squares over the profiles with the nearest thread count.
+        The last point is the spaced gap itself. Shares are kept between 0 and 1, so a call never costs more or
         less than those two measured regimes. Without pauses in the calibration every call
         counts as idle: ``((0.0, 1.0),)``.
         """

@@ -49,7 +49,7 @@ class RepeatPolicy:
     """back to back only: least total wall time of the timed runs, see DEFAULT_MIN_WINDOW_MS"""
     max_window_repeats: int = 5000
     max_turns: int = BACK_TO_BACK_PARTS
-    """back to back only: most turns per profile, each a share of ``min_window_ms`` split in BACK_TO_BACK_PARTS"""
+    """back to back only: maximum turns per profile, each ``min_window_ms / BACK_TO_BACK_PARTS`` long"""
 
     def __post_init__(self) -> None:
         if self.min_repeats < 2 or self.max_repeats < self.min_repeats or self.batch < 1:
@@ -73,8 +73,8 @@ def turn_ci95_rel(samples: Sequence[float], turns: Sequence[int]) -> float:
     """Return the 95 % confidence half-width of the mean of runs measured in ``turns``, relative to the mean.
 
     The runs of one turn share the machine's speed of that moment, so the turns, not the runs,
-    are the independent draws: this is the cluster-robust standard error of the mean over all
-    runs, with a Student's t quantile for the number of turns (inf with fewer than two).
+    are the independent draws. The half-width is the cluster-robust standard error of the mean
+    over all runs times Student's t for the number of turns, and inf with fewer than two turns.
     """
     from scipy import stats
 
@@ -346,8 +346,9 @@ def measure_spaced_interleaved(
 
 
 # A forward's cost moves from its back-to-back level to its spaced level as the pause before it
-# grows. These pauses sit between the worker's loop (about 0.02 ms) and the spaced gap (100 ms),
-# densest where 2-thread MobileNetV2 forwards changed level on a 2-core VM (between 10 and 30 ms).
+# grows. These pauses lie between the worker's loop (about 0.02 ms) and the spaced gap (100 ms).
+# They are densest from 10 to 30 ms, where 2-thread MobileNetV2 forwards changed level on the
+# 2-core VM the shipped calibration was measured on.
 IDLE_GAPS_MS = (1.0, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0)
 IDLE_GAP_RUNS = 30
 IDLE_GAP_TURNS = 3

@@ -174,7 +174,7 @@ def run_sweep(
     The seeds are the scenario's own seed and the ``seeds - 1`` integers after it.
     """
     if seeds < 1:
-        raise UsageError(f"--seeds must be at least 1, got {seeds}", field="--seeds")
+        raise UsageError(f"must be at least 1, got {seeds}", field="--seeds")
     grid = parse_grid(grid_specs)
     base = read_scenario_data(scenario_path)
     points = grid_points(base, grid, str(scenario_path))

@@ -189,7 +189,7 @@ def test_idle_curve_runs_from_busy_to_idle():
     from amp4ec.costs import idle_share
 
     costs = CostModel(with_pauses(two_thread_like_calibration(), {1.0: 8.5, 10.0: 7.5, 30.0: 6.0}))
-    # (C - W) / (S - W) with W = 9 and S = 7; below 7 ms the share stays at 1.
+    # (C - W) / (S - W) with W = 9 and S = 7. Below 7 ms the share stays at 1.
     curve = costs.idle_curve(1)
     assert [gap_ms for gap_ms, _ in curve] == [0.0, 1.0, 10.0, 30.0, 100.0]
     assert [share for _, share in curve] == pytest.approx([0.0, 0.25, 0.75, 1.0, 1.0])

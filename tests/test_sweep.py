@@ -96,8 +96,9 @@ def test_sweep_command_writes_tables(tmp_path):
     [
         (["--workers", "100000"], "--workers 100000 is more than 4 processes per core"),
         (["--seeds", "10000000"], "runs, more than 1,000,000"),
+        (["--seeds", "0"], "--seeds: must be at least 1, got 0"),
     ],
-    ids=["workers", "seeds"],
+    ids=["workers", "seeds", "no-seeds"],
 )
 def test_sweep_rejects_oversized_runs(tmp_path, options, expected):
     out = tmp_path / "sweep"
