@@ -452,12 +452,18 @@ def parse_scenario(data: dict[str, Any], *, source: str = "scenario") -> Scenari
         lines = []
         for error in exc.errors():
             location = _format_location(error["loc"]) or "(top level)"
-            message = error["msg"]
+            # Errors raised in validators come as "Value error, <message>"; the message is enough.
+            message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
                 message = "unknown field; check its spelling against the scenario reference"
             elif error["type"] == "missing":
                 message = "required field is missing"
-            lines.append(f"{location}: {message} (got {error.get('input')!r})" if error["type"] != "missing" else f"{location}: {message}")
+            value = error.get("input")
+            # A whole table as the value would repeat the scenario back; its location names it.
+            if error["type"] == "missing" or isinstance(value, (dict, list)):
+                lines.append(f"{location}: {message}")
+            else:
+                lines.append(f"{location}: {message} (got {value!r})")
         raise UsageError(
             "invalid scenario:\n  " + "\n  ".join(lines),
             source=source,

@@ -118,3 +118,13 @@ def test_quota_outside_docker_range_rejected(tmp_path, cpus, bound):
     assert "nodes[0].cpus" in result.output
     assert bound in result.output
     assert not out.exists()
+
+
+def test_scenario_without_nodes_names_the_fix(tmp_path):
+    path = tmp_path / "empty.toml"
+    path.write_text('name = "empty"\n[model]\nname = "mobilenet_v2"\n')
+    result = CliRunner().invoke(main, ["simulate", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "(top level): the scenario has no nodes; add [[nodes]] or [[node_groups]]" in result.output
+    assert "Value error" not in result.output
+    assert "{'name'" not in result.output
