@@ -19,7 +19,7 @@ from amp4ec.calibrate.fit import (
     summarise,
     unit_samples,
 )
-from amp4ec.costs import Calibration
+from amp4ec.costs import Calibration, ProfileCalibration, mean_without_stalls
 from amp4ec.errors import UsageError
 from amp4ec.graph import write_bytes_atomic
 
@@ -77,6 +77,10 @@ def show_tables(calibration: Calibration) -> list[Table]:
             f"{max(found) / MIB:.0f} (largest segment)" if found else "-",
             oom_text,
         )
+    tables = [units, profiles]
+    paused = [p for p in calibration.profiles if p.idle_gaps and p.model is not None]
+    if paused:
+        tables.append(_pauses_table(paused))
     links = [("host -> container", calibration.link), ("container -> container", calibration.container_link)]
     profiles.caption = "; ".join(
         f"hop {label}: {link.fixed_ms:.3f} ms + bytes at {link.bandwidth_bps / 1e9:.2f} Gbit/s" for label, link in links if link is not None
@@ -88,7 +92,28 @@ def show_tables(calibration: Calibration) -> list[Table]:
             f"(median {float(np.median(drift)):.1f} ms) over {len(drift)} samples: "
             + " ".join(f"{v:.1f}" for v in drift)
         )
-    return [units, profiles]
+    return tables
+
+
+def _pauses_table(profiles: list[ProfileCalibration]) -> Table:
+    """Build the table of the whole model's mean CPU time by pause before each run, back to back to spaced."""
+    gaps_ms = sorted({m.gap_ms for p in profiles for m in p.idle_gaps})
+    table = Table(title="whole model: mean CPU ms per forward by pause before each run")
+    table.add_column("profile")
+    table.add_column("back to back", justify="right")
+    for gap_ms in gaps_ms:
+        table.add_column(f"{gap_ms:g} ms", justify="right")
+    table.add_column("spaced", justify="right")
+    for profile in profiles:
+        by_gap = {m.gap_ms: mean_without_stalls(m.cpu_ms) for m in profile.idle_gaps}
+        table.add_row(
+            profile.name,
+            f"{profile.model.typical_cpu_ms('warm'):.1f}",
+            *(f"{by_gap[g]:.1f}" if g in by_gap else "-" for g in gaps_ms),
+            f"{profile.model.typical_cpu_ms('spaced'):.1f} ({profile.gap_ms:g} ms)",
+        )
+    table.caption = "the simulator charges a stage between the back-to-back and spaced work by the time its node idled before it"
+    return table
 
 
 def validate_table(calibration: Calibration, *, normalise: bool = False) -> tuple[Table, dict]:
@@ -167,8 +192,31 @@ def _add_accuracy_row(table: Table, label: str, block: dict) -> None:
     )
 
 
+def _plot_pauses(axis, calibration: Calibration, profiles: list[ProfileCalibration]) -> None:
+    """Plot the whole model's measured CPU time against the pause before each run, and what the simulator charges."""
+    from amp4ec.costs import CostModel, idle_share
+
+    costs = CostModel(calibration)
+    n_units = calibration.graph.n_units
+    for profile in profiles:
+        measured = [(0.0, profile.model.typical_cpu_ms("warm"))]
+        measured += [(m.gap_ms, mean_without_stalls(m.cpu_ms)) for m in profile.idle_gaps]
+        measured.append((profile.gap_ms, profile.model.typical_cpu_ms("spaced")))
+        pauses, cpu_ms = zip(*sorted(measured))
+        (line,) = axis.plot(pauses, cpu_ms, marker="o", label=f"{profile.name}, measured")
+        busy_ms = costs.busy_segment_cost(0, n_units, profile.threads, cpus=profile.cpus).cpu_ms
+        idle_ms = costs.segment_cost(0, n_units, profile.threads, cpus=profile.cpus).cpu_ms
+        curve = costs.idle_curve(profile.threads)
+        grid = np.linspace(0.0, profile.gap_ms, 200)
+        axis.plot(grid, [busy_ms + (idle_ms - busy_ms) * idle_share(curve, g) for g in grid], linestyle="--", color=line.get_color(), linewidth=0.9)
+    axis.set_xlabel("pause before each run (ms; 0 is back to back)")
+    axis.set_ylabel("whole model, mean CPU time per forward (ms)")
+    axis.set_title("after a pause: measured (points) and simulated (dashed)")
+    axis.legend(fontsize=8)
+
+
 def plot_calibration(calibration: Calibration, out: Path) -> None:
-    """Write a PNG: per-unit wall time by profile (both regimes), and predicted against measured."""
+    """Write a PNG: per-unit wall time by profile (both regimes), predicted against measured, and the whole model after pauses."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,7 +224,8 @@ def plot_calibration(calibration: Calibration, out: Path) -> None:
 
     if out.suffix.lower() != ".png":
         raise UsageError(f"plot writes PNG files; give a path ending in .png, not {out.name!r}", field="--out")
-    figure, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    paused = [p for p in calibration.profiles if p.idle_gaps and p.model is not None]
+    figure, axes = plt.subplots(1, 4 if paused else 3, figsize=(24 if paused else 18, 5.5))
     names = [u.name for u in calibration.profiles[0].units]
     positions = np.arange(len(names))
     width = 0.8 / len(calibration.profiles)
@@ -209,6 +258,8 @@ def plot_calibration(calibration: Calibration, out: Path) -> None:
     axis.set_xlabel("measured wall time (ms)")
     axis.set_ylabel("predicted from the other profiles (ms)")
     axis.set_title("leave one profile out")
+    if paused:
+        _plot_pauses(axes[3], calibration, paused)
     figure.suptitle(f"{calibration.graph.model} ({calibration.graph.granularity}), {calibration.provenance.date[:19]}")
     figure.tight_layout()
     import io

@@ -375,6 +375,15 @@ def test_schema_versions_load_or_fail(tmp_path, calibration_file):
     assert result.exit_code == 2
     assert "unit 'u0' has saturated.turns, which amp4ec.calibration/3 files do not have" in result.output
 
+    # Pauses came with schema 5.
+    data = json.loads(calibration_file.read_text())
+    data["schema"] = "amp4ec.calibration/4"
+    data["profiles"][0]["idle_gaps"] = [{"gap_ms": 10.0, "wall_ms": [5.0, 5.0], "cpu_ms": [5.0, 5.0], "ci95_rel": 0.0, "converged": True}]
+    edited.write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["calibrate", "show", str(edited)])
+    assert result.exit_code == 2
+    assert "profile 'high' has idle_gaps, which amp4ec.calibration/4 files do not have" in " ".join(result.output.split())
+
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text(calibration_file.read_text()[:100])
     result = CliRunner().invoke(main, ["calibrate", "plot", str(corrupt)])
@@ -569,3 +578,20 @@ def test_imprecise_profiles_take_more_turns():
     assert workers["spells"].turn == 7
     assert results["spells"].ci95_rel > 0.02
     assert not results["spells"].converged
+
+
+def test_shipped_calibration_shows_pauses(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["calibrate", "show", "default"])
+    assert result.exit_code == 0, result.output
+    assert "by pause before each run" in result.output
+    result = runner.invoke(main, ["calibrate", "validate", "default", "--json", str(tmp_path / "v.json")])
+    assert result.exit_code == 0, result.output
+    assert "simulator: whole model after pauses" in result.output
+    summary = json.loads((tmp_path / "v.json").read_text())
+    pauses = sum(len(p.idle_gaps) for p in load_calibration("default").profiles)
+    assert summary["simulator"]["whole model after pauses"]["predictions"] == pauses > 0
+    assert summary["simulator"]["whole model back to back"]["predictions"] == len(load_calibration("default").profiles)
+    result = runner.invoke(main, ["calibrate", "plot", "default", "--out", str(tmp_path / "c.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
