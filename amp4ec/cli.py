@@ -233,7 +233,7 @@ def calibrate(
         # validate, show and plot read a calibration file; they need neither torch nor Docker.
         return
     require_extras("calibrate")
-    from amp4ec.calibrate.measure import BACK_TO_BACK_PARTS
+    from amp4ec.calibrate.measure import BACK_TO_BACK_PARTS, MAX_TURNS
     from amp4ec.calibrate.run import parse_input_shape, parse_profiles, run_calibration
 
     if out is None:
@@ -245,6 +245,8 @@ def calibrate(
     max_turns = BACK_TO_BACK_PARTS if max_turns is None else max_turns
     if max_turns < BACK_TO_BACK_PARTS:
         raise UsageError(f"--max-turns is {max_turns}, but every back-to-back window takes {BACK_TO_BACK_PARTS} turns; give at least {BACK_TO_BACK_PARTS}")
+    if max_turns > MAX_TURNS:
+        raise UsageError(f"--max-turns is {max_turns}, more than {MAX_TURNS} (hours of back-to-back runs); give at most {MAX_TURNS}")
     if repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {repeats}")
     if warmup < 0:
@@ -351,7 +353,7 @@ def sweep(scenario: Path, grid: tuple[str, ...], seeds: int, out: Path, workers:
     from amp4ec.sim.sweep import METRICS, run_sweep
 
     if workers is not None and workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {workers}", field="--workers")
+        raise UsageError(f"must be at least 1, got {workers}", field="--workers")
     check_output_dir(out, force=force)
     with progress_bar("sweeping", quiet=quiet) as update:
         runs, points = run_sweep(scenario, grid, seeds, workers=workers, dask_address=dask_address, progress=update)
@@ -698,7 +700,7 @@ def calibrate_show(file: Path) -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--out", "out", default=None, type=click.Path(path_type=Path), help="PNG file to write; default: FILE with the suffix .png")
 def calibrate_plot(file: Path, out: Path | None) -> None:
-    """Write a PNG of FILE: per-unit time by profile, and predicted against measured (leave one profile out)."""
+    """Write a PNG of FILE: per-unit time by profile, predicted against measured (leave one profile out), and the whole model after each pause."""
     from amp4ec.calibrate.views import plot_calibration
     from amp4ec.costs import load_calibration
     from amp4ec.graph import check_output_file

@@ -162,6 +162,22 @@ class ProfileCalibration(BaseModel):
         "how a forward's cost moves from back to back towards spaced as the container idles longer",
     )
 
+    @model_validator(mode="after")
+    def _pauses_between_regimes(self) -> "ProfileCalibration":
+        if self.idle_gaps and self.model is None:
+            raise ValueError("idle_gaps is set, but they time the whole model and model is missing; remove idle_gaps")
+        pauses = [m.gap_ms for m in self.idle_gaps]
+        for pause in pauses:
+            if not 0 < pause < self.gap_ms:
+                raise ValueError(
+                    f"idle_gaps has a pause of {pause:g} ms, outside the range between back to back (0) and "
+                    f"the profile's spaced gap_ms ({self.gap_ms:g}); remove it"
+                )
+        repeated = sorted({pause for pause in pauses if pauses.count(pause) > 1})
+        if repeated:
+            raise ValueError(f"idle_gaps has the pause {repeated[0]:g} ms more than once; keep one measurement per pause")
+        return self
+
 
 class LinkCalibration(BaseModel):
     """Time per hop between containers, fitted as fixed_ms + bytes * 8 / bandwidth_bps."""
@@ -327,6 +343,8 @@ class WorkFit:
 
     def __init__(self, profiles: list[ProfileCalibration]):
         self.profiles = profiles
+        # NOTE: one profile without a timed whole model (a hand-edited or schema-1 file) leaves
+        # the model column out of every profile's fit, so the call overhead and chain scale are 0 and 1.
         self.has_model = all(p.model is not None for p in profiles)
         log_cpus = np.log([p.cpus for p in profiles])
         log_threads = np.log([p.threads for p in profiles])
@@ -513,8 +531,8 @@ class CostModel:
         The share is 0 right after the previous call (:meth:`busy_segment_cost`) and 1 after an
         idle gap (:meth:`segment_cost`). Each point is the calibration's whole model after that
         pause: ``(C - W) / (S - W)``, with C its CPU time after the pause, W back to back and S
-        spaced. It is fitted by least squares over the profiles with the nearest thread count.
-        The last point is the spaced gap itself. Shares are kept between 0 and 1, so a call never costs more or
+        spaced. It is fitted by least squares over the profiles with the nearest thread count,
+        then made non-decreasing in the pause. The last point is the spaced gap itself. Shares are kept between 0 and 1, so a call never costs more or
         less than those two measured regimes. Without pauses in the calibration every call
         counts as idle: ``((0.0, 1.0),)``.
         """
@@ -532,13 +550,16 @@ class CostModel:
                     numerator + contrast * (mean_without_stalls(measurement.cpu_ms) - busy_ms),
                     denominator + contrast**2,
                 ]
+        from scipy.optimize import isotonic_regression
+
         spaced_gap_ms = max(p.gap_ms for p in measured)
-        points = [(0.0, 0.0)]
-        for gap_ms in sorted(g for g in sums if 0 < g < spaced_gap_ms):
-            numerator, denominator = sums[gap_ms]
-            points.append((gap_ms, min(1.0, max(0.0, numerator / denominator)) if denominator > 0 else 1.0))
-        points.append((spaced_gap_ms, 1.0))
-        return tuple(points)
+        gaps_ms = sorted(g for g in sums if 0 < g < spaced_gap_ms and sums[g][1] > 0)
+        shares = [min(1.0, max(0.0, sums[g][0] / sums[g][1])) for g in gaps_ms]
+        # A longer pause leaves caches and threads no warmer, so the shares are fitted as
+        # non-decreasing. A pause measured in a slow spell would otherwise make a dip.
+        weights = [sums[g][1] for g in gaps_ms]
+        fitted = isotonic_regression(shares, weights=weights).x if shares else []
+        return ((0.0, 0.0), *zip(gaps_ms, map(float, fitted)), (spaced_gap_ms, 1.0))
 
     @property
     def runtime_bytes(self) -> int:

@@ -33,6 +33,9 @@ WINDOW_REQUESTS = 4
 # so a slow spell of the shared host (0.1 to 0.5 s, about 40 % slower) reaches every profile.
 # Each part starts at a random phase of the CFS period, so parts much shorter than 333 ms add noise.
 BACK_TO_BACK_PARTS = 6
+# Each turn takes 0.2 to 0.33 s per profile and unit, so this many take MobileNetV2's 21
+# segments on three profiles about 1 to 2 hours.
+MAX_TURNS = 300
 # Beyond those parts, a profile takes more turns of the same length while the mean across its
 # turns is less precise than the target, up to RepeatPolicy.max_turns.
 
@@ -371,6 +374,8 @@ def measure_idle_gaps(
     One untimed run opens every request, so its first timed run also follows a pause.
     """
     names = list(workers)
+    if not gaps_ms:
+        return {name: [] for name in workers}
     per_turn = max(2, math.ceil(runs / turns))
     wall_ms: dict[tuple[str, float], list[list[float]]] = {(name, gap): [] for name in names for gap in gaps_ms}
     cpu_ms: dict[tuple[str, float], list[list[float]]] = {(name, gap): [] for name in names for gap in gaps_ms}

@@ -33,6 +33,7 @@ from amp4ec.calibrate.measure import (
     BACK_TO_BACK_PARTS,
     DEFAULT_MIN_WINDOW_MS,
     DEFAULT_TARGET_CI_REL,
+    IDLE_GAPS_MS,
     RepeatPolicy,
     measure_back_to_back_interleaved,
     measure_idle_gaps,
@@ -434,10 +435,12 @@ def _measure_interleaved(
                     + f" runs; drift reference {drift[-1].cpu_ms:.1f} ms"
                 )
             current = "the whole model after short pauses"
-            idle_gaps = timed("idle gaps", measure_idle_gaps, workers, REFERENCE_SEGMENT, model_inputs)
+            # Only pauses shorter than the spaced gap lie between the two regimes.
+            pauses_ms = [pause for pause in IDLE_GAPS_MS if pause < gap_ms]
+            idle_gaps = timed("idle gaps", measure_idle_gaps, workers, REFERENCE_SEGMENT, model_inputs, gaps_ms=pauses_ms)
             log(
                 "whole model after pauses of "
-                + ", ".join(f"{m.gap_ms:g}" for m in next(iter(idle_gaps.values())))
+                + (", ".join(f"{pause:g}" for pause in pauses_ms) or "(none below --gap-ms)")
                 + " ms: "
                 + "; ".join(f"{name} " + ", ".join(f"{mean_without_stalls(m.cpu_ms):.1f}" for m in idle_gaps[name]) for name in workers)
                 + " ms CPU"

@@ -336,6 +336,9 @@ def test_bad_profile_and_gap_are_one_line(tmp_path):
     result = CliRunner().invoke(main, ["calibrate", "--max-turns", "3", "--out", str(tmp_path / "c.json")])
     assert result.exit_code == 2
     assert "--max-turns is 3, but every back-to-back window takes 6 turns" in result.output
+    result = CliRunner().invoke(main, ["calibrate", "--max-turns", "1000000000", "--out", str(tmp_path / "c.json")])
+    assert result.exit_code == 2
+    assert "--max-turns is 1000000000, more than 300" in result.output
     assert not (tmp_path / "c.json").exists()
 
 

@@ -199,3 +199,35 @@ def test_idle_curve_runs_from_busy_to_idle():
     assert idle_share(curve, 1e6) == 1.0
     # A calibration without pauses charges every call as idle.
     assert CostModel(two_thread_like_calibration()).idle_curve(1) == ((0.0, 1.0),)
+
+
+def test_idle_curve_never_falls_with_longer_pauses():
+    # The 30 ms pause was measured in a slow spell: alone it would make a dip after 10 ms.
+    costs = CostModel(with_pauses(two_thread_like_calibration(), {1.0: 8.5, 10.0: 7.5, 30.0: 8.0}))
+    shares = [share for _, share in costs.idle_curve(1)]
+    assert shares == sorted(shares)
+    # The 10 ms (0.75) and 30 ms (0.5) shares pool to their mean.
+    assert shares[2] == pytest.approx(0.625)
+    assert shares[3] == pytest.approx(0.625)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: p.idle_gaps.append(p.idle_gaps[0]), "has the pause 1 ms more than once"),
+        (lambda p: setattr(p.idle_gaps[0], "gap_ms", 100.0), "a pause of 100 ms, outside the range"),
+        (lambda p: setattr(p.idle_gaps[0], "gap_ms", float("inf")), "a pause of inf ms, outside the range"),
+        (lambda p: setattr(p.idle_gaps[0], "gap_ms", 0.0), "a pause of 0 ms, outside the range"),
+        (lambda p: setattr(p, "model", None), "model is missing"),
+    ],
+    ids=["repeated", "spaced-gap", "infinite", "back-to-back", "no-model"],
+)
+def test_invalid_pauses_rejected(tmp_path, change, message):
+    calibration = with_pauses(two_thread_like_calibration(), {1.0: 8.5, 10.0: 7.5})
+    change(calibration.profiles[0])
+    path = tmp_path / "c.json"
+    # json writes an infinite pause as Infinity, which the loader reads back.
+    path.write_text(json.dumps(calibration.model_dump(by_alias=True)))
+    with pytest.raises(FileFormatError, match=message) as caught:
+        load_calibration(path)
+    assert "profile 'high'" in str(caught.value)
