@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import defaultdict
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -165,7 +166,7 @@ class ProfileCalibration(BaseModel):
     @model_validator(mode="after")
     def _pauses_between_regimes(self) -> "ProfileCalibration":
         if self.idle_gaps and self.model is None:
-            raise ValueError("idle_gaps is set, but they time the whole model and model is missing; remove idle_gaps")
+            raise ValueError("idle_gaps is set but model is missing, and the pauses time the whole model; remove idle_gaps")
         pauses = [m.gap_ms for m in self.idle_gaps]
         for pause in pauses:
             if not 0 < pause < self.gap_ms:
@@ -399,6 +400,7 @@ class CostModel:
         self._by_threads: dict[int, list[ProfileCalibration]] = {}
         self._segment_costs: dict[tuple[int, int, int, float | None, bool], SegmentCost] = {}
         self._work: dict[tuple[str, float, int], list[float]] = {}
+        self._idle_curves: dict[int, tuple[tuple[float, float], ...]] = {}
         for profile in calibration.profiles:
             self._by_threads.setdefault(profile.threads, []).append(profile)
         self.fit = WorkFit(calibration.profiles)
@@ -525,6 +527,15 @@ class CostModel:
         self._segment_costs[key] = cost
         return cost
 
+    def paused_cpu_ms(self, start: int, stop: int, threads: int, cpus: float | None, pause_ms: float) -> float:
+        """Return the CPU time of one call of units ``start`` to ``stop - 1`` that follows the node's previous call by ``pause_ms``.
+
+        The simulator's engine charges the same, from these terms precomputed per node.
+        """
+        busy_ms = self.busy_segment_cost(start, stop, threads, cpus).cpu_ms
+        idle_ms = self.segment_cost(start, stop, threads, cpus).cpu_ms
+        return busy_ms + (idle_ms - busy_ms) * idle_share(self.idle_curve(threads), pause_ms)
+
     def idle_curve(self, threads: int) -> tuple[tuple[float, float], ...]:
         """Return ``(pause_ms, share)`` points: how far a call after that pause has moved from its busy cost to its idle cost.
 
@@ -532,34 +543,36 @@ class CostModel:
         idle gap (:meth:`segment_cost`). Each point is the calibration's whole model after that
         pause: ``(C - W) / (S - W)``, with C its CPU time after the pause, W back to back and S
         spaced. It is fitted by least squares over the profiles with the nearest thread count,
-        then made non-decreasing in the pause. The last point is the spaced gap itself. Shares are kept between 0 and 1, so a call never costs more or
-        less than those two measured regimes. Without pauses in the calibration every call
-        counts as idle: ``((0.0, 1.0),)``.
+        kept between 0 and 1, then made non-decreasing in the pause. The last point is the
+        spaced gap itself. Without pauses in the calibration every call counts as idle:
+        ``((0.0, 1.0),)``.
         """
-        _, profiles = self.profiles_for_threads(threads)
+        nearest, profiles = self.profiles_for_threads(threads)
+        cached = self._idle_curves.get(nearest)
+        if cached is not None:
+            return cached
         measured = [p for p in profiles if p.idle_gaps and p.model is not None]
-        if not measured:
-            return ((0.0, 1.0),)
-        sums: dict[float, list[float]] = {}
-        for profile in measured:
-            busy_ms, idle_ms = profile.model.typical_cpu_ms("warm"), profile.model.typical_cpu_ms("spaced")
-            contrast = idle_ms - busy_ms
-            for measurement in profile.idle_gaps:
-                numerator, denominator = sums.setdefault(measurement.gap_ms, [0.0, 0.0])
-                sums[measurement.gap_ms] = [
-                    numerator + contrast * (mean_without_stalls(measurement.cpu_ms) - busy_ms),
-                    denominator + contrast**2,
-                ]
-        from scipy.optimize import isotonic_regression
+        curve: tuple[tuple[float, float], ...] = ((0.0, 1.0),)
+        if measured:
+            # Least squares of C - W = share * (S - W) per pause, over the profiles.
+            products: dict[float, float] = defaultdict(float)
+            squares: dict[float, float] = defaultdict(float)
+            for profile in measured:
+                busy_ms, idle_ms = profile.model.typical_cpu_ms("warm"), profile.model.typical_cpu_ms("spaced")
+                for measurement in profile.idle_gaps:
+                    products[measurement.gap_ms] += (idle_ms - busy_ms) * (mean_without_stalls(measurement.cpu_ms) - busy_ms)
+                    squares[measurement.gap_ms] += (idle_ms - busy_ms) ** 2
+            gaps_ms = sorted(gap for gap in squares if squares[gap] > 0)
+            shares = [min(1.0, max(0.0, products[gap] / squares[gap])) for gap in gaps_ms]
+            # A longer pause leaves caches and threads no warmer, so the shares are fitted as
+            # non-decreasing. A pause measured in a slow spell would otherwise make a dip.
+            if shares:
+                from scipy.optimize import isotonic_regression
 
-        spaced_gap_ms = max(p.gap_ms for p in measured)
-        gaps_ms = sorted(g for g in sums if 0 < g < spaced_gap_ms and sums[g][1] > 0)
-        shares = [min(1.0, max(0.0, sums[g][0] / sums[g][1])) for g in gaps_ms]
-        # A longer pause leaves caches and threads no warmer, so the shares are fitted as
-        # non-decreasing. A pause measured in a slow spell would otherwise make a dip.
-        weights = [sums[g][1] for g in gaps_ms]
-        fitted = isotonic_regression(shares, weights=weights).x if shares else []
-        return ((0.0, 0.0), *zip(gaps_ms, map(float, fitted)), (spaced_gap_ms, 1.0))
+                shares = [float(v) for v in isotonic_regression(shares, weights=[squares[gap] for gap in gaps_ms]).x]
+            curve = ((0.0, 0.0), *zip(gaps_ms, shares), (max(p.gap_ms for p in measured), 1.0))
+        self._idle_curves[nearest] = curve
+        return curve
 
     @property
     def runtime_bytes(self) -> int:

@@ -407,7 +407,7 @@ def simulator_leave_one_out(calibration: Calibration, *, phases: int = 200) -> l
     ``"simulator busy"``) and after each pause the profile was timed with (between the two by
     :meth:`CostModel.idle_curve`, regime ``"simulator pause"``, unit ``"model after N ms"``).
     """
-    from amp4ec.costs import CostModel, idle_share, mean_without_stalls
+    from amp4ec.costs import CostModel, mean_without_stalls
 
     _require_two_profiles(calibration)
     n_units = calibration.graph.n_units
@@ -431,11 +431,9 @@ def simulator_leave_one_out(calibration: Calibration, *, phases: int = 200) -> l
         if held_out.model is None:
             continue
         busy_ms = costs.busy_segment_cost(0, n_units, held_out.threads, cpus=held_out.cpus).cpu_ms
-        idle_ms = costs.segment_cost(0, n_units, held_out.threads, cpus=held_out.cpus).cpu_ms
         comparisons.append(Comparison(held_out.name, "model", "simulator busy", "cpu mean", held_out.model.typical_cpu_ms("warm"), busy_ms))
-        curve = costs.idle_curve(held_out.threads)
         for measurement in held_out.idle_gaps:
-            predicted = busy_ms + (idle_ms - busy_ms) * idle_share(curve, measurement.gap_ms)
+            predicted = costs.paused_cpu_ms(0, n_units, held_out.threads, held_out.cpus, measurement.gap_ms)
             measured = mean_without_stalls(measurement.cpu_ms)
             comparisons.append(Comparison(held_out.name, f"model after {measurement.gap_ms:g} ms", "simulator pause", "cpu mean", measured, predicted))
     return comparisons

@@ -255,7 +255,7 @@ def _rotated(names: list[str], start: int) -> list[str]:
     return [*names[shift:], *names[:shift]]
 
 
-def _merge(parts: Sequence[Measurement], policy: RepeatPolicy) -> Measurement:
+def _merge(parts: Sequence[Measurement], policy: RepeatPolicy, *, gap_ms: float = 0.0) -> Measurement:
     """Return one measurement containing every run of ``parts``, with the precision of the mean across them."""
     wall_ms = [v for part in parts for v in part.wall_ms]
     cpu_ms = [v for part in parts for v in part.cpu_ms]
@@ -268,7 +268,7 @@ def _merge(parts: Sequence[Measurement], policy: RepeatPolicy) -> Measurement:
     precision = _turn_precision(parts) if len(parts) > 1 else max(ci95_rel(wall_ms), ci95_rel(cpu_ms))
     peaks = [part.peak_rss_bytes for part in parts if part.peak_rss_bytes is not None]
     return Measurement(
-        gap_ms=0.0,
+        gap_ms=gap_ms,
         wall_ms=wall_ms,
         cpu_ms=cpu_ms,
         ci95_rel=precision if math.isfinite(precision) else 1e9,
@@ -374,35 +374,22 @@ def measure_idle_gaps(
     One untimed run opens every request, so its first timed run also follows a pause.
     """
     names = list(workers)
-    if not gaps_ms:
-        return {name: [] for name in workers}
     per_turn = max(2, math.ceil(runs / turns))
-    wall_ms: dict[tuple[str, float], list[list[float]]] = {(name, gap): [] for name in names for gap in gaps_ms}
-    cpu_ms: dict[tuple[str, float], list[list[float]]] = {(name, gap): [] for name in names for gap in gaps_ms}
-    cpu_stat: dict[tuple[str, float], CpuStatDelta | None] = {key: None for key in wall_ms}
+    parts: dict[tuple[str, float], list[Measurement]] = {(name, gap): [] for name in names for gap in gaps_ms}
     for turn in range(turns):
         for gap in _rotated(list(gaps_ms), turn):
             for name in _rotated(names, turn):
                 reply = workers[name].profile(segment_id, inputs, warmup=1, repeats=per_turn, gap_ms=gap)
-                wall_ms[name, gap].append([float(v) for v in reply["wall_ms"]])
-                cpu_ms[name, gap].append([float(v) for v in reply["cpu_ms"]])
-                delta = _cpu_stat_delta(reply.get("cpu_stat_before"), reply.get("cpu_stat_after"))
-                cpu_stat[name, gap] = _add(cpu_stat[name, gap], delta)
-    results: dict[str, list[Measurement]] = {name: [] for name in names}
-    for (name, gap), parts in wall_ms.items():
-        walls = [v for part in parts for v in part]
-        cpus = [v for part in cpu_ms[name, gap] for v in part]
-        counts = [len(part) for part in parts]
-        precision = max(turn_ci95_rel(walls, counts), turn_ci95_rel(cpus, counts))
-        results[name].append(
-            Measurement(
-                gap_ms=gap,
-                wall_ms=[round(v, 3) for v in walls],
-                cpu_ms=[round(v, 3) for v in cpus],
-                ci95_rel=precision if math.isfinite(precision) else 1e9,
-                converged=precision <= DEFAULT_TARGET_CI_REL,
-                cpu_stat=cpu_stat[name, gap],
-                turns=counts,
-            )
-        )
-    return results
+                parts[name, gap].append(
+                    Measurement(
+                        gap_ms=gap,
+                        wall_ms=[round(float(v), 3) for v in reply["wall_ms"]],
+                        cpu_ms=[round(float(v), 3) for v in reply["cpu_ms"]],
+                        ci95_rel=1e9,
+                        converged=False,
+                        cpu_stat=_cpu_stat_delta(reply.get("cpu_stat_before"), reply.get("cpu_stat_after")),
+                    )
+                )
+    # No time window applies to these runs, only the precision target.
+    policy = RepeatPolicy(min_window_ms=0.0)
+    return {name: [_merge(parts[name, gap], policy, gap_ms=gap) for gap in gaps_ms] for name in names}

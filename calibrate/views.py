@@ -194,7 +194,7 @@ def _add_accuracy_row(table: Table, label: str, block: dict) -> None:
 
 def _plot_pauses(axis, calibration: Calibration, profiles: list[ProfileCalibration]) -> None:
     """Plot the whole model's measured CPU time against the pause before each run, and what the simulator charges."""
-    from amp4ec.costs import CostModel, idle_share
+    from amp4ec.costs import CostModel
 
     costs = CostModel(calibration)
     n_units = calibration.graph.n_units
@@ -204,11 +204,9 @@ def _plot_pauses(axis, calibration: Calibration, profiles: list[ProfileCalibrati
         measured.append((profile.gap_ms, profile.model.typical_cpu_ms("spaced")))
         pauses, cpu_ms = zip(*sorted(measured))
         (line,) = axis.plot(pauses, cpu_ms, marker="o", label=f"{profile.name}, measured")
-        busy_ms = costs.busy_segment_cost(0, n_units, profile.threads, cpus=profile.cpus).cpu_ms
-        idle_ms = costs.segment_cost(0, n_units, profile.threads, cpus=profile.cpus).cpu_ms
-        curve = costs.idle_curve(profile.threads)
         grid = np.linspace(0.0, profile.gap_ms, 200)
-        axis.plot(grid, [busy_ms + (idle_ms - busy_ms) * idle_share(curve, g) for g in grid], linestyle="--", color=line.get_color(), linewidth=0.9)
+        simulated = [costs.paused_cpu_ms(0, n_units, profile.threads, profile.cpus, pause_ms) for pause_ms in grid]
+        axis.plot(grid, simulated, linestyle="--", color=line.get_color(), linewidth=0.9)
     axis.set_xlabel("pause before each run (ms; 0 is back to back)")
     axis.set_ylabel("whole model, mean CPU time per forward (ms)")
     axis.set_title("after a pause: measured (points) and simulated (dashed)")
