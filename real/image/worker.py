@@ -38,13 +38,16 @@ Requests (header field "op") and their replies:
 - profile {"segment": "s0", "inputs": [spec, ...], "warmup": 3, "repeats": 20,
   "gap_ms": 100} + input frames -> {"ok": true, "wall_ms": [...], "cpu_ms": [...],
   "peak_rss_bytes": N, "cpu_stat_before": {...}, "cpu_stat_after": {...},
-  "cpu_usage_ns_before": N, "cpu_usage_ns_after": N}.
+  "cpu_usage_ns_before": N, "cpu_usage_ns_after": N, "minor_faults": N}.
   The segment runs warmup + repeats times on the same inputs and the reply contains the timings
   of the repeats only. The worker sleeps gap_ms before every run after the first, so each run
   can start with a refilled CFS quota (gap_ms=0 runs back to back). peak_rss_bytes is the
   worker process's peak resident set size since it started (getrusage ru_maxrss), not
   since the profile began. cpu_stat_* are the container's cgroup cpu.stat counters and
   cpu_usage_ns_* its cpuacct.usage, read just before the first repeat and after the last.
+  minor_faults is how many minor page faults the worker process took over the repeats
+  (getrusage ru_minflt): memory the kernel had to map in again, for example after the C
+  allocator returned a freed buffer to it.
 - stats -> {"ok": true, "time_s": time.time(), "cpu_usage_ns", "cpu_stat": {"nr_periods",
   "nr_throttled", "throttled_time"}, "cfs_quota_us", "cfs_period_us",
   "memory_usage_bytes", "memory_limit_bytes", "memory_max_usage_bytes", "net_rx_bytes",
@@ -438,6 +441,7 @@ class Worker:
             if run_index == 0:
                 cpu_stat_before = read_cpu_stat()
                 cpu_usage_ns_before = read_cpu_usage_ns()
+                faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             wall_start = time.perf_counter()
             cpu_start = time.process_time()
             self.forward(module, inputs)
@@ -452,6 +456,7 @@ class Worker:
             "cpu_stat_after": read_cpu_stat(),
             "cpu_usage_ns_before": cpu_usage_ns_before,
             "cpu_usage_ns_after": read_cpu_usage_ns(),
+            "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before,
         }, []
 
     def handle_stats(self, header, frames):
