@@ -491,10 +491,29 @@ class CostModel:
         n_units = self.graph.n_units
         if not self.fit.has_model or n_units < 2:
             return 1.0
-        warm, spaced = self.work_ms("warm", threads, cpus), self.work_ms("spaced", threads, cpus)
-        # Units 1 to n-1 back to back, less their call overheads, add up to this.
-        rest_ms = warm[n_units] - warm[0]
-        return max(0.0, (spaced[n_units] - spaced[0]) / rest_ms) if rest_ms > 0 else 1.0
+        spaced = self.work_ms("spaced", threads, cpus)
+        first_ms = self.call_overhead(threads, cpus).cpu_ms + self.unit_cost(0, threads, cpus).cpu_ms + self.cold_start(threads, cpus, first=0).cpu_ms
+        return self._whole_model_scale(spaced[n_units] - first_ms, threads, cpus)
+
+    def busy_scale(self, threads: int, cpus: float | None = None) -> float:
+        """Return how much a call right after the previous one scales the back-to-back work of its units after the first.
+
+        A unit repeated back to back keeps its own weights and activations in the caches, while
+        inside a model the units before it evict them. Where the units timed one by one add up to
+        less than the whole model back to back, the call overhead is 0 and this scale, above 1,
+        makes up the difference. Otherwise the overhead does, and the scale is 1.
+        """
+        n_units = self.graph.n_units
+        if not self.fit.has_model or n_units < 2:
+            return 1.0
+        warm = self.work_ms("warm", threads, cpus)
+        first_ms = self.call_overhead(threads, cpus).cpu_ms + self.unit_cost(0, threads, cpus).cpu_ms
+        return self._whole_model_scale(warm[n_units] - first_ms, threads, cpus)
+
+    def _whole_model_scale(self, rest_target_ms: float, threads: int, cpus: float | None) -> float:
+        """Return the factor that makes units 1 to n-1, in a call of the whole model, cost ``rest_target_ms``."""
+        rest_ms = sum(self.unit_cost(i, threads, cpus).cpu_ms for i in range(1, self.graph.n_units))
+        return max(0.0, rest_target_ms / rest_ms) if rest_ms > 0 else 1.0
 
     def segment_cost(self, start: int, stop: int, threads: int, cpus: float | None = None) -> SegmentCost:
         """Return the work of one call of units ``start`` to ``stop - 1`` after an idle gap, on a node with ``threads`` and ``cpus``.
@@ -506,7 +525,11 @@ class CostModel:
         return self._segment_cost(start, stop, threads, cpus, idle=True)
 
     def busy_segment_cost(self, start: int, stop: int, threads: int, cpus: float | None = None) -> SegmentCost:
-        """Return the work of one call of units ``start`` to ``stop - 1`` right after the node's previous call: no cold start, no scale."""
+        """Return the work of one call of units ``start`` to ``stop - 1`` right after the node's previous call.
+
+        That is one call overhead and the warm work of each unit, those after the first scaled
+        by :meth:`busy_scale`: no cold start.
+        """
         return self._segment_cost(start, stop, threads, cpus, idle=False)
 
     def _segment_cost(self, start: int, stop: int, threads: int, cpus: float | None, *, idle: bool) -> SegmentCost:
@@ -517,9 +540,9 @@ class CostModel:
         if cached is not None:
             return cached
         costs = [self.call_overhead(threads, cpus)] + [self.unit_cost(i, threads, cpus) for i in range(start, stop)]
+        scale = self.chain_scale(threads, cpus) if idle else self.busy_scale(threads, cpus)
+        costs = costs[:2] + [SegmentCost(c.cpu_ms * scale, c.parallelism) for c in costs[2:]]
         if idle:
-            scale = self.chain_scale(threads, cpus)
-            costs = costs[:2] + [SegmentCost(c.cpu_ms * scale, c.parallelism) for c in costs[2:]]
             costs.append(self.cold_start(threads, cpus, first=start))
         cpu_ms = sum(c.cpu_ms for c in costs)
         wall_ms = sum(c.cpu_ms / c.parallelism for c in costs)

@@ -173,6 +173,33 @@ def test_chain_scale_matches_spaced_whole_model():
     assert StageModel(costs.graph, costs).exec_ms(1, 3, node) == pytest.approx(3.5 + 3.5 / 2)
 
 
+def test_busy_scale_when_units_add_up_to_less():
+    from amp4ec.placement import StageModel
+    from amp4ec.scenario import NodeSpec
+
+    # Three 3 ms units whose whole model costs 10 ms back to back and 11 ms after an idle gap:
+    # inside the model each unit finds its caches evicted by the units before it.
+    calibration = make_calibration([3.0, 3.0, 3.0])
+    for profile in calibration.profiles:
+        profile.model.warm_cpu_ms = 10.0
+        profile.model.cpu_ms = 11.0
+        for unit in profile.units:
+            unit.cpu_ms = 3.5
+    costs = CostModel(calibration)
+
+    assert costs.call_overhead(1).cpu_ms == 0.0
+    assert costs.busy_scale(1) == pytest.approx(7.0 / 6.0)
+    assert costs.busy_segment_cost(0, 3, 1).cpu_ms == pytest.approx(10.0)
+    assert costs.busy_segment_cost(1, 3, 1).cpu_ms == pytest.approx(3.0 + 3.0 * 7.0 / 6.0)
+    assert costs.busy_segment_cost(2, 3, 1).cpu_ms == pytest.approx(3.0)
+    # After its first unit's 3.5 ms, the spaced whole model spends 7.5 ms on 6 ms of back-to-back work.
+    assert costs.chain_scale(1) == pytest.approx(7.5 / 6.0)
+    assert costs.segment_cost(0, 3, 1).cpu_ms == pytest.approx(11.0)
+    assert costs.segment_cost(2, 3, 1).cpu_ms == pytest.approx(3.5)
+    node = NodeSpec(name="n", cpus=1.0, memory_mb=1024)
+    assert StageModel(costs.graph, costs).exec_ms(1, 3, node) == pytest.approx(3.5 + 3.0 * 7.5 / 6.0)
+
+
 def with_pauses(calibration, cpu_by_gap_ms):
     """Add the whole model timed after each pause, with the given CPU time, to every profile."""
     from amp4ec.costs import Measurement
