@@ -206,9 +206,14 @@ class Simulation:
         # One bound method for every direct stage's end event, rather than a new one per stage.
         self._end_direct_stage = self._direct_output_arrived
         self._batch = scenario.workload.batch
-        # (segment start, stop, torch threads, container CPU quota) -> (CPU ms per request,
-        # parallelism); a node's CfsCpu has as many cores as the node has torch threads.
-        self._costs: dict[tuple[int, int, int, float], tuple[float, float]] = {}
+        # (segment start, stop, torch threads, container CPU quota) -> (busy CPU ms per request,
+        # parallelism, cold start ms, idle minus busy CPU ms, idle curve); a node's CfsCpu has as
+        # many cores as the node has torch threads.
+        self._costs: dict[tuple[int, int, int, float], tuple[float, float, float, float, tuple]] = {}
+        # Fitting the idle curves imports scipy (about 0.15 s), part of building the simulation
+        # rather than of its first stages. Nodes added later fit theirs on first use.
+        for threads in {node.cpu.cores for node in self.nodes.values()}:
+            costs.idle_curve(threads)
         self._done = 0
         self._progress_step = max(1, self.total_requests // PROGRESS_STEPS)
         self._exponential = scenario.model.service == "exponential"
