@@ -8,7 +8,7 @@ The model separates the work from the way the kernel hands out CPU time:
   (caches go cold while the container is throttled). Sharing ``beta`` lets a thread count
   calibrated at one quota be predicted at another. The spread of single runs around the mean
   is kept as measured (relative samples, resampled), from the profiles with the thread count.
-- rate: CPU time over wall time of an unthrottled run (spaced runs), how fast a forward drains
+- rate: CPU time over wall time of an unthrottled run, per regime, how fast a forward drains
   the quota.
 - throttling: sim/cfs.py, the CFS bandwidth model the simulator uses. Spaced runs start with
   a full quota at a random phase of the period; back-to-back runs share one quota in sequence.
@@ -46,6 +46,10 @@ UNRECORDED_TURNS = 3
 # A back-to-back run this much longer than the median waited for the next CFS period. Waits
 # last from the quota's exhaustion to the period's end, tens of ms at the calibrated quotas.
 THROTTLE_WAIT_MS = 5.0
+# A back-to-back run reaches the end of its period's quota with a probability of about its CPU
+# time over the quota. The back-to-back rate therefore comes only from profiles where a unit's
+# mean CPU time is at most this share of the quota, so that most of its runs were not throttled.
+SATURATED_RATE_QUOTA_SHARE = 0.2
 
 
 def chain_design(measurement: Measurement) -> dict[str, float | int]:
@@ -105,10 +109,10 @@ class FittedCostModel:
     beta: dict[str, float] = field(default_factory=dict)
     spread: dict[str, list[np.ndarray]] = field(default_factory=dict)
     """per regime and unit: single-run CPU time over its profile's mean"""
-    rate: np.ndarray = field(default_factory=lambda: np.ones(0))
-    """per unit: median CPU ms per wall ms while not throttled"""
-    rate_samples: list[np.ndarray] = field(default_factory=list)
-    """per unit: CPU ms per wall ms of every unthrottled spaced run"""
+    rate: dict[str, np.ndarray] = field(default_factory=dict)
+    """per regime and unit: median CPU ms per wall ms while not throttled"""
+    rate_samples: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    """per regime and unit: CPU ms per wall ms of every unthrottled run"""
     min_memory_bytes: dict[str, int] = field(default_factory=dict)
     reference_cpu_ms: float | None = None
     """with normalise: the training profiles' mean whole-model reference CPU time"""
@@ -175,22 +179,34 @@ class FittedCostModel:
                 )
                 for u in range(n_units)
             ]
-        rates = []
-        for u in range(len(names)):
-            ratios = []
-            for p in same:
-                cpu, wall = unit_samples(profile_timings(p)[u], "spaced")
-                quota_ms = p.cpus * model.period_ms
-                # Runs that used more CPU than one period's quota were throttled for sure.
-                keep = (wall > 0) & (cpu < quota_ms)
-                ratios.append(cpu[keep] / wall[keep])
-            pooled = np.concatenate(ratios) if ratios else np.ones(1)
-            if len(pooled) == 0:
-                pooled = np.ones(1)
-            # Single runs keep their own rate: on a shared host some runs also wait for a core.
-            model.rate_samples.append(np.clip(pooled, 1e-3, float(max(1, threads))))
-            rates.append(float(np.median(pooled)))
-        model.rate = np.clip(np.asarray(rates), 1e-3, float(max(1, threads)))
+        # Each regime keeps its own rate: a 2-thread forward after an idle gap keeps about one
+        # core busy, while back to back its threads are awake and some units keep 1.4 busy.
+        for regime in REGIMES:
+            model.rate_samples[regime] = []
+            for u in range(len(names)):
+                ratios = []
+                for p in same:
+                    cpu, wall = unit_samples(profile_timings(p)[u], regime)
+                    quota_ms = p.cpus * model.period_ms
+                    # Runs that used more CPU than one period's quota were throttled for sure.
+                    keep = (wall > 0) & (cpu < quota_ms)
+                    if regime == "saturated":
+                        if np.mean(cpu) > SATURATED_RATE_QUOTA_SHARE * quota_ms:
+                            continue
+                        # Back-to-back runs that waited for the next period were throttled too.
+                        keep &= wall <= np.median(wall) + THROTTLE_WAIT_MS
+                    ratios.append(cpu[keep] / wall[keep])
+                pooled = np.concatenate(ratios) if ratios else np.ones(0)
+                if regime == "saturated":
+                    # A back-to-back run throttled for less than THROTTLE_WAIT_MS still counts above,
+                    # so single runs keep the spread of the spaced ones, moved to this regime's median.
+                    spaced = model.rate_samples["spaced"][u]
+                    pooled = spaced * (np.median(pooled) / np.median(spaced) if len(pooled) else 1.0)
+                elif len(pooled) == 0:
+                    pooled = np.ones(1)
+                # Single runs keep their own rate: on a shared host some runs also wait for a core.
+                model.rate_samples[regime].append(np.clip(pooled, 1e-3, float(max(1, threads))))
+            model.rate[regime] = np.array([float(np.median(samples)) for samples in model.rate_samples[regime]])
         for p in same:
             for search in p.memory_search:
                 if search.min_memory_bytes is not None:
@@ -226,7 +242,7 @@ class FittedCostModel:
         if memory_bytes is not None and self.min_memory_bytes.get(name, 0) > memory_bytes:
             return None
         rng = np.random.default_rng(seed)
-        rates = self.rate_samples[unit]
+        rates = self.rate_samples[regime][unit]
         if regime == "spaced":
             work = self.work_samples(unit, regime, cpus, PREDICTION_SAMPLES, rng, speed)
             phases = rng.uniform(0, self.period_ms, size=len(work))

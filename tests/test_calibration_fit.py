@@ -20,20 +20,20 @@ PROFILES = (("high", 1.0, 1), ("medium", 0.6, 1), ("low", 0.4, 1))
 WORK_MS = [1.0, 3.0, 8.0, 15.0, 30.0]
 
 
-def simulated_measurement(work_ms: float, cpus: float, gap_ms: float, rng, *, runs: int = 40, rate: float = 0.95) -> Measurement:
-    """Samples as a container with an ideal CFS quota would produce them, with 2 % noise in the work."""
+def simulated_measurement(work_ms: float, cpus: float, gap_ms: float, rng, *, runs: int = 40, rate: float = 0.95, cores: int = 1) -> Measurement:
+    """Samples as a container with an ideal CFS quota on ``cores`` cores would produce them, with 2 % noise in the work."""
     cpu_ms = work_ms * rng.lognormal(0.0, 0.02, size=runs)
     walls = []
     if gap_ms:
         for cpu in cpu_ms:
-            walls.append(CfsCpu(cpus, phase_ms=rng.uniform(0, 100)).run(0.0, cpu, rate))
+            walls.append(CfsCpu(cpus, cores=cores, phase_ms=rng.uniform(0, 100)).run(0.0, cpu, rate))
     else:
         # Back to back, each part starts with a full quota and runs until it spans its share of
         # the window, as measure_back_to_back_interleaved() does.
         cpu_ms = list(cpu_ms)
         turns = []
         for _ in range(BACK_TO_BACK_PARTS):
-            quota = CfsCpu(cpus, phase_ms=rng.uniform(0, 100))
+            quota = CfsCpu(cpus, cores=cores, phase_ms=rng.uniform(0, 100))
             now = 0.0
             for _ in range(3):
                 now = quota.run(now, work_ms, rate) + 0.02
@@ -177,13 +177,32 @@ def test_fit_recovers_work_and_predicts_throttling():
     calibration = synthetic_measured_calibration()
     model = FittedCostModel.fit(calibration.profiles[:2], threads=1, host_cores=2)
     assert model.work_ms["spaced"][:len(WORK_MS)] == pytest.approx(WORK_MS, rel=0.03)
-    assert model.rate == pytest.approx(0.95, rel=0.02)
+    assert model.rate["spaced"] == pytest.approx(0.95, rel=0.02)
     # 30 ms of work at 0.4 CPU back to back: 40 ms of quota per 100 ms period, so the mean
     # wall time is the work over the quota's share.
     walls = model.predict_wall(4, "saturated", cpus=0.4, window_ms=6000.0)
     assert np.mean(walls) == pytest.approx(30.0 / 0.4, rel=0.05)
     # Spaced apart, a 30 ms job fits one period's 40 ms quota and is never throttled.
     assert np.max(model.predict_wall(4, "spaced", cpus=0.4)) < 34
+
+
+def test_back_to_back_keeps_its_own_rate():
+    """2-thread forwards keep one core busy after an idle gap and 1.4 back to back: each regime predicts with its own."""
+    rng = np.random.default_rng(4)
+    calibration = make_calibration(WORK_MS, profiles=(("double", 2.0, 2), ("pair", 1.0, 2)))
+    for profile in calibration.profiles:
+        for timing, work in [*zip(profile.units, WORK_MS), (profile.model, sum(WORK_MS))]:
+            timing.spaced = simulated_measurement(work, profile.cpus, 100.0, rng, rate=1.0, cores=2)
+            timing.saturated = simulated_measurement(work, profile.cpus, 0.0, rng, runs=60, rate=1.4, cores=2)
+    model = FittedCostModel.fit([calibration.profile("double")], threads=2, host_cores=2)
+
+    assert model.rate["spaced"] == pytest.approx(1.0, rel=0.02)
+    # The whole model (57 ms) is over a fifth of the 200 ms quota, too long to show its rate back to back.
+    assert model.rate["saturated"][: len(WORK_MS)] == pytest.approx(1.4, rel=0.02)
+    assert model.rate["saturated"][-1] == pytest.approx(1.0, rel=0.02)
+    # 3 ms of work back to back on 2 unthrottled CPUs.
+    assert np.mean(model.predict_wall(1, "saturated", cpus=2.0)) == pytest.approx(3.0 / 1.4, rel=0.03)
+    assert np.mean(model.predict_wall(1, "spaced", cpus=2.0)) == pytest.approx(3.0, rel=0.03)
 
 
 def test_shared_beta_predicts_other_quota():
