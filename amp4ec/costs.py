@@ -401,6 +401,7 @@ class CostModel:
         self._segment_costs: dict[tuple[int, int, int, float | None, bool], SegmentCost] = {}
         self._work: dict[tuple[str, float, int], list[float]] = {}
         self._idle_curves: dict[int, tuple[tuple[float, float], ...]] = {}
+        self._memory_searched: dict[str, int] | None = None
         for profile in calibration.profiles:
             self._by_threads.setdefault(profile.threads, []).append(profile)
         self.fit = WorkFit(calibration.profiles)
@@ -602,8 +603,29 @@ class CostModel:
         return max(p.runtime_rss_bytes for p in self.calibration.profiles)
 
     def segment_memory_bytes(self, start: int, stop: int) -> int:
-        """Memory a segment adds to a worker: its weights and peak activations for a batch of ``self.batch`` inputs."""
-        return self.graph.segment_param_bytes(start, stop) + self.batch * self.graph.segment_peak_activation_bytes(start, stop)
+        """Memory a segment adds to a worker: its weights and peak activations for a batch of ``self.batch`` inputs.
+
+        The graph's estimate leaves out the loaded program and the allocator. So where the
+        calibration's memory search ran a unit of the segment (or the whole model, for the whole
+        model), the segment needs at least what that search measured above the runtime.
+        """
+        estimate = self.graph.segment_param_bytes(start, stop) + self.batch * self.graph.segment_peak_activation_bytes(start, stop)
+        measured = self._measured_memory_bytes()
+        names = [unit.name for unit in self.graph.units[start:stop]]
+        if start == 0 and stop == self.graph.n_units:
+            names.append("model")
+        return max([estimate, *(measured[name] for name in names if name in measured)])
+
+    def _measured_memory_bytes(self) -> dict[str, int]:
+        """Return, per searched segment name, the smallest memory limit it ran at less the runtime, over all profiles."""
+        if self._memory_searched is None:
+            self._memory_searched = {}
+            for profile in self.calibration.profiles:
+                for search in profile.memory_search:
+                    if search.min_memory_bytes is not None:
+                        extra = max(0, search.min_memory_bytes - self.runtime_bytes)
+                        self._memory_searched[search.segment] = max(self._memory_searched.get(search.segment, 0), extra)
+        return self._memory_searched
 
     def hop_latency_ms(self, configured_ms: float | None) -> float:
         if configured_ms is not None:

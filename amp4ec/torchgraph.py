@@ -66,7 +66,14 @@ def load_model(spec: str, *, seed: int = 0) -> nn.Module:
         factory = _import_factory(spec)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = factory()
+            try:
+                model = factory()
+            except Exception as exc:
+                raise UsageError(
+                    f"factory {spec!r} failed when called without arguments: {type(exc).__name__}: {exc}; "
+                    "give a function that builds the model with no arguments",
+                    field="model",
+                ) from exc
         if not isinstance(model, nn.Module):
             raise UsageError(
                 f"factory {spec!r} returned {type(model).__name__}, expected a torch.nn.Module",

@@ -460,8 +460,9 @@ def _measure_interleaved(
                 if cluster.oom_killed(profile.name):
                     raise UsageError(
                         f"profile {profile.name}: the kernel OOM-killed the worker at a memory limit of "
-                        f"{profile.memory_mb:g} MiB while running {current}; raise the profile's memory limit "
-                        "(`--memory-search` finds the smallest limit each segment needs)",
+                        f"{profile.memory_mb:g} MiB while running {current}; raise the profile's memory limit. "
+                        "The calibration's worker holds the whole model and loads every unit in turn, so it needs "
+                        "more than the smallest limit `--memory-search` finds for any one segment",
                         field="--profile",
                     ) from error
             raise

@@ -58,7 +58,9 @@ TMPFS_OPTIONS = "rw,nosuid,nodev,size=64m"
 # back-to-back CPU time of MobileNetV2's features.2 range from 1.2 to 5.2 ms across containers.
 # These settings serve buffers up to 32 MiB (the 64-bit maximum in mallopt(3)) from the heap and
 # keep the heap mapped, so the same experiment read 1.1 to 2.0 ms, mostly 1.1 to 1.3.
-# The cost is up to one more activation resident: features.2's peak rose from 339 to 348 MB.
+# The cost is memory, since a worker keeps what it freed. features.2's peak rose from 339 to
+# 348 MB. A calibration worker loads every unit in turn and peaked up to 39 MiB higher with these
+# settings than without (medium's features.2: 363 to 400 MiB).
 WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 # Summed CPU limits above this share of the engine's cores oversubscribe the machine, and
 # measured latencies then include waiting for a core.

@@ -200,6 +200,32 @@ def test_busy_scale_when_units_add_up_to_less():
     assert StageModel(costs.graph, costs).exec_ms(1, 3, node) == pytest.approx(3.5 + 3.0 * 7.5 / 6.0)
 
 
+def test_memory_search_raises_segment_memory():
+    from amp4ec.costs import MemoryProbe, MemorySearch
+
+    calibration = make_calibration([1.0, 2.0, 3.0], runtime_rss_bytes=200 * 2**20)
+    estimates = CostModel(calibration)
+    whole_estimate = estimates.segment_memory_bytes(0, 3)
+    # The searched unit u1 and the whole model ran only at limits well above runtime plus estimate.
+    searches = {"u1": 260 * 2**20, "model": 290 * 2**20}
+    calibration.profiles[1].memory_search = [
+        MemorySearch(
+            segment=name,
+            min_memory_bytes=limit,
+            resolution_bytes=2**22,
+            probes=[MemoryProbe(segment=name, memory_bytes=limit - 2**22, ran=False, oom_killed=True)],
+        )
+        for name, limit in searches.items()
+    ]
+    costs = CostModel(calibration)
+
+    assert costs.segment_memory_bytes(1, 2) == 60 * 2**20
+    assert costs.segment_memory_bytes(0, 2) == 60 * 2**20
+    assert costs.segment_memory_bytes(0, 3) == 90 * 2**20 > whole_estimate
+    # Segments without a searched unit keep the graph's estimate.
+    assert costs.segment_memory_bytes(2, 3) == estimates.segment_memory_bytes(2, 3)
+
+
 def with_pauses(calibration, cpu_by_gap_ms):
     """Add the whole model timed after each pause, with the given CPU time, to every profile."""
     from amp4ec.costs import Measurement

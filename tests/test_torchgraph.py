@@ -108,6 +108,8 @@ def test_load_model_factory_spec():
         ("torchvision.models:no_such_factory", "no attribute"),
         ("math:pi", "not callable"),
         ("builtins:dict", "expected a torch.nn.Module"),
+        ("os:system", "failed when called without arguments: TypeError"),
+        ("json:loads", "failed when called without arguments: TypeError"),
         ("torchvision.models:", "invalid model spec"),
     ],
 )
