@@ -465,6 +465,14 @@ def _measure_interleaved(
                         "more than the smallest limit `--memory-search` finds for any one segment",
                         field="--profile",
                     ) from error
+            for profile in profiles:
+                stopped = cluster.stopped_state(profile.name)
+                if stopped is not None:
+                    raise WorkerError(
+                        f"profile {profile.name}: the worker container {stopped} while running {current}, "
+                        "stopped by something outside amp4ec (docker kill or rm, the engine restarting); "
+                        f"nothing was written, run the calibration again. ({error})"
+                    ) from error
             raise
     finally:
         loader.shutdown(wait=False, cancel_futures=True)

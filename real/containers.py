@@ -119,6 +119,20 @@ def oom_killed(container) -> bool:
     return bool(container.attrs.get("State", {}).get("OOMKilled"))
 
 
+def stopped_state(container) -> str | None:
+    """Return how the container stopped ("exited with status 137", "was removed"), or None while it runs."""
+    import docker.errors
+
+    try:
+        container.reload()
+    except docker.errors.NotFound:
+        return "was removed"
+    state = container.attrs.get("State", {})
+    if state.get("Running"):
+        return None
+    return f"exited with status {state.get('ExitCode')}"
+
+
 def new_run_id(prefix: str = "run") -> str:
     """Return a run id such as run-20250101-120000-3f2a, unique enough for one machine."""
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
@@ -530,6 +544,9 @@ class WorkerCluster:
 
     def oom_killed(self, node_name: str) -> bool:
         return oom_killed(self.containers[node_name])
+
+    def stopped_state(self, node_name: str) -> str | None:
+        return stopped_state(self.containers[node_name])
 
 
 def container_address(container, network_name: str) -> str | None:

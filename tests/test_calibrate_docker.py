@@ -174,6 +174,47 @@ def test_docker_not_running_leaves_earlier_file(tmp_path):
 
 @pytest.mark.docker
 @pytest.mark.torch
+def test_killed_worker_is_named(tmp_path, docker_client, worker_image):
+    require_torch()
+    out = tmp_path / "c.json"
+    out.write_text("earlier")
+    log_path = tmp_path / "calibrate.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            amp4ec_command(
+                "calibrate", "--model", TINY, "--input-shape", TINY_SHAPE, "--profile", "a:1.0:512",
+                "--repeats", "50", "--max-repeats", "50", "--gap-ms", "100", "--out", str(out),
+            ),  # fmt: skip
+            env=cli_env(COLUMNS="200"), stdout=subprocess.DEVNULL, stderr=log_file, text=True,
+        )
+        try:
+            deadline = time.monotonic() + 240
+            run_id = None
+            while time.monotonic() < deadline and run_id is None:
+                assert process.poll() is None, log_path.read_text()[-2000:]
+                match = re.search(r"run id (calibrate-[0-9a-f]+)", log_path.read_text())
+                if match and labelled_containers(docker_client, match.group(1)):
+                    run_id = match.group(1)
+                time.sleep(0.5)
+            assert run_id, "no calibration container started"
+            time.sleep(3)
+            # Kill the worker from outside, as `docker kill` would.
+            for name in labelled_containers(docker_client, run_id):
+                docker_client.containers.get(name).kill()
+            process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    stderr = " ".join(log_path.read_text().split())
+    assert process.returncode == 1, stderr[-2000:]
+    assert "profile a: the worker container exited with status 137" in stderr
+    assert out.read_text() == "earlier"
+    assert labelled_containers(docker_client, run_id) == set()
+
+
+@pytest.mark.docker
+@pytest.mark.torch
 def test_ctrl_c_midway_cleans_up(tmp_path, docker_client, worker_image):
     require_torch()
     out = tmp_path / "c.json"
