@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -21,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from amp4ec import __version__
-from amp4ec.errors import Amp4ecError, UsageError
+from amp4ec.errors import Amp4ecError, OversubscriptionWarning, UsageError
 
 console = Console(stderr=True)
 stdout = Console()
@@ -103,7 +104,10 @@ class Amp4ecGroup(click.Group):
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _terminate)
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                # The cluster also logs this warning, and the log line is the one users read.
+                warnings.simplefilter("ignore", OversubscriptionWarning)
+                return super().invoke(ctx)
         except Amp4ecError as exc:
             console.print(Text("error: ", style="bold red") + Text(str(exc)), highlight=False, soft_wrap=True)
             sys.exit(exc.exit_status)

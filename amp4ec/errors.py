@@ -56,3 +56,7 @@ def validation_problems(exc, *, limit: int = 3, locate=None) -> str:
     if len(problems) > limit:
         text += f" (and {len(problems) - limit} more)"
     return text
+
+
+class OversubscriptionWarning(UserWarning):
+    """The containers of a run ask for more CPU than the machine has to spare."""

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from amp4ec.errors import DockerError, UsageError, WorkerError
+from amp4ec.errors import DockerError, OversubscriptionWarning, UsageError, WorkerError
 from amp4ec.real.client import WorkerClient
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,6 @@ WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THR
 OVERSUBSCRIPTION_SHARE = 0.9
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-
-
-class OversubscriptionWarning(UserWarning):
-    """The containers of a run ask for more CPU than the machine has to spare."""
 
 
 @dataclass(frozen=True)

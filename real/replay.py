@@ -137,7 +137,9 @@ def run_replay(
     with staged_output(out, force=force) as staging, WorkerCluster(
         client, containers, image=image, run_id=run_id, shapes=shapes
     ) as cluster:
-        log(f"run {run_id}: {len(containers)} workers ready; deploying {len(blobs)} segments where the plan puts them")
+        workers = f"{len(containers)} worker{'s' if len(containers) != 1 else ''}"
+        segments = f"{len(blobs)} segment{'s' if len(blobs) != 1 else ''}"
+        log(f"run {run_id}: {workers} ready; deploying {segments} where the plan puts them")
         for node in scenario.nodes:
             deploy_segments(cluster[node.name], node.name, plan, graph, blobs)
         table = NodeTable([NodeRuntime(n.name, n.cpus, n.memory_bytes, cluster.addresses[n.name]) for n in scenario.nodes])
