@@ -276,6 +276,8 @@ class Coordinator:
             self.links.connect(name, table[name].address)
         self.t0 = time.perf_counter()
         self.aborted = threading.Event()
+        # One line per node whose container stopped outside the scenario's events, for the run's summary.
+        self.stopped_outside: list[str] = []
 
     def _check_container(self, name: str) -> None:
         """Mark a silent node down when its container is no longer running, so its stages in flight are retried now.
@@ -303,6 +305,8 @@ class Coordinator:
         cause = "OOM-killed" if oom else f"{status}, exit code {exit_code}"
         reason = f"container stopped outside the scenario's events ({cause}) before {self.now_s():.2f} s"
         log.warning("node %s: %s; its stages in flight are retried per policy", name, reason)
+        if not self.aborted.is_set():
+            self.stopped_outside.append(f"node {name}: {reason}")
         mark_down(self, name, reason)
 
     def abort(self) -> None:

@@ -215,6 +215,7 @@ def run_replay(
         failed_events = [e for e in dynamics.applied if e.error]
         for event in failed_events:
             warnings.append(f"dynamics: {event.action} on node {event.node} at {event.at_s:g} s failed: {event.error}")
+        warnings.extend(coordinator.stopped_outside)
         for name in (n.name for n in scenario.nodes):
             if cluster.oom_killed(name):
                 warnings.append(f"node {name} was OOM-killed at its {scenario.node(name).memory_mb:g} MiB limit")

@@ -288,6 +288,8 @@ def test_killed_worker_fails_over_quickly(tmp_path, docker_client, worker_image,
     assert len(completed) >= 50
     run = json.loads((tmp_path / "real" / "run.json").read_text())
     assert "low" in run["monitor"]["silent_nodes"]
+    summary = json.loads((tmp_path / "real" / "summary.json").read_text())
+    assert any(w.startswith("node low: container stopped outside the scenario's events (exited, exit code 137)") for w in summary["warnings"]), summary["warnings"]
     containers, networks = labelled(docker_client, run_id)
     assert containers == []
     assert networks == []
