@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from amp4ec.errors import DockerError, OversubscriptionWarning, UsageError, WorkerError
@@ -236,6 +236,9 @@ class WorkerCluster:
         self._closed = False
         self._started = False
         self._lock = threading.Lock()
+        # Called on SIGINT or SIGTERM before the containers are removed, so that users of the
+        # workers (a replay's coordinator) stop first and do not report the removal as failures.
+        self.on_signal: list[Callable[[], None]] = []
 
     def __enter__(self) -> WorkerCluster:
         self.start()
@@ -499,6 +502,8 @@ class WorkerCluster:
             log.warning("run %s: %s ignored; still removing worker containers", self.run_id, signal.Signals(signum).name)
             return
         log.warning("run %s: received %s, removing worker containers", self.run_id, signal.Signals(signum).name)
+        for stop_user in self.on_signal:
+            stop_user()
         self.close()
         if signum == signal.SIGINT:
             raise KeyboardInterrupt

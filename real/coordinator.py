@@ -122,6 +122,8 @@ class StatsMonitor:
         self._utilisation: dict[str, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # Set when the replay is aborted: the silence of nodes it is shutting down is not reported.
+        self.quiet = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="amp4ec-monitor", daemon=True)
         self.samples = 0
         self.missed = 0
@@ -143,6 +145,9 @@ class StatsMonitor:
         """Stop publishing, and take a final sample of every serving node so its CPU time is complete."""
         self._stop.set()
         self._thread.join(timeout=10)
+        if self.quiet.is_set():
+            # An aborted replay writes no summary, and its workers may be gone already.
+            return
         serving = [name for name in self.table.names() if self.table[name].serving]
         # A reply, not a periodic push, so it does not wait for the monitor period (1000 s in some scenarios).
         arrived = self.links.request_stats(serving, period_s=0, timeout_s=START_STATS_TIMEOUT_S)
@@ -189,7 +194,7 @@ class StatsMonitor:
             received_s, state = latest
             if now - received_s > stale_after_s:
                 self.missed += 1
-                if name not in self.silent:
+                if name not in self.silent and not self.quiet.is_set():
                     log.warning("monitor: node %s has sent no stats for %.1f s; it takes no stages until it reports", name, now - received_s)
                     newly_silent.append(name)
                 self.silent.add(name)
@@ -276,6 +281,7 @@ class Coordinator:
             self.links.connect(name, table[name].address)
         self.t0 = time.perf_counter()
         self.aborted = threading.Event()
+        self.monitor.quiet = self.aborted
         # One line per node whose container stopped outside the scenario's events, for the run's summary.
         self.stopped_outside: list[str] = []
 
@@ -304,8 +310,9 @@ class Coordinator:
             return
         cause = "OOM-killed" if oom else f"{status}, exit code {exit_code}"
         reason = f"container stopped outside the scenario's events ({cause}) before {self.now_s():.2f} s"
-        log.warning("node %s: %s; its stages in flight are retried per policy", name, reason)
+        # After a signal the replay removes the containers itself.
         if not self.aborted.is_set():
+            log.warning("node %s: %s; its stages in flight are retried per policy", name, reason)
             self.stopped_outside.append(f"node {name}: {reason}")
         mark_down(self, name, reason)
 
@@ -436,7 +443,9 @@ class Coordinator:
             except WorkerError as error:
                 errors.append(f"stage {task.segment.id} attempt {attempt + 1} on {name}: {error}")
                 excluded.add(name)
-                log.warning("request %d: %s", record.request_id, errors[-1])
+                # After a signal the replay cancels its own stages, which are no failures to report.
+                if not self.aborted.is_set():
+                    log.warning("request %d: %s", record.request_id, errors[-1])
                 if attempt < budget:
                     record.retries += 1
                 continue

@@ -63,7 +63,9 @@ def run_forwarded(coordinator, request_id: int, x: np.ndarray, arrival_s: float)
         except WorkerError as error:
             errors.append(f"attempt {attempt + 1} on route {' -> '.join(names)}: {error}")
             excluded.update(failed_nodes(error, names, generations, coordinator.table))
-            log.warning("request %d: %s", request_id, errors[-1])
+            # After a signal the replay cancels its own routes, which are no failures to report.
+            if not coordinator.aborted.is_set():
+                log.warning("request %d: %s", request_id, errors[-1])
             continue
         received_s = coordinator.now_s()
         # Containers on one engine share the host's wall clock, so the workers' time.time()

@@ -144,6 +144,7 @@ def run_replay(
             deploy_segments(cluster[node.name], node.name, plan, graph, blobs)
         table = NodeTable([NodeRuntime(n.name, n.cpus, n.memory_bytes, cluster.addresses[n.name]) for n in scenario.nodes])
         coordinator = Coordinator(scenario, plan, graph, scheduler, cluster, blobs, table, hop_latency_ms)
+        cluster.on_signal.append(coordinator.abort)
         sender_delays = sender_delays_s(cluster.shaping.values())
         if any(delay_s > 0 for delay_s in sender_delays.values()) and coordinator.transport == "forward":
             # Sender-side delay wraps the coordinator's clients, which forwarded hops bypass.

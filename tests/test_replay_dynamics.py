@@ -231,11 +231,17 @@ def test_signal_mid_replay_removes_containers(tmp_path, docker_client, worker_im
             process.send_signal(signum)
             time.sleep(0.05)
         status = process.wait(timeout=90)
+        stderr = process.stderr.read()
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
     assert status == expected_status
+    # The replay's own cleanup is not reported as failed requests, dead containers or silent nodes.
+    assert "went down" not in stderr
+    assert "stopped outside the scenario's events" not in stderr
+    assert "has sent no stats" not in stderr
+    assert "sent no final stats" not in stderr
     containers, networks = labelled(docker_client, run_id)
     assert [c.name for c in containers] == [] and [n.name for n in networks] == []
     assert not out.exists()
