@@ -402,6 +402,7 @@ class CostModel:
         self._work: dict[tuple[str, float, int], list[float]] = {}
         self._idle_curves: dict[int, tuple[tuple[float, float], ...]] = {}
         self._memory_searched: dict[str, int] | None = None
+        self._scales: dict[tuple[int, float | None, bool], float] = {}
         for profile in calibration.profiles:
             self._by_threads.setdefault(profile.threads, []).append(profile)
         self.fit = WorkFit(calibration.profiles)
@@ -499,10 +500,10 @@ class CostModel:
     def busy_scale(self, threads: int, cpus: float | None = None) -> float:
         """Return how much a call right after the previous one scales the back-to-back work of its units after the first.
 
-        A unit repeated back to back keeps its own weights and activations in the caches, while
-        inside a model the units before it evict them. Where the units timed one by one add up to
-        less than the whole model back to back, the call overhead is 0 and this scale, above 1,
-        makes up the difference. Otherwise the overhead does, and the scale is 1.
+        A unit repeated back to back keeps its weights and activations in the caches, which the
+        units before it evict inside a model. So where the units add up to less than the whole
+        model back to back, the call overhead is 0 and this scale, above 1, makes up the
+        difference. Otherwise the overhead does, and the scale is 1.
         """
         n_units = self.graph.n_units
         if not self.fit.has_model or n_units < 2:
@@ -541,7 +542,11 @@ class CostModel:
         if cached is not None:
             return cached
         costs = [self.call_overhead(threads, cpus)] + [self.unit_cost(i, threads, cpus) for i in range(start, stop)]
-        scale = self.chain_scale(threads, cpus) if idle else self.busy_scale(threads, cpus)
+        # Each scale sums every unit's cost, so it is computed once per node type, not per segment.
+        scale_key = (threads, cpus, idle)
+        scale = self._scales.get(scale_key)
+        if scale is None:
+            scale = self._scales[scale_key] = self.chain_scale(threads, cpus) if idle else self.busy_scale(threads, cpus)
         costs = costs[:2] + [SegmentCost(c.cpu_ms * scale, c.parallelism) for c in costs[2:]]
         if idle:
             costs.append(self.cold_start(threads, cpus, first=start))

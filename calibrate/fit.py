@@ -179,8 +179,8 @@ class FittedCostModel:
                 )
                 for u in range(n_units)
             ]
-        # Each regime keeps its own rate: a 2-thread forward after an idle gap keeps about one
-        # core busy, while back to back its threads are awake and some units keep 1.4 busy.
+        # Each regime keeps its own rate. A 2-thread forward after an idle gap keeps about one core
+        # busy, while back to back its threads are awake and some units keep up to 1.4 cores busy.
         for regime in REGIMES:
             model.rate_samples[regime] = []
             for u in range(len(names)):

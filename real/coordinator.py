@@ -443,7 +443,7 @@ class Coordinator:
             except WorkerError as error:
                 errors.append(f"stage {task.segment.id} attempt {attempt + 1} on {name}: {error}")
                 excluded.add(name)
-                # After a signal the replay cancels its own stages, which are no failures to report.
+                # After a signal the replay cancels its own stages, which are not failures to report.
                 if not self.aborted.is_set():
                     log.warning("request %d: %s", record.request_id, errors[-1])
                 if attempt < budget:

@@ -63,7 +63,7 @@ def run_forwarded(coordinator, request_id: int, x: np.ndarray, arrival_s: float)
         except WorkerError as error:
             errors.append(f"attempt {attempt + 1} on route {' -> '.join(names)}: {error}")
             excluded.update(failed_nodes(error, names, generations, coordinator.table))
-            # After a signal the replay cancels its own routes, which are no failures to report.
+            # After a signal the replay cancels its own routes, which are not failures to report.
             if not coordinator.aborted.is_set():
                 log.warning("request %d: %s", request_id, errors[-1])
             continue

@@ -207,7 +207,7 @@ class Simulation:
         self._end_direct_stage = self._direct_output_arrived
         self._batch = scenario.workload.batch
         # (segment start, stop, torch threads, container CPU quota) -> (busy CPU ms per request,
-        # parallelism, cold start ms, idle minus busy CPU ms, idle curve); a node's CfsCpu has as
+        # parallelism, cold start ms, idle minus busy CPU ms, idle curve). A node's CfsCpu has as
         # many cores as the node has torch threads.
         self._costs: dict[tuple[int, int, int, float], tuple[float, float, float, float, tuple]] = {}
         # Fitting the idle curves imports scipy (about 0.15 s), part of building the simulation

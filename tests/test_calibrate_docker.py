@@ -172,10 +172,11 @@ def test_docker_not_running_leaves_earlier_file(tmp_path):
     assert out.read_text() == "earlier"
 
 
-@pytest.mark.docker
-@pytest.mark.torch
-def test_killed_worker_is_named(tmp_path, docker_client, worker_image):
-    require_torch()
+def interrupt_calibration(tmp_path: Path, docker_client, interrupt) -> tuple[int, str, Path, str]:
+    """Start a calibration over an earlier output file and call ``interrupt(process, run_id)`` 3 s after its worker starts.
+
+    Returns the exit status, the log, the output path and the run id.
+    """
     out = tmp_path / "c.json"
     out.write_text("earlier")
     log_path = tmp_path / "calibrate.log"
@@ -188,6 +189,7 @@ def test_killed_worker_is_named(tmp_path, docker_client, worker_image):
             env=cli_env(COLUMNS="200"), stdout=subprocess.DEVNULL, stderr=log_file, text=True,
         )
         try:
+            # Wait until the calibration's worker container runs.
             deadline = time.monotonic() + 240
             run_id = None
             while time.monotonic() < deadline and run_id is None:
@@ -195,19 +197,33 @@ def test_killed_worker_is_named(tmp_path, docker_client, worker_image):
                 match = re.search(r"run id (calibrate-[0-9a-f]+)", log_path.read_text())
                 if match and labelled_containers(docker_client, match.group(1)):
                     run_id = match.group(1)
-                time.sleep(0.5)
+                else:
+                    time.sleep(0.5)
             assert run_id, "no calibration container started"
             time.sleep(3)
-            # Kill the worker from outside, as `docker kill` would.
-            for name in labelled_containers(docker_client, run_id):
-                docker_client.containers.get(name).kill()
+            interrupt(process, run_id)
             process.wait(timeout=120)
         finally:
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    stderr = " ".join(log_path.read_text().split())
-    assert process.returncode == 1, stderr[-2000:]
+    return process.returncode, log_path.read_text(), out, run_id
+
+
+@pytest.mark.docker
+@pytest.mark.torch
+def test_killed_worker_is_named(tmp_path, docker_client, worker_image):
+    require_torch()
+
+    def kill_worker(process, run_id):
+        # Kill the worker from outside, as `docker kill` would.
+        for name in labelled_containers(docker_client, run_id):
+            docker_client.containers.get(name).kill()
+
+    status, log_text, out, run_id = interrupt_calibration(tmp_path, docker_client, kill_worker)
+
+    stderr = " ".join(log_text.split())
+    assert status == 1, stderr[-2000:]
     assert "profile a: the worker container exited with status 137" in stderr
     assert out.read_text() == "earlier"
     assert labelled_containers(docker_client, run_id) == set()
@@ -217,38 +233,10 @@ def test_killed_worker_is_named(tmp_path, docker_client, worker_image):
 @pytest.mark.torch
 def test_ctrl_c_midway_cleans_up(tmp_path, docker_client, worker_image):
     require_torch()
-    out = tmp_path / "c.json"
-    out.write_text("earlier")
-    log_path = tmp_path / "calibrate.log"
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(
-            amp4ec_command(
-                "calibrate", "--model", TINY, "--input-shape", TINY_SHAPE, "--profile", "a:1.0:512",
-                "--repeats", "50", "--max-repeats", "50", "--gap-ms", "100", "--out", str(out),
-            ),  # fmt: skip
-            env=cli_env(COLUMNS="200"), stdout=subprocess.DEVNULL, stderr=log_file, text=True,
-        )
-        try:
-            # Wait until the calibration's worker container runs, then interrupt as Ctrl-C would.
-            deadline = time.monotonic() + 240
-            run_id = None
-            while time.monotonic() < deadline:
-                assert process.poll() is None, log_path.read_text()[-2000:]
-                match = re.search(r"run id (calibrate-[0-9a-f]+)", log_path.read_text())
-                if match and labelled_containers(docker_client, match.group(1)):
-                    run_id = match.group(1)
-                    break
-                time.sleep(0.5)
-            assert run_id, "no calibration container started"
-            time.sleep(3)
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=120)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    stderr = log_path.read_text()
-    assert process.returncode == 130, stderr[-2000:]
+
+    status, stderr, out, run_id = interrupt_calibration(tmp_path, docker_client, lambda process, run_id: process.send_signal(signal.SIGINT))
+
+    assert status == 130, stderr[-2000:]
     assert "interrupted" in stderr
     assert out.read_text() == "earlier"
     assert labelled_containers(docker_client, run_id) == set()

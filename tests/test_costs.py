@@ -148,15 +148,20 @@ def test_fit_without_variation_keeps_measured_work():
     assert costs.parallelism(0, 4) == 1.0
 
 
-def two_thread_like_calibration():
-    """Three 3 ms units whose whole model costs 9 ms back to back but 7 ms after an idle gap, as 2-thread forwards do."""
+def three_unit_calibration(model_warm_ms: float, model_spaced_ms: float):
+    """Three units of 3 ms back to back and 3.5 ms after an idle gap, with the whole model's CPU time in both regimes."""
     calibration = make_calibration([3.0, 3.0, 3.0])
     for profile in calibration.profiles:
-        profile.model.warm_cpu_ms = 9.0
-        profile.model.cpu_ms = 7.0
+        profile.model.warm_cpu_ms = model_warm_ms
+        profile.model.cpu_ms = model_spaced_ms
         for unit in profile.units:
             unit.cpu_ms = 3.5
     return calibration
+
+
+def two_thread_like_calibration():
+    """Three 3 ms units whose whole model costs 9 ms back to back but 7 ms after an idle gap, as 2-thread forwards do."""
+    return three_unit_calibration(9.0, 7.0)
 
 
 def test_chain_scale_matches_spaced_whole_model():
@@ -177,15 +182,9 @@ def test_busy_scale_when_units_add_up_to_less():
     from amp4ec.placement import StageModel
     from amp4ec.scenario import NodeSpec
 
-    # Three 3 ms units whose whole model costs 10 ms back to back and 11 ms after an idle gap:
-    # inside the model each unit finds its caches evicted by the units before it.
-    calibration = make_calibration([3.0, 3.0, 3.0])
-    for profile in calibration.profiles:
-        profile.model.warm_cpu_ms = 10.0
-        profile.model.cpu_ms = 11.0
-        for unit in profile.units:
-            unit.cpu_ms = 3.5
-    costs = CostModel(calibration)
+    # The whole model costs 10 ms back to back and 11 ms after an idle gap, because inside the
+    # model each unit finds its caches evicted by the units before it.
+    costs = CostModel(three_unit_calibration(10.0, 11.0))
 
     assert costs.call_overhead(1).cpu_ms == 0.0
     assert costs.busy_scale(1) == pytest.approx(7.0 / 6.0)

@@ -373,8 +373,8 @@ def test_forwards_reuse_their_memory(cluster):
 
     profile = client.profile("wide", inputs, warmup=3, repeats=20, gap_ms=0)
 
-    # Without the settings this run took about 52,000 faults, over 2,000 per forward; with
-    # them at most one activation's pages, once.
+    # Without the settings this run took about 52,000 faults, over 2,000 per forward. With
+    # them it took at most one activation's pages, once.
     activation_pages = 96 * 112 * 112 * 4 // 4096
     assert profile["minor_faults"] < 5 * activation_pages
 
