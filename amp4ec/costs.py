@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from typing import Annotated
+from typing import Annotated, Sequence
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
@@ -327,59 +327,104 @@ class SegmentCost:
     """CPU time over unthrottled wall time: how many cores the forward keeps busy"""
 
 
-class WorkFit:
-    """CPU time of every unit as a function of CPU quota and thread count, fitted across profiles.
+def fit_log_columns(log_means: np.ndarray, design: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fit ``log_means[p, j] = a[j] + design[p] @ s`` and return ``(a, s)``.
 
-    Per regime (``"warm"``: back to back, ``"spaced"``: after an idle gap) the mean CPU time of
-    column ``j`` (each unit, then the whole model when every profile timed it) is fitted as
-    ``log c[p, j] = a[j] + beta * log(cpus[p]) + gamma * log(threads[p])`` by linear least
-    squares over all profiles. ``beta`` is how the quota changes a forward's work (cold caches
-    while throttled), ``gamma`` how extra threads add work. A term is left out (set to 0) when
-    the profiles do not vary in it, or when quota and thread count vary together so that the
-    profiles cannot separate them. In that last case the threads keep their term, because a
-    forward's CPU time depends on its thread count far more than on its quota.
+    The loss is soft L1 on the logarithms (scipy least squares), so one unit that a host stall
+    moved by more than about 5 % pulls the shared slopes ``s`` less than the rest.
+    """
+    n_rows, n_columns = log_means.shape
+    n_slopes = design.shape[1]
+    if n_slopes == 0:
+        return log_means.mean(axis=0), np.zeros(0)
+    from scipy import optimize
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        return (x[:n_columns] + (design @ x[n_columns:])[:, None] - log_means).ravel()
+
+    # The plain least-squares solution starts the robust fit.
+    linear = np.zeros((n_rows * n_columns, n_columns + n_slopes))
+    for i in range(n_rows):
+        rows = slice(i * n_columns, (i + 1) * n_columns)
+        linear[rows, :n_columns] = np.eye(n_columns)
+        linear[rows, n_columns:] = design[i]
+    start, *_ = np.linalg.lstsq(linear, log_means.ravel(), rcond=None)
+    solution = optimize.least_squares(residuals, start, loss="soft_l1", f_scale=0.05).x
+    return solution[:n_columns], solution[n_columns:]
+
+
+class WorkFit:
+    """Mean CPU time of every column (each unit, then the whole model) as a power law of the CPU quota.
+
+    Per regime, a thread count calibrated at two or more quotas has its own fit
+    ``log c[p, j] = a[t, j] + beta[t] * log(cpus[p])``, because a quota changes a 2-thread
+    forward's work differently from a 1-thread one's (cold caches while throttled, threads that
+    wait for each other). A thread count calibrated at one quota keeps its own ``a[t, j]`` and
+    takes ``beta`` from a fit pooled over every profile,
+    ``log c[p, j] = a[j] + beta * log(cpus[p]) + gamma * log(threads[p])``, which also predicts
+    thread counts that no profile has. A pooled term is left out (set to 0) when the profiles do
+    not vary in it, or when quota and thread count vary together so that the profiles cannot
+    separate them. In that last case the threads keep their term, because a forward's CPU time
+    depends on its thread count far more than on its quota.
     """
 
-    REGIMES = ("warm", "spaced")
-
-    def __init__(self, profiles: list[ProfileCalibration]):
-        self.profiles = profiles
-        # NOTE: one profile without a timed whole model (a hand-edited or schema-1 file) leaves
-        # the model column out of every profile's fit, so the call overhead and chain scale are 0 and 1.
-        self.has_model = all(p.model is not None for p in profiles)
-        log_cpus = np.log([p.cpus for p in profiles])
-        log_threads = np.log([p.threads for p in profiles])
+    def __init__(self, means: dict[str, np.ndarray], cpus: Sequence[float], threads: Sequence[int], *, has_model: bool = True):
+        """``means[regime][p, j]`` is the mean CPU time of column ``j`` in the profile with ``cpus[p]`` and ``threads[p]``;
+        with ``has_model`` the last column is the whole model."""
+        self.has_model = has_model
+        log_cpus = np.log(np.asarray(cpus, dtype=float))
+        threads = np.asarray(threads)
+        log_threads = np.log(threads.astype(float))
         terms = {"beta": log_cpus, "gamma": log_threads}
         varying = [name for name, values in terms.items() if np.ptp(values) > 1e-12]
-        if len(varying) == 2 and np.linalg.matrix_rank(np.column_stack([np.ones(len(profiles)), log_cpus, log_threads])) < 3:
+        if len(varying) == 2 and np.linalg.matrix_rank(np.column_stack([np.ones(len(log_cpus)), log_cpus, log_threads])) < 3:
             varying = ["gamma"]
         self.terms = varying
         self.log_columns: dict[str, np.ndarray] = {}
         self.slopes: dict[str, dict[str, float]] = {}
-        n_profiles = len(profiles)
-        for regime in self.REGIMES:
-            means = np.array([[max(value, 1e-6) for value in self._column_means(p, regime)] for p in profiles])
-            n_columns = means.shape[1]
-            # Design: one intercept per column, then one slope per varying term.
-            design = np.zeros((n_profiles * n_columns, n_columns + len(varying)))
-            for i in range(n_profiles):
-                rows = slice(i * n_columns, (i + 1) * n_columns)
-                design[rows, :n_columns] = np.eye(n_columns)
-                for k, name in enumerate(varying):
-                    design[rows, n_columns + k] = terms[name][i]
-            solution, *_ = np.linalg.lstsq(design, np.log(means).ravel(), rcond=None)
-            self.log_columns[regime] = solution[:n_columns]
-            self.slopes[regime] = {name: 0.0 for name in terms} | {name: float(solution[n_columns + k]) for k, name in enumerate(varying)}
+        self.by_threads: dict[str, dict[int, tuple[np.ndarray, float]]] = {}
+        """per regime and calibrated thread count: the log intercepts a[t, j] and beta[t]"""
+        for regime, values in means.items():
+            log_means = np.log(np.maximum(np.asarray(values, dtype=float), 1e-6))
+            design = np.column_stack([terms[name] for name in varying]) if varying else np.zeros((len(log_cpus), 0))
+            intercepts, slopes = fit_log_columns(log_means, design)
+            self.log_columns[regime] = intercepts
+            self.slopes[regime] = {name: 0.0 for name in terms} | {name: float(slopes[k]) for k, name in enumerate(varying)}
+            self.by_threads[regime] = {}
+            for count in sorted(set(threads.tolist())):
+                rows = threads == count
+                if np.ptp(log_cpus[rows]) > 1e-12:
+                    own, slope = fit_log_columns(log_means[rows], log_cpus[rows, None])
+                    self.by_threads[regime][count] = (own, float(slope[0]))
+                else:
+                    beta = self.slopes[regime]["beta"]
+                    self.by_threads[regime][count] = ((log_means[rows] - beta * log_cpus[rows, None]).mean(axis=0), beta)
 
-    def _column_means(self, profile: ProfileCalibration, regime: str) -> list[float]:
-        timings = [*profile.units, *([profile.model] if self.has_model else [])]
-        return [timing.typical_cpu_ms(regime) for timing in timings]
+    @classmethod
+    def from_profiles(cls, profiles: list[ProfileCalibration]) -> WorkFit:
+        """Fit the ``"warm"`` (back to back) and ``"spaced"`` (after an idle gap) means of every profile."""
+        # NOTE: one profile without a timed whole model (a hand-edited or schema-1 file) leaves
+        # the model column out of every profile's fit, so the call overhead and chain scale are 0 and 1.
+        has_model = all(p.model is not None for p in profiles)
+        means = {
+            regime: np.array([[timing.typical_cpu_ms(regime) for timing in [*p.units, *([p.model] if has_model else [])]] for p in profiles])
+            for regime in ("warm", "spaced")
+        }
+        return cls(means, [p.cpus for p in profiles], [p.threads for p in profiles], has_model=has_model)
 
-    def cpu_ms(self, regime: str, cpus: float, threads: int) -> list[float]:
-        """Return the predicted mean CPU time of every unit (then the whole model, if timed) in one regime."""
+    def beta(self, regime: str, threads: int) -> float:
+        """Return the quota exponent that applies to ``threads``."""
+        if threads in self.by_threads[regime]:
+            return self.by_threads[regime][threads][1]
+        return self.slopes[regime]["beta"]
+
+    def cpu_ms(self, regime: str, cpus: float, threads: int) -> np.ndarray:
+        """Return the predicted mean CPU time of every column in one regime."""
+        if threads in self.by_threads[regime]:
+            intercepts, beta = self.by_threads[regime][threads]
+            return np.exp(intercepts + beta * math.log(cpus))
         slopes = self.slopes[regime]
-        shift = slopes["beta"] * math.log(cpus) + slopes["gamma"] * math.log(threads)
-        return [float(v) for v in np.exp(self.log_columns[regime] + shift)]
+        return np.exp(self.log_columns[regime] + slopes["beta"] * math.log(cpus) + slopes["gamma"] * math.log(threads))
 
 
 class CostModel:
@@ -405,7 +450,7 @@ class CostModel:
         self._scales: dict[tuple[int, float | None, bool], float] = {}
         for profile in calibration.profiles:
             self._by_threads.setdefault(profile.threads, []).append(profile)
-        self.fit = WorkFit(calibration.profiles)
+        self.fit = WorkFit.from_profiles(calibration.profiles)
 
     def profiles_for_threads(self, threads: int) -> tuple[int, list[ProfileCalibration]]:
         """Return the calibrated thread count nearest to ``threads`` and its profiles."""
@@ -424,7 +469,7 @@ class CostModel:
             raise ValueError(f"a node needs cpus > 0 and threads >= 1, got cpus={cpus}, threads={threads}")
         key = (regime, cpus, threads)
         if key not in self._work:
-            self._work[key] = self.fit.cpu_ms(regime, cpus, threads)
+            self._work[key] = [float(value) for value in self.fit.cpu_ms(regime, cpus, threads)]
         return self._work[key]
 
     def call_overhead(self, threads: int, cpus: float | None = None) -> SegmentCost:

@@ -2,12 +2,13 @@
 
 The model separates the work from the way the kernel hands out CPU time:
 
-- work: a unit's CPU time per forward, fitted as ``w_unit,threads * cpus ** beta`` (scipy least
-  squares on the logarithms): one ``w`` per unit and thread count, one ``beta`` per regime
-  shared by every thread count, since a smaller quota can make the same forward cost more CPU
-  (caches go cold while the container is throttled). Sharing ``beta`` lets a thread count
-  calibrated at one quota be predicted at another. The spread of single runs around the mean
-  is kept as measured (relative samples, resampled), from the profiles with the thread count.
+- work: a unit's CPU time per forward, fitted as ``w_unit,threads * cpus ** beta_threads`` per
+  regime (:class:`amp4ec.costs.WorkFit`, the fit the simulator uses), since a smaller quota can
+  make the same forward cost more CPU (caches go cold while the container is throttled). A
+  thread count calibrated at two or more quotas has its own ``beta``. One calibrated at a
+  single quota takes the ``beta`` pooled over all profiles, so that it can still be predicted
+  at another quota. The spread of single runs around the mean is kept as measured (relative
+  samples, resampled), from the profiles with the thread count.
 - rate: CPU time over wall time of an unthrottled run, per regime, how fast a forward drains
   the quota.
 - throttling: sim/cfs.py, the CFS bandwidth model the simulator uses. Spaced runs start with
@@ -27,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from amp4ec.calibrate.measure import BACK_TO_BACK_PARTS, DEFAULT_MIN_WINDOW_MS, RepeatPolicy
-from amp4ec.costs import Calibration, Measurement, ProfileCalibration, UnitTiming, not_stalled
+from amp4ec.costs import Calibration, Measurement, ProfileCalibration, UnitTiming, WorkFit, not_stalled
 from amp4ec.errors import UsageError
 from amp4ec.sim.cfs import CfsCpu
 
@@ -104,9 +105,10 @@ class FittedCostModel:
     threads: int
     host_cores: int
     period_ms: float
-    work_ms: dict[str, np.ndarray] = field(default_factory=dict)
-    """per regime: the fitted w_unit, one per unit (and the whole model last)"""
-    beta: dict[str, float] = field(default_factory=dict)
+    work_threads: int = 1
+    """the calibrated thread count whose work, spread and rate predict ``threads``"""
+    work: WorkFit | None = None
+    """per regime: mean CPU time of every unit (and the whole model last) against the quota"""
     spread: dict[str, list[np.ndarray]] = field(default_factory=dict)
     """per regime and unit: single-run CPU time over its profile's mean"""
     rate: dict[str, np.ndarray] = field(default_factory=dict)
@@ -116,6 +118,7 @@ class FittedCostModel:
     min_memory_bytes: dict[str, int] = field(default_factory=dict)
     reference_cpu_ms: float | None = None
     """with normalise: the training profiles' mean whole-model reference CPU time"""
+    _cpu_ms: dict[tuple[str, float], np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
     def fit(cls, profiles: Sequence[ProfileCalibration], *, threads: int, host_cores: int, normalise: bool = False) -> FittedCostModel:
@@ -125,8 +128,6 @@ class FittedCostModel:
         time over the training profiles' mean reference, which removes machine speed drift
         between profiles; predictions then need the target container's reference time.
         """
-        from scipy import optimize
-
         if not profiles:
             raise UsageError("no profiles to fit the cost model on; the calibration needs at least two profiles")
         same = [p for p in profiles if p.threads == threads]
@@ -135,15 +136,14 @@ class FittedCostModel:
             same = [p for p in profiles if p.threads == nearest]
         names = [t.name for t in profile_timings(same[0])]
         n_units = len(names)
-        model = cls(names=names, threads=threads, host_cores=host_cores, period_ms=same[0].cfs_period_us / 1e3)
+        model = cls(names=names, threads=threads, host_cores=host_cores, period_ms=same[0].cfs_period_us / 1e3, work_threads=same[0].threads)
         # Every profile whose timings cover the same units takes part in the work fit.
         training = [p for p in profiles if len(profile_timings(p)) >= n_units]
-        log_cpus = np.log([p.cpus for p in training])
-        groups = sorted({p.threads for p in training})
-        group = np.array([groups.index(p.threads) for p in training])
-        target = groups.index(same[0].threads)
         scale = np.ones(len(training))
         if normalise:
+            groups = sorted({p.threads for p in training})
+            group = np.array([groups.index(p.threads) for p in training])
+            target = groups.index(same[0].threads)
             if not all(p.reference_cpu_ms for p in training):
                 raise UsageError("normalising needs the whole-model reference times of schema 2; recalibrate with this version of amp4ec")
             # A reference time depends on the thread count, so each profile is scaled to its own thread count's mean.
@@ -151,28 +151,16 @@ class FittedCostModel:
             group_means = np.array([references[group == g].mean() for g in range(len(groups))])
             model.reference_cpu_ms = float(group_means[target])
             scale = references / group_means[group]
-        # beta is identifiable when some thread count was calibrated at two quotas.
-        fit_beta = any(np.ptp(log_cpus[group == g]) > 0 for g in range(len(groups)))
+        means = {
+            regime: np.array([[warm_cpu_samples(t, regime).mean() for t in profile_timings(p)[:n_units]] for p in training]) / scale[:, None]
+            for regime in REGIMES
+        }
+        model.work = WorkFit(means, [p.cpus for p in training], [p.threads for p in training])
         for regime in REGIMES:
-            # means[p, u]: mean CPU time of unit u in profile p, in the target thread count's speed
-            means = np.array([[warm_cpu_samples(t, regime).mean() for t in profile_timings(p)[:n_units]] for p in training]) / scale[:, None]
-            log_means = np.log(np.maximum(means, 1e-6))
-            start = np.concatenate([np.array([log_means[group == g].mean(axis=0) for g in range(len(groups))]).ravel(), [0.0]])
-            if fit_beta:
-
-                def residuals(x):
-                    intercepts = x[:-1].reshape(len(groups), n_units)[group]
-                    return (intercepts + x[-1] * log_cpus[:, None] - log_means).ravel()
-
-                solution = optimize.least_squares(residuals, start, loss="soft_l1", f_scale=0.05).x
-            else:
-                solution = start
-            model.work_ms[regime] = np.exp(solution[:-1].reshape(len(groups), n_units)[target])
-            model.beta[regime] = float(solution[-1])
             model.spread[regime] = [
                 np.concatenate(
                     [
-                        warm_cpu_samples(profile_timings(p)[u], regime) / (means[i, u] * scale[i])
+                        warm_cpu_samples(profile_timings(p)[u], regime) / (means[regime][i, u] * scale[i])
                         for i, p in enumerate(training)
                         if p.threads == same[0].threads
                     ]
@@ -213,8 +201,16 @@ class FittedCostModel:
                     model.min_memory_bytes[search.segment] = max(model.min_memory_bytes.get(search.segment, 0), search.min_memory_bytes)
         return model
 
+    def cpu_ms(self, regime: str, cpus: float) -> np.ndarray:
+        """Return the fitted mean CPU time of every unit (and the whole model last) at ``cpus``."""
+        # A predicted back-to-back chain draws one run at a time, so the means are computed once per quota.
+        key = (regime, cpus)
+        if key not in self._cpu_ms:
+            self._cpu_ms[key] = self.work.cpu_ms(regime, cpus, self.work_threads)
+        return self._cpu_ms[key]
+
     def work_samples(self, unit: int, regime: str, cpus: float, n: int, rng: np.random.Generator, speed: float = 1.0) -> np.ndarray:
-        mean_ms = speed * self.work_ms[regime][unit] * cpus ** self.beta[regime]
+        mean_ms = speed * self.cpu_ms(regime, cpus)[unit]
         return mean_ms * rng.choice(self.spread[regime][unit], size=n)
 
     def predict_wall(
@@ -253,7 +249,7 @@ class FittedCostModel:
                 walls.append(cpu.run(0.0, w, float(rate)))
             return np.asarray(walls)
         # The extra work of a run after a throttle wait: a spaced run's over a back-to-back one's.
-        cold_ms = speed * max(0.0, self.work_ms["spaced"][unit] * cpus ** self.beta["spaced"] - self.work_ms[regime][unit] * cpus ** self.beta[regime])
+        cold_ms = speed * max(0.0, self.cpu_ms("spaced", cpus)[unit] - self.cpu_ms(regime, cpus)[unit])
         walls: list[float] = []
         for _ in range(MAX_SATURATED_CHAINS):
             # Each chain starts at a random phase of the period with a full quota, as each part
@@ -470,6 +466,6 @@ def cpu_leave_one_out(calibration: Calibration) -> list[Comparison]:
         for index, timing in enumerate(profile_timings(held_out)[: len(model.names)]):
             for regime in REGIMES:
                 measured, _ = unit_samples(timing, regime)
-                predicted = model.work_ms[regime][index] * held_out.cpus ** model.beta[regime]
+                predicted = model.cpu_ms(regime, held_out.cpus)[index]
                 comparisons.append(Comparison(held_out.name, timing.name, regime, "cpu mean", float(np.mean(measured)), float(predicted)))
     return comparisons

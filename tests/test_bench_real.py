@@ -34,6 +34,8 @@ def test_bench_scenario_schedule_reaches_bound(scheduler, low, high):
 
     prepared = prepare_run(Path(__file__).resolve().parents[1] / "scenarios" / "bench" / "pipeline-2-node.toml")
     policy = prepared.scenario.policy.model_copy(update={"scheduler": scheduler})
-    scenario = prepared.scenario.with_workload(requests=200).model_copy(update={"policy": policy})
+    # Round robin settles into sending every first stage to one node only once the four clients'
+    # requests fall into step: at 200 requests it was still between 0.89 and 0.96 of the bound.
+    scenario = prepared.scenario.with_workload(requests=1000).model_copy(update={"policy": policy})
     ratio = capacity_ratio(simulate(scenario, prepared.costs).summary)["ratio"]
     assert low <= ratio <= high

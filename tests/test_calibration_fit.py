@@ -176,7 +176,7 @@ def test_predicted_chains_follow_recorded_turns():
 def test_fit_recovers_work_and_predicts_throttling():
     calibration = synthetic_measured_calibration()
     model = FittedCostModel.fit(calibration.profiles[:2], threads=1, host_cores=2)
-    assert model.work_ms["spaced"][:len(WORK_MS)] == pytest.approx(WORK_MS, rel=0.03)
+    assert model.cpu_ms("spaced", 1.0)[: len(WORK_MS)] == pytest.approx(WORK_MS, rel=0.03)
     assert model.rate["spaced"] == pytest.approx(0.95, rel=0.02)
     # 30 ms of work at 0.4 CPU back to back: 40 ms of quota per 100 ms period, so the mean
     # wall time is the work over the quota's share.
@@ -205,23 +205,41 @@ def test_back_to_back_keeps_its_own_rate():
     assert np.mean(model.predict_wall(1, "spaced", cpus=2.0)) == pytest.approx(3.0, rel=0.03)
 
 
-def test_shared_beta_predicts_other_quota():
-    """A 2-thread profile measured at one quota predicts another through the 1-thread profiles' beta."""
-    beta = -0.2
-    profiles = (*PROFILES, ("double", 2.0, 2), ("pair", 1.0, 2))
-    rng = np.random.default_rng(3)
+def quota_exponent_calibration(betas: dict[int, float], profiles, seed: int = 3):
+    """Simulated samples whose work doubles with two threads and changes with the quota as ``cpus ** betas[threads]``."""
+    rng = np.random.default_rng(seed)
     calibration = make_calibration(WORK_MS, profiles=profiles)
     for profile in calibration.profiles:
-        # Two threads double the CPU time; a smaller quota adds work as cpus ** beta.
-        factor = profile.threads * profile.cpus**beta
+        factor = profile.threads * profile.cpus ** betas[profile.threads]
         for timing, work in [*zip(profile.units, WORK_MS), (profile.model, sum(WORK_MS))]:
             timing.spaced = simulated_measurement(factor * work, profile.cpus, 100.0, rng)
             timing.saturated = simulated_measurement(factor * work, profile.cpus, 0.0, rng, runs=60)
+    return calibration
+
+
+def test_shared_beta_predicts_other_quota():
+    """A 2-thread profile measured at one quota predicts another through the 1-thread profiles' beta."""
+    calibration = quota_exponent_calibration({1: -0.2, 2: -0.2}, (*PROFILES, ("double", 2.0, 2), ("pair", 1.0, 2)))
     training = [p for p in calibration.profiles if p.name != "pair"]
     model = FittedCostModel.fit(training, threads=2, host_cores=2)
-    assert model.beta["spaced"] == pytest.approx(beta, abs=0.03)
-    predicted = model.work_ms["spaced"][: len(WORK_MS)] * 1.0 ** model.beta["spaced"]
-    assert predicted == pytest.approx([2 * w for w in WORK_MS], rel=0.03)
+    assert model.work.beta("spaced", 2) == pytest.approx(-0.2, abs=0.03)
+    predicted = model.cpu_ms("spaced", 1.0)[: len(WORK_MS)]
+    assert predicted == pytest.approx([2 * 1.0**-0.2 * w for w in WORK_MS], rel=0.03)
+
+
+def test_thread_count_keeps_its_own_beta():
+    """Two 2-thread quotas fit that thread count's own exponent, which the 1-thread profiles do not share."""
+    profiles = (*PROFILES, ("double", 2.0, 2), ("wide", 1.5, 2), ("pair", 1.0, 2))
+    calibration = quota_exponent_calibration({1: 0.0, 2: -0.4}, profiles)
+    training = [p for p in calibration.profiles if p.name != "pair"]
+    model = FittedCostModel.fit(training, threads=2, host_cores=2)
+    assert model.work.beta("spaced", 2) == pytest.approx(-0.4, abs=0.05)
+    assert model.work.beta("spaced", 1) == pytest.approx(0.0, abs=0.03)
+    # The exponent pooled over the training profiles follows the 1-thread majority and would miss pair by over 10 %.
+    assert model.work.slopes["spaced"]["beta"] > -0.2
+    assert model.cpu_ms("spaced", 1.0)[: len(WORK_MS)] == pytest.approx([2 * w for w in WORK_MS], rel=0.03)
+    summary = summarise(leave_one_out(calibration))
+    assert summary["per profile"]["pair"]["within_10pct"] >= 0.9
 
 
 def test_leave_one_out_ideal_cfs_data():
@@ -349,9 +367,14 @@ def test_bad_profile_and_gap_are_one_line(tmp_path):
     # Docker refuses a quota above the host's CPU count only once a container is created.
     with pytest.raises(UsageError, match=r"asks for 512 CPUs but this host has \d+; give at most"):
         parse_profiles(["x:512:512"])
+    with pytest.raises(UsageError, match=r"asks for 1e\+12 MiB but this host has \d+ MiB; give at most"):
+        parse_profiles(["x:1.0:1e12"])
     result = CliRunner().invoke(main, ["calibrate", "--gap-ms", "nan", "--out", str(tmp_path / "c.json")])
     assert result.exit_code == 2
     assert "--gap-ms must be a finite number" in result.output
+    result = CliRunner().invoke(main, ["calibrate", "--gap-ms", "40000", "--out", str(tmp_path / "c.json")])
+    assert result.exit_code == 2
+    assert "--gap-ms is 40000, more than 5000" in result.output
     result = CliRunner().invoke(main, ["calibrate", "--max-turns", "3", "--out", str(tmp_path / "c.json")])
     assert result.exit_code == 2
     assert "--max-turns is 3, but every back-to-back window takes 6 turns" in result.output

@@ -107,10 +107,11 @@ def test_profiles_for_threads_picks_nearest():
 
 
 def power_law_calibration(base_ms, *, beta, gamma, parallelism_2, profiles):
-    """A calibration whose CPU times follow base * cpus**beta * threads**gamma exactly."""
+    """A calibration whose CPU times follow base * cpus**beta * threads**gamma exactly; ``beta`` may map thread counts to exponents."""
     calibration = make_calibration(base_ms, profiles=profiles)
     for profile in calibration.profiles:
-        factor = profile.cpus**beta * profile.threads**gamma
+        exponent = beta[profile.threads] if isinstance(beta, dict) else beta
+        factor = profile.cpus**exponent * profile.threads**gamma
         parallelism = parallelism_2 if profile.threads == 2 else 1.0
         for unit, base in [*zip(profile.units, base_ms), (profile.model, sum(base_ms) - 1.0)]:
             unit.warm_cpu_ms = base * factor
@@ -138,6 +139,15 @@ def test_fit_predicts_unmeasured_thread_count():
     assert costs.work_ms("warm", 3, cpus=3.0) == pytest.approx([v * 3.0**-0.05 * 3**0.3 for v in (2.0, 4.0, 5.0)])
     assert costs.parallelism(0, 2) == pytest.approx(1.6)
     assert costs.parallelism(0, 3) == pytest.approx(3 ** (np.log(1.6) / np.log(2)))
+
+
+def test_work_fit_beta_per_thread_count():
+    profiles = (("high", 1.0, 1), ("low", 0.4, 1), ("double", 2.0, 2), ("pair", 1.0, 2))
+    costs = CostModel(power_law_calibration([2.0, 4.0], beta={1: 0.0, 2: -0.3}, gamma=0.5, parallelism_2=1.6, profiles=profiles))
+    assert costs.fit.beta("warm", 1) == pytest.approx(0.0, abs=1e-6)
+    assert costs.fit.beta("warm", 2) == pytest.approx(-0.3)
+    assert costs.work_ms("warm", 2, cpus=1.5) == pytest.approx([v * 1.5**-0.3 * 2**0.5 for v in (2.0, 4.0, 5.0)])
+    assert costs.work_ms("warm", 1, cpus=0.7) == pytest.approx([2.0, 4.0, 5.0])
 
 
 def test_fit_without_variation_keeps_measured_work():
