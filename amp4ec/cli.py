@@ -53,6 +53,8 @@ def progress_bar(description: str, *, quiet: bool) -> Iterator[Callable[[int, in
 
 # Nodes listed in the summary table; a 10,000-node run lists the rest only in summary.json.
 SUMMARY_NODE_ROWS = 20
+# The maximum pause calibrate accepts between spaced runs: 50 CFS periods of the default length.
+MAX_GAP_MS = 5000.0
 
 
 def _format_ms(value: float | None) -> str:
@@ -257,6 +259,11 @@ def calibrate(
         raise UsageError(f"--warmup must not be negative, got {warmup}")
     if not gap_ms >= 0 or math.isinf(gap_ms):
         raise UsageError(f"--gap-ms must be a finite number of milliseconds, at least 0, got {gap_ms}")
+    if gap_ms > MAX_GAP_MS:
+        raise UsageError(
+            f"--gap-ms is {gap_ms:g}, more than {MAX_GAP_MS:g}: every spaced run waits this long, so the calibration "
+            f"would take hours, while a CFS quota refills within one period (100 ms by default); give at most {MAX_GAP_MS:g}"
+        )
     run_calibration(
         model=model,
         granularity=granularity,

@@ -168,6 +168,13 @@ def build_plan(scenario: "Scenario", graph: "ModelGraph", costs: "CostModel", *,
     name = scenario.policy.partitioner
     partitioner = make_partitioner(scenario, source=source)
     parts = scenario.policy.partitions or len(scenario.nodes)
+    if scenario.policy.partitions is not None and parts > graph.n_units:
+        raise UsageError(
+            f"policy.partitions is {parts} but the model has {graph.n_units} units, and every segment needs at least one unit; "
+            f"give at most {graph.n_units}, or calibrate at leaf granularity for more units",
+            field="policy.partitions",
+            source=source,
+        )
     try:
         plan = partitioner.partition(graph, scenario.nodes, costs, parts)
     except ValueError as exc:

@@ -99,6 +99,13 @@ def parse_profiles(specs: Sequence[str]) -> list[NodeSpec]:
                 f"give at most {host_cpus} CPUs, as Docker cannot grant more",
                 field="--profile",
             )
+        host_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+        if profile.memory_mb > host_mib:
+            raise UsageError(
+                f"profile {spec!r} asks for {profile.memory_mb:g} MiB but this host has {host_mib:.0f} MiB; "
+                f"give at most {host_mib:.0f} MiB, as a larger limit would never be reached",
+                field="--profile",
+            )
         profiles.append(profile)
     names = [p.name for p in profiles]
     if len(set(names)) != len(names):
@@ -456,6 +463,7 @@ def _measure_interleaved(
                 sender = max((p for p in profiles if p is not reference_profile), key=lambda p: p.cpus)
                 container_hop = timed("hop fits", measure_container_link, cluster, sender.name, reference_profile.name, echo_blob, log)
         except WorkerError as error:
+            cluster.wait_for_stop([profile.name for profile in profiles], error)
             for profile in profiles:
                 if cluster.oom_killed(profile.name):
                     raise UsageError(

@@ -128,3 +128,12 @@ def test_scenario_without_nodes_names_the_fix(tmp_path):
     assert "(top level): the scenario has no nodes; add [[nodes]] or [[node_groups]]" in result.output
     assert "Value error" not in result.output
     assert "{'name'" not in result.output
+
+
+def test_more_partitions_than_units_names_the_limit(tmp_path):
+    text = 'name = "x"\n[policy]\npartitions = 50\n[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n'
+    result, out = simulate(tmp_path, text)
+    assert result.exit_code == 2
+    assert "policy.partitions is 50 but the model has 20 units" in result.output
+    assert "give at most 20" in result.output
+    assert not out.exists()
