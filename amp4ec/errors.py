@@ -36,8 +36,10 @@ class DockerError(Amp4ecError):
 class WorkerError(Amp4ecError):
     """A worker container returned an error or stopped answering."""
 
-    def __init__(self, message: str, *, node: str | None = None):
+    def __init__(self, message: str, *, node: str | None = None, disconnected: bool = False):
         self.node = node
+        self.disconnected = disconnected
+        """the worker closed its connection: its process ended or its container stopped"""
         super().__init__(f"worker {node}: {message}" if node else message)
 
 

@@ -48,6 +48,7 @@ def probe(client, image: str, run_id: str, profile, memory_bytes: int, name: str
             worker.load(name, blob)
             worker.run(name, inputs)
         except WorkerError as error:
+            cluster.wait_for_stop(["probe"], error)
             oom = cluster.oom_killed("probe")
             return MemoryProbe(segment=name, memory_bytes=memory_bytes, ran=False, oom_killed=oom, detail=str(error)[:200])
         return MemoryProbe(segment=name, memory_bytes=memory_bytes, ran=True, oom_killed=False)

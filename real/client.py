@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 30.0
 # How often a waiting request checks its cancellation callback.
 CANCEL_POLL_S = 0.05
+# How long a request sent while the worker's connection is down waits for it to come back
+# (ZMQ reconnects every 0.1 s by default) before failing instead of waiting for its timeout.
+RECONNECT_GRACE_S = 2.0
 
 # The dtypes the worker accepts. Tensors travel little-endian: encode_arrays converts
 # big-endian arrays, and the worker image is built for x86_64.
@@ -73,7 +76,9 @@ class WorkerClient:
 
     A timed-out request leaves a REQ socket unable to send, so the client closes it and
     connects a new one before raising WorkerError. The reply of the timed-out request, if it
-    arrives later, is dropped with the old socket. Not thread-safe: use one client per thread.
+    arrives later, is dropped with the old socket. A request also fails as soon as the worker
+    closes its connection (its process ended or its container stopped), since no reply can come
+    after that. Not thread-safe: use one client per thread.
     """
 
     def __init__(
@@ -91,6 +96,10 @@ class WorkerClient:
         self.node = node
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
+        self._events: zmq.Socket | None = None
+        self._poller = zmq.Poller()
+        self._down_since: float | None = None
+        """when the connection to the worker closed, while it stays closed"""
         self._connect()
 
     def __repr__(self) -> str:
@@ -105,17 +114,25 @@ class WorkerClient:
     def _connect(self) -> None:
         socket = self._context.socket(zmq.REQ)
         socket.setsockopt(zmq.LINGER, 0)
+        self._events = socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         socket.connect(self.address)
         self._socket = socket
+        self._down_since = None
+        self._poller = zmq.Poller()
+        self._poller.register(socket, zmq.POLLIN)
+        self._poller.register(self._events, zmq.POLLIN)
 
     def close(self) -> None:
         """Close the socket; the client cannot send afterwards."""
         if self._socket is not None:
+            self._socket.disable_monitor()
+            self._events.close(linger=0)
             self._socket.close(linger=0)
             self._socket = None
+            self._events = None
 
-    def _error(self, message: str) -> WorkerError:
-        return WorkerError(f"{message} (address {self.address})", node=self.node)
+    def _error(self, message: str, *, disconnected: bool = False) -> WorkerError:
+        return WorkerError(f"{message} (address {self.address})", node=self.node, disconnected=disconnected)
 
     def request(
         self,
@@ -137,10 +154,18 @@ class WorkerClient:
         op = header.get("op")
         started = time.monotonic()
         try:
+            self._read_events()
             self._socket.send_multipart([json.dumps(header).encode("utf-8"), *frames], copy=False)
-            if not self._wait_reply(started + timeout_s, cancelled):
+            outcome = self._wait_reply(started + timeout_s, cancelled)
+            if outcome != "reply":
                 self._reset()
-                if cancelled is not None and cancelled():
+                if outcome == "disconnected":
+                    raise self._error(
+                        f"the worker closed its connection while {op!r} was in flight, or before it and did not "
+                        f"reconnect within {RECONNECT_GRACE_S:g} s: its process ended or its container stopped",
+                        disconnected=True,
+                    )
+                if outcome == "cancelled":
                     raise self._error(f"request {op!r} cancelled: the node went down while it was in flight")
                 raise self._error(
                     f"no reply to {op!r} within {timeout_s:g} s; the worker is busy, stopped or unreachable"
@@ -160,17 +185,45 @@ class WorkerClient:
         log.debug("%s %s took %.2f ms", self.node or self.address, op, (time.monotonic() - started) * 1e3)
         return reply, [frame.buffer for frame in message[1:]]
 
-    def _wait_reply(self, deadline: float, cancelled: Callable[[], bool] | None) -> bool:
-        """Return True once a reply is readable, False at the deadline or on cancellation."""
+    def _read_events(self) -> bool:
+        """Track the connection's state from the monitor's pending events; return whether it closed."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        closed = False
+        while self._events.poll(0):
+            event = recv_monitor_message(self._events)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                self._down_since = time.monotonic()
+                closed = True
+            elif event == zmq.EVENT_CONNECTED:
+                self._down_since = None
+        return closed
+
+    def _wait_reply(self, deadline: float, cancelled: Callable[[], bool] | None) -> str:
+        """Wait for the reply and return "reply", or "timeout", "cancelled" or "disconnected" when none can come.
+
+        A request sent over an open connection is lost when that connection closes. One sent while
+        the connection was down goes out once ZMQ reconnects, so it waits RECONNECT_GRACE_S for that.
+        """
         while True:
-            remaining_s = deadline - time.monotonic()
+            now = time.monotonic()
+            if self._down_since is not None and now - self._down_since > RECONNECT_GRACE_S:
+                return "disconnected"
+            remaining_s = deadline - now
             if remaining_s <= 0:
-                return False
+                return "timeout"
             slice_s = remaining_s if cancelled is None else min(remaining_s, CANCEL_POLL_S)
-            if self._socket.poll(timeout=max(1, int(slice_s * 1e3)), flags=zmq.POLLIN):
-                return True
+            if self._down_since is not None:
+                slice_s = min(slice_s, CANCEL_POLL_S)
+            ready = dict(self._poller.poll(timeout=max(1, int(slice_s * 1e3))))
+            if self._socket in ready:
+                return "reply"
+            if self._events in ready:
+                was_up = self._down_since is None
+                if self._read_events() and was_up:
+                    return "disconnected"
             if cancelled is not None and cancelled():
-                return False
+                return "cancelled"
 
     def _reset(self) -> None:
         self.close()

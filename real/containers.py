@@ -65,6 +65,8 @@ WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THR
 # Summed CPU limits above this share of the engine's cores oversubscribe the machine, and
 # measured latencies then include waiting for a core.
 OVERSUBSCRIPTION_SHARE = 0.9
+# How long a worker that closed its connection may take to show as stopped in the engine.
+STOP_REPORT_S = 5.0
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
@@ -548,6 +550,21 @@ class WorkerCluster:
 
     def stopped_state(self, node_name: str) -> str | None:
         return stopped_state(self.containers[node_name])
+
+    def wait_for_stop(self, node_names: Sequence[str], error: WorkerError) -> None:
+        """After ``error`` from a worker that closed its connection, wait until the engine reports one of ``node_names`` stopped.
+
+        The engine records a container's exit (and whether the kernel OOM-killed it) a moment
+        after its process ends, so that a check right after the closed connection could miss it.
+        Waits at most STOP_REPORT_S, and not at all for other errors.
+        """
+        if not error.disconnected:
+            return
+        deadline = time.monotonic() + STOP_REPORT_S
+        while time.monotonic() < deadline:
+            if any(self.stopped_state(name) is not None for name in node_names):
+                return
+            time.sleep(0.1)
 
 
 def container_address(container, network_name: str) -> str | None:

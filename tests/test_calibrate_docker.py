@@ -172,10 +172,10 @@ def test_docker_not_running_leaves_earlier_file(tmp_path):
     assert out.read_text() == "earlier"
 
 
-def interrupt_calibration(tmp_path: Path, docker_client, interrupt) -> tuple[int, str, Path, str]:
+def interrupt_calibration(tmp_path: Path, docker_client, interrupt) -> tuple[int, str, Path, str, float]:
     """Start a calibration over an earlier output file and call ``interrupt(process, run_id)`` 3 s after its worker starts.
 
-    Returns the exit status, the log, the output path and the run id.
+    Returns the exit status, the log, the output path, the run id and the seconds from the interruption to the exit.
     """
     out = tmp_path / "c.json"
     out.write_text("earlier")
@@ -201,13 +201,15 @@ def interrupt_calibration(tmp_path: Path, docker_client, interrupt) -> tuple[int
                     time.sleep(0.5)
             assert run_id, "no calibration container started"
             time.sleep(3)
+            interrupted = time.monotonic()
             interrupt(process, run_id)
             process.wait(timeout=120)
+            exit_s = time.monotonic() - interrupted
         finally:
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    return process.returncode, log_path.read_text(), out, run_id
+    return process.returncode, log_path.read_text(), out, run_id, exit_s
 
 
 @pytest.mark.docker
@@ -220,11 +222,14 @@ def test_killed_worker_is_named(tmp_path, docker_client, worker_image):
         for name in labelled_containers(docker_client, run_id):
             docker_client.containers.get(name).kill()
 
-    status, log_text, out, run_id = interrupt_calibration(tmp_path, docker_client, kill_worker)
+    status, log_text, out, run_id, exit_s = interrupt_calibration(tmp_path, docker_client, kill_worker)
 
     stderr = " ".join(log_text.split())
     assert status == 1, stderr[-2000:]
     assert "profile a: the worker container exited with status 137" in stderr
+    assert "closed its connection" in stderr
+    # The closed connection ends the calibration, not the request timeout of 30 s.
+    assert exit_s < 20
     assert out.read_text() == "earlier"
     assert labelled_containers(docker_client, run_id) == set()
 
@@ -234,7 +239,7 @@ def test_killed_worker_is_named(tmp_path, docker_client, worker_image):
 def test_ctrl_c_midway_cleans_up(tmp_path, docker_client, worker_image):
     require_torch()
 
-    status, stderr, out, run_id = interrupt_calibration(tmp_path, docker_client, lambda process, run_id: process.send_signal(signal.SIGINT))
+    status, stderr, out, run_id, _ = interrupt_calibration(tmp_path, docker_client, lambda process, run_id: process.send_signal(signal.SIGINT))
 
     assert status == 130, stderr[-2000:]
     assert "interrupted" in stderr
