@@ -208,7 +208,7 @@ def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Pat
 @click.option("--memory-search", is_flag=True, help="also bisect the smallest memory limit each unit and the whole model run at (slow: one container per probe)")
 @click.option("--no-container-link", is_flag=True, help="skip the hop fit between two worker containers")
 @click.option("--warmup", default=3, show_default=True, help="untimed runs per unit before timing")
-@click.option("--gap-ms", default=100.0, show_default=True, help="pause between runs so the CFS quota refills (ms)")
+@click.option("--gap-ms", default=100.0, show_default=True, help="pause between runs so the CFS quota refills (ms, at most 5000)")
 @click.option("--out", "out", default=None, type=click.Path(path_type=Path), help="calibration file to write (JSON); required unless a subcommand is given")
 @click.option("--base-image", default=None, help="base image for the worker image, e.g. python:3.11-slim; default: a debootstrap rootfs")
 @click.option("--quiet", is_flag=True, help="no progress output")
