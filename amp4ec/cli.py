@@ -261,7 +261,7 @@ def calibrate(
         raise UsageError(f"--gap-ms must be a finite number of milliseconds, at least 0, got {gap_ms}")
     if gap_ms > MAX_GAP_MS:
         raise UsageError(
-            f"--gap-ms is {gap_ms:g}, more than {MAX_GAP_MS:g}: every spaced run waits this long, so the calibration "
+            f"--gap-ms is {gap_ms:.12g}, more than {MAX_GAP_MS:g}: every spaced run waits this long, so the calibration "
             f"would take hours, while a CFS quota refills within one period (100 ms by default); give at most {MAX_GAP_MS:g}"
         )
     run_calibration(

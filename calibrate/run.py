@@ -478,7 +478,7 @@ def _measure_interleaved(
                 if stopped is not None:
                     raise WorkerError(
                         f"profile {profile.name}: the worker container {stopped} while running {current}, "
-                        "stopped by something outside amp4ec (docker kill or rm, the engine restarting); "
+                        "stopped by something outside amp4ec (docker kill, stop, restart or rm, the engine restarting); "
                         f"nothing was written, run the calibration again. ({error})"
                     ) from error
             raise

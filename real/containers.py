@@ -117,8 +117,12 @@ def oom_killed(container) -> bool:
     return bool(container.attrs.get("State", {}).get("OOMKilled"))
 
 
-def stopped_state(container) -> str | None:
-    """Return how the container stopped ("exited with status 137", "was removed"), or None while it runs."""
+def stopped_state(container, started_at: str | None = None) -> str | None:
+    """Return how the container stopped ("exited with status 137", "was removed"), or None while it runs.
+
+    With ``started_at``, the container's start time when its worker was ready, a container running
+    again since a restart counts as stopped too ("was restarted"): its worker lost what it had loaded.
+    """
     import docker.errors
 
     try:
@@ -127,6 +131,8 @@ def stopped_state(container) -> str | None:
         return "was removed"
     state = container.attrs.get("State", {})
     if state.get("Running"):
+        if started_at is not None and state.get("StartedAt") != started_at:
+            return "was restarted, and its worker lost what it had loaded"
         return None
     return f"exited with status {state.get('ExitCode')}"
 
@@ -230,6 +236,8 @@ class WorkerCluster:
         self.containers: dict[str, object] = {}
         self.addresses: dict[str, str] = {}
         self.clients: dict[str, WorkerClient] = {}
+        self.started_at: dict[str, str] = {}
+        """per node: the container's start time when its worker replied to the first ping"""
         self._previous_handlers: dict[int, object] = {}
         # A signal that arrived while a create call was in flight, acted on when it returns.
         self._creating = False
@@ -418,6 +426,7 @@ class WorkerCluster:
                 except WorkerError as error:
                     last_error = error
                 else:
+                    self.started_at[node.name] = state.get("StartedAt")
                     log.info(
                         "run %s: node %s ready at %s (torch %s, %s threads, runtime rss %s bytes)",
                         self.run_id, node.name, self.addresses[node.name], reply.get("torch"),
@@ -438,11 +447,17 @@ class WorkerCluster:
             f"the worker of node {node.name} exited during startup with status {exit_code} "
             f"(memory limit {node.memory_bytes} bytes = {limit_mib:.0f} MiB, cpus {node.cpus:g})."
         )
-        if state.get("OOMKilled") or exit_code == 137:
+        runtime_hint = (
+            f"the torch runtime needs about {TORCH_RUNTIME_BYTES / 2**20:.0f} MiB for CPU-only torch, plus the "
+            "segments; raise the node's memory limit (memory_mb in a scenario, MEMORY_MB in a calibrate --profile)"
+        )
+        if state.get("OOMKilled"):
+            message += f" The kernel OOM-killed it at its limit of {limit_mib:.0f} MiB: {runtime_hint}."
+        elif exit_code == 137:
             message += (
-                f" The kernel OOM-killed it: the memory limit of {limit_mib:.0f} MiB is below what "
-                f"the torch runtime needs (about {TORCH_RUNTIME_BYTES / 2**20:.0f} MiB for CPU-only "
-                "torch, plus the segments). Raise memory_bytes for this node."
+                " It was killed (SIGKILL) without an OOM kill in the engine's record: something outside amp4ec "
+                "killed it (docker kill), or the kernel's OOM killer did and the engine did not record it. "
+                f"In that case {runtime_hint}."
             )
         return message + f"\nContainer log tail:\n{logs_tail(container)}"
 
@@ -549,7 +564,7 @@ class WorkerCluster:
         return oom_killed(self.containers[node_name])
 
     def stopped_state(self, node_name: str) -> str | None:
-        return stopped_state(self.containers[node_name])
+        return stopped_state(self.containers[node_name], self.started_at.get(node_name))
 
     def wait_for_stop(self, node_names: Sequence[str], error: WorkerError) -> None:
         """After ``error`` from a worker that closed its connection, wait until the engine reports one of ``node_names`` stopped.

@@ -286,10 +286,11 @@ class Coordinator:
         self.stopped_outside: list[str] = []
 
     def _check_container(self, name: str) -> None:
-        """Mark a silent node down when its container is no longer running, so its stages in flight are retried now.
+        """Mark a silent node down when its container is no longer running or was restarted, so its stages in flight are retried now.
 
-        A container killed outside the scenario's events (by docker kill or the OOM killer)
-        would otherwise hold each request routed to it until the stage timeout.
+        A container killed or restarted outside the scenario's events (by docker kill, docker
+        restart or the OOM killer) would otherwise hold each request routed to it until the
+        stage timeout. A restarted worker has lost its segments and its stats link.
         """
         import docker.errors
 
@@ -306,10 +307,15 @@ class Coordinator:
         else:
             state = container.attrs.get("State", {})
             status, exit_code, oom = container.status, state.get("ExitCode"), bool(state.get("OOMKilled"))
-        if status in ("running", "paused"):
+        started_at = getattr(self.cluster, "started_at", {}).get(name)
+        restarted = status == "running" and started_at is not None and state.get("StartedAt") != started_at
+        if status in ("running", "paused") and not restarted:
             return
-        cause = "OOM-killed" if oom else f"{status}, exit code {exit_code}"
-        reason = f"container stopped outside the scenario's events ({cause}) before {self.now_s():.2f} s"
+        if restarted:
+            reason = f"container restarted outside the scenario's events before {self.now_s():.2f} s; its worker lost its segments"
+        else:
+            cause = "OOM-killed" if oom else f"{status}, exit code {exit_code}"
+            reason = f"container stopped outside the scenario's events ({cause}) before {self.now_s():.2f} s"
         # After a signal the replay removes the containers itself.
         if not self.aborted.is_set():
             log.warning("node %s: %s; its stages in flight are retried per policy", name, reason)
@@ -607,6 +613,15 @@ def pause_container(container) -> str:
     return "sigstop"
 
 
+def note_start(coordinator: Coordinator, name: str) -> None:
+    """Record a container's start time after the scenario started it anew, so that the monitor does not take it for an outside restart."""
+    started_at = getattr(coordinator.cluster, "started_at", None)
+    if started_at is not None:
+        container = coordinator.cluster.containers[name]
+        container.reload()
+        started_at[name] = container.attrs.get("State", {}).get("StartedAt")
+
+
 def reshape(coordinator: Coordinator, name: str) -> None:
     """Shape a node's link again after its container started anew, which resets its qdiscs."""
     shapes = getattr(coordinator.cluster, "shapes", None)
@@ -633,11 +648,13 @@ def apply_action(coordinator: Coordinator, name: str, action: str, cpus: float |
                 container.unpause()
             if container.status != "running":
                 container.start()
+                note_start(coordinator, name)
                 reshape(coordinator, name)
             bring_up(coordinator, name)
         elif action == "restart":
             mark_down(coordinator, name, f"restarting at {coordinator.now_s():.2f} s")
             container.restart(timeout=STOP_TIMEOUT_S)
+            note_start(coordinator, name)
             reshape(coordinator, name)
             bring_up(coordinator, name)
         elif action == "pause":

@@ -214,20 +214,26 @@ def interrupt_calibration(tmp_path: Path, docker_client, interrupt) -> tuple[int
 
 @pytest.mark.docker
 @pytest.mark.torch
-def test_killed_worker_is_named(tmp_path, docker_client, worker_image):
+@pytest.mark.parametrize(("action", "stopped"), [("kill", "exited with status 137"), ("restart", "was restarted")])
+def test_stopped_worker_is_named(tmp_path, docker_client, worker_image, action, stopped):
     require_torch()
 
-    def kill_worker(process, run_id):
-        # Kill the worker from outside, as `docker kill` would.
+    def stop_worker(process, run_id):
+        # Kill or restart the worker from outside, as `docker kill` or `docker restart` would.
         for name in labelled_containers(docker_client, run_id):
-            docker_client.containers.get(name).kill()
+            container = docker_client.containers.get(name)
+            if action == "kill":
+                container.kill()
+            else:
+                container.restart(timeout=1)
 
-    status, log_text, out, run_id, exit_s = interrupt_calibration(tmp_path, docker_client, kill_worker)
+    status, log_text, out, run_id, exit_s = interrupt_calibration(tmp_path, docker_client, stop_worker)
 
     stderr = " ".join(log_text.split())
     assert status == 1, stderr[-2000:]
-    assert "profile a: the worker container exited with status 137" in stderr
-    assert "closed its connection" in stderr
+    assert f"profile a: the worker container {stopped}" in stderr
+    if action == "kill":
+        assert "closed its connection" in stderr
     # The closed connection ends the calibration, not the request timeout of 30 s.
     assert exit_s < 20
     assert out.read_text() == "earlier"

@@ -375,6 +375,8 @@ def test_bad_profile_and_gap_are_one_line(tmp_path):
     result = CliRunner().invoke(main, ["calibrate", "--gap-ms", "40000", "--out", str(tmp_path / "c.json")])
     assert result.exit_code == 2
     assert "--gap-ms is 40000, more than 5000" in result.output
+    result = CliRunner().invoke(main, ["calibrate", "--gap-ms", "5000.0001", "--out", str(tmp_path / "c.json")])
+    assert "--gap-ms is 5000.0001, more than 5000" in result.output
     result = CliRunner().invoke(main, ["calibrate", "--max-turns", "3", "--out", str(tmp_path / "c.json")])
     assert result.exit_code == 2
     assert "--max-turns is 3, but every back-to-back window takes 6 turns" in result.output

@@ -250,8 +250,15 @@ def test_signal_mid_replay_removes_containers(tmp_path, docker_client, worker_im
 
 @pytest.mark.docker
 @pytest.mark.torch
-def test_killed_worker_fails_over_quickly(tmp_path, docker_client, worker_image, run_id):
-    """A container killed outside the events is marked down once it falls silent, not after the stage timeout."""
+@pytest.mark.parametrize(
+    ("action", "warning"),
+    [
+        ("kill", "node low: container stopped outside the scenario's events (exited, exit code 137)"),
+        ("restart", "node low: container restarted outside the scenario's events"),
+    ],
+)
+def test_stopped_worker_fails_over_quickly(tmp_path, docker_client, worker_image, run_id, action, warning):
+    """A container killed or restarted outside the events is marked down once it falls silent, not after the stage timeout."""
     require_torch()
     from amp4ec.real.replay import run_replay
 
@@ -280,7 +287,11 @@ def test_killed_worker_fails_over_quickly(tmp_path, docker_client, worker_image,
     assert replaying.wait(timeout=300), "the replay did not start its workload"
     time.sleep(1.0)
     killed_s = time.monotonic()
-    docker_client.containers.get(f"amp4ec-{run_id}-low").kill()
+    container = docker_client.containers.get(f"amp4ec-{run_id}-low")
+    if action == "kill":
+        container.kill()
+    else:
+        container.restart(timeout=1)
     thread.join(timeout=300)
     finished_s = time.monotonic()
     assert not thread.is_alive()
@@ -295,7 +306,7 @@ def test_killed_worker_fails_over_quickly(tmp_path, docker_client, worker_image,
     run = json.loads((tmp_path / "real" / "run.json").read_text())
     assert "low" in run["monitor"]["silent_nodes"]
     summary = json.loads((tmp_path / "real" / "summary.json").read_text())
-    assert any(w.startswith("node low: container stopped outside the scenario's events (exited, exit code 137)") for w in summary["warnings"]), summary["warnings"]
+    assert any(w.startswith(warning) for w in summary["warnings"]), summary["warnings"]
     containers, networks = labelled(docker_client, run_id)
     assert containers == []
     assert networks == []
