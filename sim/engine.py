@@ -253,10 +253,27 @@ class Simulation:
         return table
 
     def _warn_extrapolation(self, scenario: Scenario) -> None:
-        """Warn when nodes have more CPUs or threads than any calibrated profile, whose costs the fit extrapolates."""
+        """Warn when nodes have more CPUs or threads than any calibrated profile, or less CPU than their thread count's profiles.
+
+        The fit extrapolates the costs of such nodes along its quota exponent.
+        """
         profiles = self.costs.calibration.profiles
         max_cpus = max(p.cpus for p in profiles)
         max_threads = max(p.threads for p in profiles)
+        below = []
+        for spec in scenario.nodes:
+            count, same = self.costs.profiles_for_threads(spec.torch_threads)
+            min_cpus = min(p.cpus for p in same)
+            if spec.cpus < min_cpus:
+                below.append((spec, count, min_cpus))
+        if below:
+            example, count, min_cpus = below[0]
+            self.warnings.append(
+                f"{len(below)} node(s), such as {example.name} (cpus {example.cpus:g}, {example.torch_threads} threads), "
+                f"have less CPU than every calibrated profile with {count} thread(s) (at least {min_cpus:g} CPUs): "
+                "their costs are extrapolated by the fitted model and can be far off; calibrate a profile like them "
+                "(amp4ec calibrate --profile NAME:CPUS:MEMORY_MB:THREADS)"
+            )
         beyond = [spec for spec in scenario.nodes if spec.cpus > max_cpus or spec.torch_threads > max_threads]
         if not beyond:
             return

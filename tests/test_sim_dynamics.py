@@ -340,6 +340,15 @@ def test_node_beyond_calibration_warns(tmp_path):
     assert "such as high (cpus 16, 16 threads), exceed the calibrated profiles" in output
 
 
+def test_node_below_calibration_warns(tmp_path):
+    path = tmp_path / "small.toml"
+    path.write_text((ROOT / "scenarios" / "paper" / "2-node.toml").read_text().replace("cpus = 1.0", "cpus = 0.05"))
+    result = run_cli("simulate", str(path), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "such as high (cpus 0.05, 1 threads), have less CPU than every calibrated profile with 1 thread(s) (at least 0.4 CPUs)" in output
+
+
 def test_batch_too_large_for_memory_is_rejected(tmp_path):
     path = tmp_path / "batch.toml"
     path.write_text((ROOT / "scenarios" / "paper" / "2-node.toml").read_text().replace("batch = 1\n", "batch = 100000\n"))
