@@ -357,7 +357,7 @@ class WorkFit:
     """Mean CPU time of every column (each unit, then the whole model) as a power law of the CPU quota.
 
     Per regime, a thread count calibrated at two or more quotas has its own fit
-    ``log c[p, j] = a[t, j] + beta[t] * log(cpus[p])``, because a quota changes a 2-thread
+    ``log c[p, j] = a[t, j] + beta[t] * log(cpus[p])``, because a quota can change a 2-thread
     forward's work differently from a 1-thread one's (cold caches while throttled, threads that
     wait for each other). A thread count calibrated at one quota keeps its own ``a[t, j]`` and
     takes ``beta`` from a fit pooled over every profile,
@@ -423,6 +423,8 @@ class WorkFit:
         if threads in self.by_threads[regime]:
             intercepts, beta = self.by_threads[regime][threads]
             return np.exp(intercepts + beta * math.log(cpus))
+        # NOTE: the pooled fit is not tied to the per-count ones, so at very small quotas a thread
+        # count between two calibrated ones can cost slightly less than the one below it.
         slopes = self.slopes[regime]
         return np.exp(self.log_columns[regime] + slopes["beta"] * math.log(cpus) + slopes["gamma"] * math.log(threads))
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from amp4ec.errors import UsageError, WorkerError
 
@@ -97,7 +98,6 @@ class WorkerClient:
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
         self._events: zmq.Socket | None = None
-        self._poller = zmq.Poller()
         self._down_since: float | None = None
         """when the connection to the worker closed, while it stays closed"""
         self._connect()
@@ -187,8 +187,6 @@ class WorkerClient:
 
     def _read_events(self) -> bool:
         """Track the connection's state from the monitor's pending events; return whether it closed."""
-        from zmq.utils.monitor import recv_monitor_message
-
         closed = False
         while self._events.poll(0):
             event = recv_monitor_message(self._events)["event"]

@@ -35,12 +35,25 @@ def simulate(tmp_path: Path, text: str):
     return result, out
 
 
-def test_node_larger_than_host_cpus(tmp_path):
-    text = 'name = "x"\n[host]\ncpus = 2.0\n[[nodes]]\nname = "big"\ncpus = 4.0\nmemory_mb = 1024\n'
+@pytest.mark.parametrize(
+    ("text", "messages"),
+    [
+        (
+            'name = "x"\n[host]\ncpus = 2.0\n[[nodes]]\nname = "big"\ncpus = 4.0\nmemory_mb = 1024\n',
+            ["nodes[0].cpus", "host has 2 CPUs"],
+        ),
+        (
+            'name = "x"\n[policy]\npartitions = 50\n[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n',
+            ["policy.partitions is 50 but the model has 20 units", "give at most 20"],
+        ),
+    ],
+    ids=["node larger than host cpus", "more partitions than units"],
+)
+def test_scenario_rejected_before_run(tmp_path, text, messages):
     result, out = simulate(tmp_path, text)
     assert result.exit_code == 2
-    assert "nodes[0].cpus" in result.output
-    assert "host has 2 CPUs" in result.output
+    for message in messages:
+        assert message in result.output
     assert not out.exists()
 
 
@@ -129,11 +142,3 @@ def test_scenario_without_nodes_names_the_fix(tmp_path):
     assert "Value error" not in result.output
     assert "{'name'" not in result.output
 
-
-def test_more_partitions_than_units_names_the_limit(tmp_path):
-    text = 'name = "x"\n[policy]\npartitions = 50\n[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n'
-    result, out = simulate(tmp_path, text)
-    assert result.exit_code == 2
-    assert "policy.partitions is 50 but the model has 20 units" in result.output
-    assert "give at most 20" in result.output
-    assert not out.exists()

@@ -331,22 +331,20 @@ def test_joining_node_waits_for_its_deployment():
     assert min(starts) < 1.0 + 0.509 + 0.2
 
 
-def test_node_beyond_calibration_warns(tmp_path):
-    path = tmp_path / "big.toml"
-    path.write_text((ROOT / "scenarios" / "paper" / "2-node.toml").read_text().replace("cpus = 1.0", "cpus = 16.0"))
+@pytest.mark.parametrize(
+    ("cpus", "warning"),
+    [
+        ("16.0", "such as high (cpus 16, 16 threads), exceed the calibrated profiles"),
+        ("0.05", "such as high (cpus 0.05, 1 threads), have less CPU than every calibrated profile with 1 thread(s) (at least 0.4 CPUs)"),
+    ],
+)
+def test_node_outside_calibration_warns(tmp_path, cpus, warning):
+    path = tmp_path / "outside.toml"
+    path.write_text((ROOT / "scenarios" / "paper" / "2-node.toml").read_text().replace("cpus = 1.0", f"cpus = {cpus}"))
     result = run_cli("simulate", str(path), "--out", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
-    assert "such as high (cpus 16, 16 threads), exceed the calibrated profiles" in output
-
-
-def test_node_below_calibration_warns(tmp_path):
-    path = tmp_path / "small.toml"
-    path.write_text((ROOT / "scenarios" / "paper" / "2-node.toml").read_text().replace("cpus = 1.0", "cpus = 0.05"))
-    result = run_cli("simulate", str(path), "--out", str(tmp_path / "out"))
-    assert result.exit_code == 0, result.output
-    output = " ".join(result.output.split())
-    assert "such as high (cpus 0.05, 1 threads), have less CPU than every calibrated profile with 1 thread(s) (at least 0.4 CPUs)" in output
+    assert warning in output
 
 
 def test_batch_too_large_for_memory_is_rejected(tmp_path):
