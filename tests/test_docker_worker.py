@@ -403,7 +403,9 @@ def test_killed_worker_raises_worker_error(docker_client, worker_image):
         running.container_for("victim").kill()
 
         started = time.monotonic()
-        with pytest.raises(WorkerError, match="closed its connection while 'stats' was in flight") as raised:
+        # Usually the closed connection ends the request at once. When the kill's TCP close does not
+        # reach the host before the container's network goes away, the 2 s timeout ends it.
+        with pytest.raises(WorkerError, match="closed its connection while 'stats' was in flight|no reply to 'stats' within 2 s") as raised:
             client.stats()
         elapsed_s = time.monotonic() - started
 
