@@ -29,7 +29,7 @@ test: $(DEV_VENV)/.installed
 calibration: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/amp4ec calibrate --model mobilenet_v2 --granularity block \
 		--profile high:1.0:1024 --profile medium:0.6:512 --profile low:0.4:512 --profile double:2.0:2048:2 --profile pair:1.0:1024:2 \
-		--repeats 10 --max-repeats 250 --max-turns 24 --warmup 5 --gap-ms 100 --out amp4ec/data/calibration-mobilenet_v2.json
+		--repeats 10 --max-repeats 250 --max-turns 24 --warmup 5 --gap-ms 100 --force --out amp4ec/data/calibration-mobilenet_v2.json
 
 clean-containers: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/amp4ec clean

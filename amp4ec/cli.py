@@ -210,6 +210,7 @@ def replay(scenario: Path, out: Path, force: bool, quiet: bool, calibration: Pat
 @click.option("--warmup", default=3, show_default=True, help="untimed runs per unit before timing")
 @click.option("--gap-ms", default=100.0, show_default=True, help="pause between runs so the CFS quota refills (ms, at most 5000)")
 @click.option("--out", "out", default=None, type=click.Path(path_type=Path), help="calibration file to write (JSON); required unless a subcommand is given")
+@click.option("--force", is_flag=True, help="replace --out if the file exists")
 @click.option("--base-image", default=None, help="base image for the worker image, e.g. python:3.11-slim; default: a debootstrap rootfs")
 @click.option("--quiet", is_flag=True, help="no progress output")
 @click.pass_context
@@ -222,6 +223,7 @@ def calibrate(
     warmup: int,
     gap_ms: float,
     out: Path,
+    force: bool,
     base_image: str | None,
     quiet: bool,
     max_repeats: int,
@@ -244,6 +246,9 @@ def calibrate(
 
     if out is None:
         raise UsageError("missing --out FILE: the calibration file to write", field="--out")
+    if out.is_file() and not force:
+        # A calibration takes many minutes, so a repeated command must not replace one by accident.
+        raise UsageError("exists; choose another --out, or pass --force to replace it once the new calibration is complete", source=str(out))
     if max_repeats < repeats:
         raise UsageError(f"--max-repeats ({max_repeats}) must be at least --repeats ({repeats})")
     if not 0 < target_ci < 1:
@@ -709,14 +714,15 @@ def calibrate_show(file: Path) -> None:
 
 @calibrate.command("plot")
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--out", "out", default=None, type=click.Path(path_type=Path), help="PNG file to write; default: FILE with the suffix .png")
+@click.option("--out", "out", default=None, type=click.Path(path_type=Path), help="PNG file to write; default: FILE's name with the suffix .png, in the current directory")
 def calibrate_plot(file: Path, out: Path | None) -> None:
     """Write a PNG of FILE: per-unit time by profile, predicted against measured (leave one profile out), and the whole model after each pause."""
     from amp4ec.calibrate.views import plot_calibration
     from amp4ec.costs import load_calibration
     from amp4ec.graph import check_output_file
 
-    out = out or file.with_suffix(".png")
+    # Not beside FILE: the shipped calibration lies inside the installed package.
+    out = out or Path(file.with_suffix(".png").name)
     check_output_file(out, field="--out")
     plot_calibration(load_calibration(file), out)
     stdout.print(f"wrote {out}")

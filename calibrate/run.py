@@ -99,6 +99,12 @@ def parse_profiles(specs: Sequence[str]) -> list[NodeSpec]:
                 f"give at most {host_cpus} CPUs, as Docker cannot grant more",
                 field="--profile",
             )
+        if profile.torch_threads > host_cpus:
+            raise UsageError(
+                f"profile {spec!r} asks for {profile.torch_threads} torch threads but this host has {host_cpus} cores; "
+                f"threads beyond the cores only take turns on them, so give at most {host_cpus}",
+                field="--profile",
+            )
         host_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
         if profile.memory_mb > host_mib:
             raise UsageError(

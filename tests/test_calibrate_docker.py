@@ -142,7 +142,7 @@ def test_unknown_model_is_a_usage_error(tmp_path):
     require_torch()
     out = tmp_path / "c.json"
     out.write_text("earlier")
-    result = subprocess.run(amp4ec_command("calibrate", "--model", "no_such_net", "--out", str(out)), env=cli_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(amp4ec_command("calibrate", "--model", "no_such_net", "--force", "--out", str(out)), env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "unknown model 'no_such_net'" in result.stderr
     assert out.read_text() == "earlier"
@@ -163,7 +163,7 @@ def test_docker_not_running_leaves_earlier_file(tmp_path):
     out = tmp_path / "c.json"
     out.write_text("earlier")
     result = subprocess.run(
-        amp4ec_command("calibrate", "--model", TINY, "--input-shape", TINY_SHAPE, "--out", str(out)),
+        amp4ec_command("calibrate", "--model", TINY, "--input-shape", TINY_SHAPE, "--force", "--out", str(out)),
         env=cli_env(DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock"), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 1, result.stderr
@@ -184,7 +184,7 @@ def interrupt_calibration(tmp_path: Path, docker_client, interrupt) -> tuple[int
         process = subprocess.Popen(
             amp4ec_command(
                 "calibrate", "--model", TINY, "--input-shape", TINY_SHAPE, "--profile", "a:1.0:512",
-                "--repeats", "50", "--max-repeats", "50", "--gap-ms", "100", "--out", str(out),
+                "--repeats", "50", "--max-repeats", "50", "--gap-ms", "100", "--force", "--out", str(out),
             ),  # fmt: skip
             env=cli_env(COLUMNS="200"), stdout=subprocess.DEVNULL, stderr=log_file, text=True,
         )
@@ -265,7 +265,7 @@ def test_ctrl_c_during_export_exits_cleanly(tmp_path, docker_client, worker_imag
     with open(log_path, "w") as log_file:
         # MobileNetV2 takes seconds to export, long enough to interrupt while torch is busy with it.
         process = subprocess.Popen(
-            amp4ec_command("calibrate", "--model", "mobilenet_v2", "--profile", "a:1.0:512", "--out", str(out)),
+            amp4ec_command("calibrate", "--model", "mobilenet_v2", "--profile", "a:1.0:512", "--force", "--out", str(out)),
             env=cli_env(COLUMNS="200"), stdout=subprocess.DEVNULL, stderr=log_file, text=True,
         )  # fmt: skip
 

@@ -283,7 +283,7 @@ def calibration_file(tmp_path):
     return path
 
 
-def test_validate_show_plot_commands(calibration_file, tmp_path):
+def test_validate_show_plot_commands(calibration_file, tmp_path, monkeypatch):
     runner = CliRunner()
     result = runner.invoke(main, ["calibrate", "validate", str(calibration_file), "--json", str(tmp_path / "v.json")])
     assert result.exit_code == 0, result.output
@@ -307,10 +307,14 @@ def test_validate_show_plot_commands(calibration_file, tmp_path):
     assert "u3" in result.output
     assert "medium" in result.output
 
+    # The PNG goes to the current directory, not beside FILE (the shipped file lies in the package).
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     result = runner.invoke(main, ["calibrate", "plot", str(calibration_file)])
     assert result.exit_code == 0, result.output
-    png = calibration_file.with_suffix(".png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (elsewhere / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not calibration_file.with_suffix(".png").exists()
 
 
 @pytest.mark.parametrize(
@@ -369,6 +373,15 @@ def test_bad_profile_and_gap_are_one_line(tmp_path):
         parse_profiles(["x:512:512"])
     with pytest.raises(UsageError, match=r"asks for 1e\+12 MiB but this host has \d+ MiB; give at most"):
         parse_profiles(["x:1.0:1e12"])
+    with pytest.raises(UsageError, match=r"asks for 1000 torch threads but this host has \d+ cores; .* give at most"):
+        parse_profiles(["x:1.0:512:1000"])
+    # A finished calibration is not replaced by a repeated command.
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text("earlier")
+    result = CliRunner().invoke(main, ["calibrate", "--out", str(earlier)])
+    assert result.exit_code == 2
+    assert f"{earlier}: exists; choose another --out, or pass --force" in " ".join(result.output.split())
+    assert earlier.read_text() == "earlier"
     result = CliRunner().invoke(main, ["calibrate", "--gap-ms", "nan", "--out", str(tmp_path / "c.json")])
     assert result.exit_code == 2
     assert "--gap-ms must be a finite number" in result.output
