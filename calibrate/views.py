@@ -170,6 +170,19 @@ def validate_table(calibration: Calibration, *, normalise: bool = False) -> tupl
                 f". Profiles {', '.join(alone)} are each the only one with their thread count, so their predictions "
                 "extrapolate across thread counts; calibrate a second profile with each of those counts to validate them"
             )
+    # Held out, such a profile leaves its thread count at a single quota, which gives no quota exponent of its own.
+    summary["pooled_quota_exponent"] = [
+        p.name
+        for p in calibration.profiles
+        if thread_counts[p.threads] > 1 and len({q.cpus for q in calibration.profiles if q.threads == p.threads and q is not p}) == 1
+    ]
+    pooled = summary["pooled_quota_exponent"]
+    if pooled:
+        listed = f"profiles {', '.join(pooled[:-1])} and {pooled[-1]} leave" if len(pooled) > 1 else f"profile {pooled[0]} leaves"
+        table.caption += (
+            f". Held out, {listed} their thread count at one quota, so their prediction across quotas takes the "
+            "quota exponent fitted over all thread counts; a third quota with that thread count would give it its own"
+        )
     return table, summary
 
 

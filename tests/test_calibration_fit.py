@@ -292,6 +292,7 @@ def test_validate_show_plot_commands(calibration_file, tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "v.json").read_text())
     assert summary["all"]["predictions"] == len(summary["comparisons"]) > 0
     assert summary["extrapolated"] == []
+    assert summary["pooled_quota_exponent"] == []
 
     data = json.loads(calibration_file.read_text())
     data["profiles"][2]["threads"] = 2
@@ -301,6 +302,9 @@ def test_validate_show_plot_commands(calibration_file, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "Profile low (2 threads) is the only one with its thread count" in " ".join(result.output.split())
     assert json.loads((tmp_path / "v2.json").read_text())["extrapolated"] == ["low"]
+    # Either remaining 1-thread profile, held out, leaves the other at a single quota.
+    assert json.loads((tmp_path / "v2.json").read_text())["pooled_quota_exponent"] == ["high", "medium"]
+    assert "Held out, profiles high and medium leave their thread count at one quota" in " ".join(result.output.split())
 
     result = runner.invoke(main, ["calibrate", "show", str(calibration_file)])
     assert result.exit_code == 0, result.output
