@@ -154,7 +154,8 @@ class StatsMonitor:
         for name in sorted(set(serving) - set(arrived)):
             self.missed += 1
             log.warning("monitor: node %s sent no final stats; its CPU time ends at its last push", name)
-        self._publish(self._sample())
+        # The nodes that replied are current, however long a silent one kept the request waiting.
+        self._publish(self._sample(replied=set(arrived)))
 
     def snapshot(self) -> dict[str, NodeState]:
         with self._lock:
@@ -178,7 +179,8 @@ class StatsMonitor:
     def _down_state(self, node: NodeRuntime) -> NodeState:
         return NodeState(node.name, time.time(), node.cpus, node.memory_bytes, 1.0, node.memory_bytes, math.inf, alive=False)
 
-    def _sample(self) -> dict[str, NodeState]:
+    def _sample(self, replied: set[str] = frozenset()) -> dict[str, NodeState]:
+        """Return every node's published state; a node in ``replied`` counts as reporting whatever its last push's age."""
         self.samples += 1
         stale_after_s = max(3 * self.scenario.monitor.period_s, 1.0)
         now = time.monotonic()
@@ -192,7 +194,7 @@ class StatsMonitor:
                 states[name] = self._down_state(node)
                 continue
             received_s, state = latest
-            if now - received_s > stale_after_s:
+            if now - received_s > stale_after_s and name not in replied:
                 self.missed += 1
                 if name not in self.silent and not self.quiet.is_set():
                     log.warning("monitor: node %s has sent no stats for %.1f s; it takes no stages until it reports", name, now - received_s)
@@ -309,6 +311,13 @@ class Coordinator:
             status, exit_code, oom = container.status, state.get("ExitCode"), bool(state.get("OOMKilled"))
         started_at = getattr(self.cluster, "started_at", {}).get(name)
         restarted = status == "running" and started_at is not None and state.get("StartedAt") != started_at
+        if status == "paused" and not self.table[name].paused:
+            # Its stages in flight wait for the stage timeout, and it serves again once resumed.
+            reason = f"container paused outside the scenario's events before {self.now_s():.2f} s; it takes no stages until it reports again"
+            if not self.aborted.is_set():
+                log.warning("node %s: %s", name, reason)
+                self.stopped_outside.append(f"node {name}: {reason}")
+            return
         if status in ("running", "paused") and not restarted:
             return
         if restarted:

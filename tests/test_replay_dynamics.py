@@ -255,10 +255,14 @@ def test_signal_mid_replay_removes_containers(tmp_path, docker_client, worker_im
     [
         ("kill", "node low: container stopped outside the scenario's events (exited, exit code 137)"),
         ("restart", "node low: container restarted outside the scenario's events"),
+        ("pause", "node low: container paused outside the scenario's events"),
     ],
 )
 def test_stopped_worker_fails_over_quickly(tmp_path, docker_client, worker_image, run_id, action, warning):
-    """A container killed or restarted outside the events is marked down once it falls silent, not after the stage timeout."""
+    """A container killed or restarted outside the events is marked down once it falls silent, not after the stage timeout.
+
+    One paused for a few seconds is named, and serves again once resumed.
+    """
     require_torch()
     from amp4ec.real.replay import run_replay
 
@@ -290,8 +294,13 @@ def test_stopped_worker_fails_over_quickly(tmp_path, docker_client, worker_image
     container = docker_client.containers.get(f"amp4ec-{run_id}-low")
     if action == "kill":
         container.kill()
-    else:
+    elif action == "restart":
         container.restart(timeout=1)
+    else:
+        container.pause()
+        # Three monitor periods (1.5 s) make it silent, and its stages in flight wait for the resume.
+        time.sleep(4.0)
+        container.unpause()
     thread.join(timeout=300)
     finished_s = time.monotonic()
     assert not thread.is_alive()
@@ -304,7 +313,7 @@ def test_stopped_worker_fails_over_quickly(tmp_path, docker_client, worker_image
     completed = records[records["outcome"] == "completed"]
     assert len(completed) >= 50
     run = json.loads((tmp_path / "real" / "run.json").read_text())
-    assert "low" in run["monitor"]["silent_nodes"]
+    assert run["monitor"]["silent_nodes"] == ["low"]
     summary = json.loads((tmp_path / "real" / "summary.json").read_text())
     assert any(w.startswith(warning) for w in summary["warnings"]), summary["warnings"]
     containers, networks = labelled(docker_client, run_id)

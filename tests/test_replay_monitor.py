@@ -64,3 +64,30 @@ def test_utilisation_needs_half_a_period():
     # A push shortly after keeps the last full window's figure.
     soon = monitor._state_from_stats(node, {"time_s": t0 + 0.61, "cpu_usage_ns": 310_000_000})
     assert abs(soon.cpu_utilisation - 0.5) < 0.01
+
+
+def test_final_sample_keeps_replying_node():
+    """A paused node keeps the final stats request waiting, and the node that replied at once is not silent."""
+    monitor = monitor_with(period_s=0.1)
+
+    def request_stats(names, *, period_s, timeout_s):
+        if period_s > 0:
+            # At the start both nodes reply.
+            push(monitor, "a")
+            push(monitor, "b")
+            return ["a", "b"]
+        push(monitor, "a")
+        # a's reply arrived at once, and b kept the request waiting for its whole timeout.
+        received_s, state = monitor._latest["a"]
+        monitor._latest["a"] = (received_s - timeout_s, state)
+        received_s, state = monitor._latest["b"]
+        monitor._latest["b"] = (received_s - timeout_s, state)
+        return ["a"]
+
+    monitor.links = SimpleNamespace(request_stats=request_stats)
+    monitor.start()
+    monitor.stop()
+    assert monitor.silent == {"b"}
+    sample = monitor.snapshot()
+    assert sample["a"].alive and not sample["b"].alive
+    assert monitor.missed >= 1
