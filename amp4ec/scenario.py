@@ -21,6 +21,9 @@ MIB = 1024 * 1024
 # the fitted work's quota term, extrapolated far outside the calibrated quotas, finite.
 MIN_CPUS = 0.01
 MAX_CPUS = 1024.0
+# 1 kbit/s. MobileNetV2's input (0.6 MB) takes over an hour of simulated time on such a link,
+# and the monitor samples every period meanwhile, so a far slower link never finishes.
+MIN_BANDWIDTH_MBPS = 0.001
 
 
 class _Strict(BaseModel):
@@ -36,7 +39,7 @@ class NodeSpec(_Strict):
     cpus: float = Field(ge=MIN_CPUS, le=MAX_CPUS, description="CFS quota in CPUs (docker run --cpus)")
     memory_mb: float = Field(gt=0, description="memory limit in MiB (docker run --memory); no swap")
     threads: int | None = Field(default=None, ge=1, description="torch threads; default max(1, floor(cpus))")
-    bandwidth_mbps: float | None = Field(default=None, gt=0, description="this node's link; default network.bandwidth_mbps")
+    bandwidth_mbps: float | None = Field(default=None, ge=MIN_BANDWIDTH_MBPS, description="this node's link; default network.bandwidth_mbps")
     latency_ms: float | None = Field(default=None, ge=0, description="this node's per-hop cost; default network.latency_ms")
     present: bool = Field(default=True, description="false: the node is absent until a join event")
     engine: str | None = Field(
@@ -155,7 +158,7 @@ class WorkloadSpec(_Strict):
 class NetworkSpec(_Strict):
     """Links between the coordinator and each node; every stage's input and output cross one."""
 
-    bandwidth_mbps: float = Field(default=1000.0, gt=0, description="link bandwidth in megabits per second")
+    bandwidth_mbps: float = Field(default=1000.0, ge=MIN_BANDWIDTH_MBPS, description="link bandwidth in megabits per second")
     latency_ms: float | None = Field(
         default=None, ge=0, description="fixed cost per hop in ms; default: the calibrated value, else 0.2"
     )
@@ -166,10 +169,15 @@ class NetworkSpec(_Strict):
     )
 
 
+# A sample every millisecond is already finer than one unit's run. A shorter period only fills
+# the simulator's event queue (and the replay's links) with samples.
+MIN_MONITOR_PERIOD_S = 0.001
+
+
 class MonitorSpec(_Strict):
     """The sampling of node state that schedulers see: its period and delay."""
 
-    period_s: float = Field(default=1.0, gt=0, description="how often node state is sampled")
+    period_s: float = Field(default=1.0, ge=MIN_MONITOR_PERIOD_S, description="how often node state is sampled")
     delay_s: float = Field(default=0.0, ge=0, description="how long a sample takes to reach the scheduler")
 
 
@@ -222,7 +230,7 @@ class NodeProfileMix(_Strict):
     cpus: float = Field(ge=MIN_CPUS, le=MAX_CPUS)
     memory_mb: float = Field(gt=0)
     threads: int | None = Field(default=None, ge=1)
-    bandwidth_mbps: float | None = Field(default=None, gt=0)
+    bandwidth_mbps: float | None = Field(default=None, ge=MIN_BANDWIDTH_MBPS)
     latency_ms: float | None = Field(default=None, ge=0)
     weight: float = Field(default=1.0, gt=0)
 
@@ -265,7 +273,7 @@ class EventSpec(_Strict):
         le=MAX_CPUS,
         description=f"cpu: the new CPU quota (at least {MIN_CPUS}); background_load: CPUs taken by other work",
     )
-    bandwidth_mbps: float | None = Field(default=None, gt=0, description="link_bandwidth: the link's new bandwidth")
+    bandwidth_mbps: float | None = Field(default=None, ge=MIN_BANDWIDTH_MBPS, description="link_bandwidth: the link's new bandwidth")
     latency_ms: float | None = Field(default=None, ge=0, description="link_bandwidth: the link's new per-hop cost")
 
     @field_validator("kind", mode="before")

@@ -46,8 +46,16 @@ def simulate(tmp_path: Path, text: str):
             'name = "x"\n[policy]\npartitions = 50\n[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n',
             ["policy.partitions is 50 but the model has 20 units", "give at most 20"],
         ),
+        (
+            'name = "x"\n[monitor]\nperiod_s = 1e-9\n[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n',
+            ["monitor.period_s", "greater than or equal to 0.001"],
+        ),
+        (
+            'name = "x"\n[network]\nbandwidth_mbps = 1e-9\n[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n',
+            ["network.bandwidth_mbps", "greater than or equal to 0.001"],
+        ),
     ],
-    ids=["node larger than host cpus", "more partitions than units"],
+    ids=["node larger than host cpus", "more partitions than units", "monitor period below a millisecond", "link below 1 kbit/s"],
 )
 def test_scenario_rejected_before_run(tmp_path, text, messages):
     result, out = simulate(tmp_path, text)
