@@ -19,7 +19,7 @@ from conftest import require_torch
 pytest.importorskip("zmq")
 
 WORKER_SCRIPT = Path(__file__).resolve().parents[1] / "real" / "image" / "worker.py"
-SLOW_SIDE = 400
+SLOW_SIDE = 600
 
 
 def free_port() -> int:
@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 def export_slow_segment() -> bytes:
-    """Export a program that multiplies a 400 x 400 input by itself 200 times (0.4 s or more on one thread)."""
+    """Export a program that multiplies a 600 x 600 input by itself 200 times (about 0.5 s on a 2-core Xeon, more on slower hosts)."""
     import io
 
     import torch
