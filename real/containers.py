@@ -238,6 +238,8 @@ class WorkerCluster:
         self.clients: dict[str, WorkerClient] = {}
         self.started_at: dict[str, str] = {}
         """per node: the container's start time when its worker replied to the first ping"""
+        self.host_warnings: list[str] = []
+        """how the containers oversubscribe their engines' cores, for a run's summary"""
         self._previous_handlers: dict[int, object] = {}
         # A signal that arrived while a create call was in flight, acted on when it returns.
         self._creating = False
@@ -302,17 +304,28 @@ class WorkerCluster:
         return self
 
     def _warn_oversubscription(self) -> None:
+        messages = []
         total_cpus = sum(node.cpus for node in self.nodes)
         cores = host_cpu_count(self.client)
         if total_cpus > OVERSUBSCRIPTION_SHARE * cores:
-            message = (
+            messages.append(
                 f"run {self.run_id}: the containers ask for {total_cpus:g} CPUs in total, more than "
                 f"{OVERSUBSCRIPTION_SHARE:g} x the {cores} cores of the Docker host, so workers will "
                 "wait for cores and measured latencies will include that wait. Use fewer or smaller "
                 "nodes, or the simulator for larger clusters."
             )
+        for node in self.nodes:
+            engine_cores = host_cpu_count(self.engines.get(node.engine))
+            if node.threads > engine_cores:
+                messages.append(
+                    f"run {self.run_id}: node {node.name} runs {node.threads} torch threads on a Docker host with "
+                    f"{engine_cores} cores, so its threads take turns on the cores and its latency includes that "
+                    f"wait. Give it at most {engine_cores} threads."
+                )
+        for message in messages:
             warnings.warn(message, OversubscriptionWarning, stacklevel=3)
             log.warning(message)
+        self.host_warnings.extend(messages)
 
     def _create_network(self) -> None:
         import docker.errors

@@ -28,6 +28,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -129,6 +130,9 @@ class StatsMonitor:
         self.missed = 0
         self.pushes = 0
         self.silent: set[str] = set()
+        """nodes silent now; one that reports again leaves the set"""
+        self.silences: Counter[str] = Counter()
+        """per node, how many times it fell silent during the run"""
         self.on_silent: Callable[[str], None] | None = None
 
     def start(self) -> None:
@@ -137,6 +141,7 @@ class StatsMonitor:
         arrived = self.links.request_stats(serving, period_s=self.scenario.monitor.period_s, timeout_s=START_STATS_TIMEOUT_S)
         for name in sorted(set(serving) - set(arrived)):
             self.silent.add(name)
+            self.silences[name] += 1
             log.warning("monitor: no stats from node %s within %g s of the start; it takes no stages until it reports", name, START_STATS_TIMEOUT_S)
         self._publish(self._sample())
         self._thread.start()
@@ -196,12 +201,16 @@ class StatsMonitor:
             received_s, state = latest
             if now - received_s > stale_after_s and name not in replied:
                 self.missed += 1
-                if name not in self.silent and not self.quiet.is_set():
-                    log.warning("monitor: node %s has sent no stats for %.1f s; it takes no stages until it reports", name, now - received_s)
-                    newly_silent.append(name)
-                self.silent.add(name)
+                # Each spell of silence is reported and checked, also one after the node came back.
+                if name not in self.silent:
+                    self.silent.add(name)
+                    self.silences[name] += 1
+                    if not self.quiet.is_set():
+                        log.warning("monitor: node %s has sent no stats for %.1f s; it takes no stages until it reports", name, now - received_s)
+                        newly_silent.append(name)
                 states[name] = replace(state, cpus=node.cpus, alive=False)
                 continue
+            self.silent.discard(name)
             # The CPU limit can change live (set_cpus), so the snapshot carries the current one.
             states[name] = state if state.cpus == node.cpus else replace(state, cpus=node.cpus)
         if self.on_silent is not None:

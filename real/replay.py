@@ -216,6 +216,7 @@ def run_replay(
         failed_events = [e for e in dynamics.applied if e.error]
         for event in failed_events:
             warnings.append(f"dynamics: {event.action} on node {event.node} at {event.at_s:g} s failed: {event.error}")
+        warnings.extend(cluster.host_warnings)
         warnings.extend(coordinator.stopped_outside)
         for name in (n.name for n in scenario.nodes):
             if cluster.oom_killed(name):
@@ -243,6 +244,7 @@ def run_replay(
                     "samples": coordinator.monitor.samples,
                     "missed": coordinator.monitor.missed,
                     "silent_nodes": sorted(coordinator.monitor.silent),
+                    "silences": dict(sorted(coordinator.monitor.silences.items())),
                 },
                 "dynamics": [event.as_dict() for event in dynamics.applied],
                 "adaptations": adaptation.adapter.history if adaptation is not None else [],

@@ -484,3 +484,20 @@ def test_oversubscription_warns(docker_client, worker_image):
 def test_cluster_rejects_invalid_nodes(nodes, expected):
     with pytest.raises(UsageError, match=expected):
         WorkerCluster(client=None, nodes=nodes, image="unused")
+
+
+def test_threads_beyond_cores_warn():
+    """A node with more torch threads than its engine's cores is named in the cluster's warnings, before any container starts."""
+
+    class TwoCoreEngine:
+        def info(self):
+            return {"NCPU": 2}
+
+    nodes = [NodeSpec("fits", cpus=0.5, memory_bytes=400 * MiB, threads=2), NodeSpec("crowded", cpus=0.5, memory_bytes=400 * MiB, threads=64)]
+    cluster = WorkerCluster(TwoCoreEngine(), nodes, image="unused", run_id=new_test_run_id())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cluster._warn_oversubscription()
+    assert len(cluster.host_warnings) == 1
+    assert "node crowded runs 64 torch threads on a Docker host with 2 cores" in cluster.host_warnings[0]
+    assert [str(warning.message) for warning in caught] == cluster.host_warnings

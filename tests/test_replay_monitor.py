@@ -39,6 +39,35 @@ def test_a_node_that_stops_pushing_is_published_as_not_alive():
     assert monitor._sample()["b"].alive
 
 
+def make_stale(monitor: StatsMonitor, name: str) -> None:
+    received_s, state = monitor._latest[name]
+    monitor._latest[name] = (received_s - 1.5, state)
+
+
+def test_second_silence_is_checked_again():
+    """A node that reports again and then falls silent once more (paused, then killed) is checked both times."""
+    monitor = monitor_with(period_s=0.1)
+    checked = []
+    monitor.on_silent = checked.append
+    push(monitor, "a")
+    push(monitor, "b")
+    make_stale(monitor, "b")
+    monitor._sample()
+    assert checked == ["b"]
+
+    push(monitor, "b")
+    assert monitor._sample()["b"].alive
+    assert monitor.silent == set()
+
+    make_stale(monitor, "b")
+    monitor._sample()
+    # Still silent at the next sample: no second check for the same spell.
+    monitor._sample()
+    assert checked == ["b", "b"]
+    assert monitor.silences == {"b": 2}
+    assert monitor.silent == {"b"}
+
+
 def test_a_push_within_three_periods_keeps_the_node():
     monitor = monitor_with(period_s=1.0)
     push(monitor, "a")
