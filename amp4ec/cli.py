@@ -715,7 +715,8 @@ def calibrate_show(file: Path) -> None:
 @calibrate.command("plot")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--out", "out", default=None, type=click.Path(path_type=Path), help="PNG file to write; default: FILE's name with the suffix .png, in the current directory")
-def calibrate_plot(file: Path, out: Path | None) -> None:
+@click.option("--force", is_flag=True, help="replace --out if the file exists")
+def calibrate_plot(file: Path, out: Path | None, force: bool) -> None:
     """Write a PNG of FILE: per-unit time by profile, predicted against measured (leave one profile out), and the whole model after each pause."""
     from amp4ec.calibrate.views import plot_calibration
     from amp4ec.costs import load_calibration
@@ -724,6 +725,10 @@ def calibrate_plot(file: Path, out: Path | None) -> None:
     # Not beside FILE: the shipped calibration lies inside the installed package.
     out = out or Path(file.with_suffix(".png").name)
     check_output_file(out, field="--out")
+    if out.exists() and file.exists() and out.samefile(file):
+        raise UsageError("is FILE itself; give another --out for the PNG", source=str(out), field="--out")
+    if out.exists() and not force:
+        raise UsageError("exists; choose another --out, or pass --force to replace it", source=str(out), field="--out")
     plot_calibration(load_calibration(file), out)
     stdout.print(f"wrote {out}")
 

@@ -19,7 +19,7 @@ from amp4ec.calibrate.fit import (
     summarise,
     unit_samples,
 )
-from amp4ec.costs import Calibration, ProfileCalibration, mean_without_stalls
+from amp4ec.costs import Calibration, ProfileCalibration, WorkFit, mean_without_stalls
 from amp4ec.errors import UsageError
 from amp4ec.graph import write_bytes_atomic
 
@@ -170,20 +170,39 @@ def validate_table(calibration: Calibration, *, normalise: bool = False) -> tupl
                 f". Profiles {', '.join(alone)} are each the only one with their thread count, so their predictions "
                 "extrapolate across thread counts; calibrate a second profile with each of those counts to validate them"
             )
-    # Held out, such a profile leaves its thread count at a single quota, which gives no quota exponent of its own.
-    summary["pooled_quota_exponent"] = [
-        p.name
-        for p in calibration.profiles
-        if thread_counts[p.threads] > 1 and len({q.cpus for q in calibration.profiles if q.threads == p.threads and q is not p}) == 1
-    ]
-    pooled = summary["pooled_quota_exponent"]
-    if pooled:
-        listed = f"profiles {', '.join(pooled[:-1])} and {pooled[-1]} leave" if len(pooled) > 1 else f"profile {pooled[0]} leaves"
-        table.caption += (
-            f". Held out, {listed} their thread count at one quota, so their prediction across quotas takes the "
-            "quota exponent fitted over all thread counts; a third quota with that thread count would give it its own"
-        )
+    single = single_quota_profiles(calibration)
+    summary["pooled_quota_exponent"] = single["pooled"]
+    summary["no_quota_exponent"] = single["none"]
+    reasons = {
+        "pooled": "takes the quota exponent fitted over all thread counts",
+        "none": "takes CPU work as the same at every quota, since the other profiles all share one quota and give no exponent",
+    }
+    for kind, names in single.items():
+        if names:
+            subject = f"profile {names[0]}" if len(names) == 1 else f"each of profiles {', '.join(names[:-1])} and {names[-1]}"
+            table.caption += (
+                f". Held out, {subject} leaves its thread count at a single other quota, so its prediction {reasons[kind]}; "
+                "calibrating that thread count at one more quota would give it its own"
+            )
     return table, summary
+
+
+def single_quota_profiles(calibration: Calibration) -> dict[str, list[str]]:
+    """Return the profiles whose held-out prediction crosses quotas without a quota exponent of their thread count.
+
+    Held out, such a profile leaves the other profiles with its thread count at one quota, not its
+    own. ``"pooled"`` lists those predicted with the exponent fitted over all thread counts, and
+    ``"none"`` those whose remaining profiles all share one quota, so that no exponent is fitted.
+    """
+    single: dict[str, list[str]] = {"pooled": [], "none": []}
+    for held_out in calibration.profiles:
+        others = [p for p in calibration.profiles if p is not held_out]
+        quotas = {p.cpus for p in others if p.threads == held_out.threads}
+        if len(quotas) != 1 or held_out.cpus in quotas:
+            continue
+        fitted = WorkFit.from_profiles(others)
+        single["pooled" if "beta" in fitted.terms else "none"].append(held_out.name)
+    return single
 
 
 # The JSON and the calibration file name the back-to-back regime "saturated"; tables and plots use the docs' words.

@@ -292,7 +292,7 @@ def test_validate_show_plot_commands(calibration_file, tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "v.json").read_text())
     assert summary["all"]["predictions"] == len(summary["comparisons"]) > 0
     assert summary["extrapolated"] == []
-    assert summary["pooled_quota_exponent"] == []
+    assert summary["pooled_quota_exponent"] == summary["no_quota_exponent"] == []
 
     data = json.loads(calibration_file.read_text())
     data["profiles"][2]["threads"] = 2
@@ -302,9 +302,14 @@ def test_validate_show_plot_commands(calibration_file, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "Profile low (2 threads) is the only one with its thread count" in " ".join(result.output.split())
     assert json.loads((tmp_path / "v2.json").read_text())["extrapolated"] == ["low"]
-    # Either remaining 1-thread profile, held out, leaves the other at a single quota.
-    assert json.loads((tmp_path / "v2.json").read_text())["pooled_quota_exponent"] == ["high", "medium"]
-    assert "Held out, profiles high and medium leave their thread count at one quota" in " ".join(result.output.split())
+    # Either remaining 1-thread profile, held out, leaves the other at a single quota. Its
+    # training profiles then differ in quota and threads together, so no quota exponent is fitted.
+    lonely_summary = json.loads((tmp_path / "v2.json").read_text())
+    assert lonely_summary["no_quota_exponent"] == ["high", "medium"]
+    assert lonely_summary["pooled_quota_exponent"] == []
+    caption = " ".join(result.output.split())
+    assert "Held out, each of profiles high and medium leaves its thread count at a single other quota" in caption
+    assert "takes CPU work as the same at every quota" in caption
 
     result = runner.invoke(main, ["calibrate", "show", str(calibration_file)])
     assert result.exit_code == 0, result.output
@@ -319,6 +324,16 @@ def test_validate_show_plot_commands(calibration_file, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert (elsewhere / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not calibration_file.with_suffix(".png").exists()
+    # An existing PNG is replaced only with --force, and FILE itself never.
+    result = runner.invoke(main, ["calibrate", "plot", str(calibration_file)])
+    assert result.exit_code == 2
+    assert "pass --force to replace it" in result.output
+    assert runner.invoke(main, ["calibrate", "plot", str(calibration_file), "--force"]).exit_code == 0
+    before = calibration_file.read_bytes()
+    result = runner.invoke(main, ["calibrate", "plot", str(calibration_file), "--out", str(calibration_file), "--force"])
+    assert result.exit_code == 2
+    assert "is FILE itself" in result.output
+    assert calibration_file.read_bytes() == before
 
 
 @pytest.mark.parametrize(
@@ -656,6 +671,20 @@ def test_shipped_calibration_shows_pauses(tmp_path):
     pauses = sum(len(p.idle_gaps) for p in load_calibration("default").profiles)
     assert summary["simulator"]["whole model after pauses"]["predictions"] == pauses > 0
     assert summary["simulator"]["whole model back to back"]["predictions"] == len(load_calibration("default").profiles)
+    # Two 2-thread profiles at 1 and 2 CPUs: held out, each borrows the exponent of the other thread counts.
+    assert summary["pooled_quota_exponent"] == ["double", "pair"]
+    assert summary["no_quota_exponent"] == []
     result = runner.invoke(main, ["calibrate", "plot", "default", "--out", str(tmp_path / "c.png")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_single_quota_profiles_skip_same_quota():
+    from amp4ec.calibrate.views import single_quota_profiles
+
+    calibration = synthetic_measured_calibration()
+    high, medium, low = calibration.profiles[:3]
+    assert high.threads == medium.threads == low.threads
+    high.cpus = medium.cpus
+    # Held out, high or medium is predicted from a profile at its own quota; low leaves both at one other quota.
+    assert single_quota_profiles(calibration) == {"pooled": [], "none": ["low"]}
