@@ -172,6 +172,11 @@ class NetworkSpec(_Strict):
 # A sample every millisecond is already finer than one unit's run. A shorter period only fills
 # the simulator's event queue (and the replay's links) with samples.
 MIN_MONITOR_PERIOD_S = 0.001
+# The simulator's monitor samples every node once per period for the whole run, and a bursty
+# workload draws a block of gaps for each on or off period. Both ran at about 1e5 per second
+# (samples of 2 nodes, periods) on a 2-core machine, so 1e8 of either take over 15 minutes.
+MAX_MONITOR_SAMPLES = 10**8
+MAX_BURSTY_PERIODS = 10**8
 
 
 class MonitorSpec(_Strict):
@@ -390,7 +395,42 @@ class Scenario(_Strict):
         self._event_origins = translate_legacy(self)
         check_events(self)
         self._check_engines()
+        self._check_run_length()
         return self
+
+    def _check_run_length(self) -> None:
+        """Reject a workload whose simulated run would need more monitor samples or bursty periods than a run can take."""
+        workload = self.workload
+        hop_s = min(n.latency_ms if n.latency_ms is not None else self.network.latency_ms or 0.0 for n in self.nodes) / 1e3
+        if workload.kind == "closed":
+            rounds = math.ceil(workload.requests / min(workload.clients, workload.requests))
+            duration_s = rounds * (workload.think_time_ms / 1e3 + hop_s)
+            cause = f"{rounds} rounds of workload.think_time_ms = {workload.think_time_ms:g}"
+        elif workload.kind in ("poisson", "diurnal", "bursty"):
+            rate_rps = workload.rate_rps
+            if workload.kind == "bursty":
+                per_cycle = workload.rate_rps * workload.on_s + workload.off_rate_rps * workload.off_s
+                periods = 2 * workload.requests / per_cycle
+                if periods > MAX_BURSTY_PERIODS:
+                    raise ValueError(
+                        f"the bursty workload's {workload.requests} requests need about {periods:.3g} on and off periods "
+                        f"(on_s = {workload.on_s:g}, off_s = {workload.off_s:g}), more than {MAX_BURSTY_PERIODS:.0e}; "
+                        "make on_s or off_s longer, or the rates higher"
+                    )
+                rate_rps = per_cycle / (workload.on_s + workload.off_s)
+            duration_s = workload.requests / rate_rps + hop_s
+            cause = f"{workload.requests} requests at a mean of {rate_rps:.3g} per second"
+        else:
+            return
+        if hop_s:
+            cause += f", with a hop of at least {hop_s * 1e3:g} ms"
+        samples = duration_s / self.monitor.period_s
+        if samples > MAX_MONITOR_SAMPLES:
+            raise ValueError(
+                f"the run lasts at least {duration_s:.3g} s of simulated time ({cause}), so the monitor would sample "
+                f"{samples:.3g} times at monitor.period_s = {self.monitor.period_s:g}, more than {MAX_MONITOR_SAMPLES:.0e}; "
+                f"raise monitor.period_s to at least {duration_s / MAX_MONITOR_SAMPLES:.3g}, or shorten the run"
+            )
 
     def event_origins(self) -> list[str]:
         """Return where each event was written, such as ``events[2]`` or ``dynamics[0]``."""

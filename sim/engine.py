@@ -1003,7 +1003,8 @@ class Simulation:
             self._idle.extend(node for node in self.nodes.values() if node.alive)
         arrivals_s = open_loop_arrivals_s(workload, self.scenario.seed)
         if arrivals_s is None:
-            for c in range(workload.clients):
+            # Clients beyond the request count would never send one, as in the replay.
+            for c in range(min(workload.clients, workload.requests)):
                 self._closed_client(range(c, workload.requests, workload.clients))
         else:
             self._arrivals_s = arrivals_s.tolist()

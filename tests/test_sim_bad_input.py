@@ -54,8 +54,30 @@ def simulate(tmp_path: Path, text: str):
             'name = "x"\n[network]\nbandwidth_mbps = 1e-9\n[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n',
             ["network.bandwidth_mbps", "greater than or equal to 0.001"],
         ),
+        (
+            'name = "x"\n[workload]\nrequests = 30\nthink_time_ms = 1e300\n[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n',
+            ["the run lasts at least 3e+298 s of simulated time", "raise monitor.period_s to at least 3e+290"],
+        ),
+        (
+            'name = "x"\n[network]\nlatency_ms = 1e300\n[workload]\nkind = "poisson"\nrate_rps = 10.0\n'
+            '[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n',
+            ["with a hop of at least 1e+300 ms", "more than 1e+08"],
+        ),
+        (
+            'name = "x"\n[workload]\nkind = "bursty"\nrequests = 30\nrate_rps = 10.0\non_s = 1e-9\noff_s = 1e-9\n'
+            '[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n',
+            ["30 requests need about 6e+09 on and off periods", "make on_s or off_s longer"],
+        ),
     ],
-    ids=["node larger than host cpus", "more partitions than units", "monitor period below a millisecond", "link below 1 kbit/s"],
+    ids=[
+        "node larger than host cpus",
+        "more partitions than units",
+        "monitor period below a millisecond",
+        "link below 1 kbit/s",
+        "think time of ages",
+        "hop of ages",
+        "bursty periods of nanoseconds",
+    ],
 )
 def test_scenario_rejected_before_run(tmp_path, text, messages):
     result, out = simulate(tmp_path, text)
@@ -150,3 +172,10 @@ def test_scenario_without_nodes_names_the_fix(tmp_path):
     assert "Value error" not in result.output
     assert "{'name'" not in result.output
 
+
+
+def test_clients_beyond_requests_are_not_started(tmp_path):
+    """A billion clients for five requests: only five ever send one, so the run ends at once."""
+    result, out = simulate(tmp_path, 'name = "x"\n[workload]\nrequests = 5\nclients = 1000000000\n[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n')
+    assert result.exit_code == 0, result.output
+    assert (out / "summary.json").exists()
