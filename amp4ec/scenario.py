@@ -549,8 +549,9 @@ def load_scenario(path: str | Path) -> Scenario:
     scenario = parse_scenario(read_scenario_data(path), source=str(path))
     trace = scenario.workload.trace
     if scenario.workload.kind == "trace" and trace is not None and not Path(trace).is_file():
+        problem = "is a directory" if Path(trace).is_dir() else "not found"
         raise UsageError(
-            f"trace file {trace!r} not found; give the path of a CSV file with an arrival_s column",
+            f"trace file {trace!r} {problem}; give the path of a CSV file with an arrival_s column",
             field="workload.trace",
             source=str(path),
         )

@@ -248,12 +248,13 @@ memory_mb = 1024
     "workload, extra, expected",
     [
         ('kind = "trace"\ntrace = "missing.csv"', "", "workload.trace: trace file"),
+        ('kind = "trace"\ntrace = "."', "", "is a directory; give the path of a CSV file"),
         ('kind = "closed"', '[[events]]\ntime_s = 1.0\nkind = "fail"\nnode = "ghost"', "events[0].node: unknown node 'ghost'"),
         ('kind = "closed"', '[[events]]\ntime_s = 1.0\nkind = "background_load"\nnode = "a"\ncpus = 1.5', "events[0].cpus"),
         ('kind = "bursty"', "", "needs rate_rps"),
         ('kind = "closed"', '[[node_groups]]\nprefix = "a"\ncount = 0\nprofiles = [{ cpus = 1.0, memory_mb = 512 }]', "node_groups[0].count"),
     ],
-    ids=["missing-trace", "unknown-node", "background-too-large", "bursty-without-rate", "empty-group"],
+    ids=["missing-trace", "trace-directory", "unknown-node", "background-too-large", "bursty-without-rate", "empty-group"],
 )
 def test_bad_scenarios_fail_before_the_run(tmp_path, workload, extra, expected):
     path = tmp_path / "bad.toml"
