@@ -49,6 +49,8 @@ STAGE_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 2
 # Seconds the monitor waits for every worker's first stats push at the start and its final stats at the end.
 START_STATS_TIMEOUT_S = 5.0
+# How often the container of a node that stays silent is inspected again.
+RECHECK_SILENT_S = 1.0
 
 
 @dataclass
@@ -133,6 +135,7 @@ class StatsMonitor:
         """nodes silent now; one that reports again leaves the set"""
         self.silences: Counter[str] = Counter()
         """per node, how many times it fell silent during the run"""
+        self._checked_at: dict[str, float] = {}
         self.on_silent: Callable[[str], None] | None = None
 
     def start(self) -> None:
@@ -190,7 +193,7 @@ class StatsMonitor:
         stale_after_s = max(3 * self.scenario.monitor.period_s, 1.0)
         now = time.monotonic()
         states = {}
-        newly_silent: list[str] = []
+        to_check: list[str] = []
         for name in self.table.names():
             node = self.table[name]
             with self._lock:
@@ -205,16 +208,21 @@ class StatsMonitor:
                 if name not in self.silent:
                     self.silent.add(name)
                     self.silences[name] += 1
+                    self._checked_at[name] = now
                     if not self.quiet.is_set():
                         log.warning("monitor: node %s has sent no stats for %.1f s; it takes no stages until it reports", name, now - received_s)
-                        newly_silent.append(name)
+                        to_check.append(name)
+                elif now - self._checked_at.get(name, 0.0) >= RECHECK_SILENT_S and not self.quiet.is_set():
+                    # A container paused from outside can be killed while still silent.
+                    self._checked_at[name] = now
+                    to_check.append(name)
                 states[name] = replace(state, cpus=node.cpus, alive=False)
                 continue
             self.silent.discard(name)
             # The CPU limit can change live (set_cpus), so the snapshot carries the current one.
             states[name] = state if state.cpus == node.cpus else replace(state, cpus=node.cpus)
         if self.on_silent is not None:
-            for name in newly_silent:
+            for name in to_check:
                 self.on_silent(name)
         return states
 
@@ -295,6 +303,8 @@ class Coordinator:
         self.monitor.quiet = self.aborted
         # One line per node whose container stopped outside the scenario's events, for the run's summary.
         self.stopped_outside: list[str] = []
+        # Per node, the spell of silence whose outside pause is already reported.
+        self._pause_reported: dict[str, int] = {}
 
     def _check_container(self, name: str) -> None:
         """Mark a silent node down when its container is no longer running or was restarted, so its stages in flight are retried now.
@@ -322,6 +332,11 @@ class Coordinator:
         restarted = status == "running" and started_at is not None and state.get("StartedAt") != started_at
         if status == "paused" and not self.table[name].paused:
             # Its stages in flight wait for the stage timeout, and it serves again once resumed.
+            # The container is inspected again while it stays silent, with one warning per spell.
+            spell = self.monitor.silences[name]
+            if self._pause_reported.get(name) == spell:
+                return
+            self._pause_reported[name] = spell
             reason = f"container paused outside the scenario's events before {self.now_s():.2f} s; it takes no stages until it reports again"
             if not self.aborted.is_set():
                 log.warning("node %s: %s", name, reason)

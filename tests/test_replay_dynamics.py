@@ -256,12 +256,14 @@ def test_signal_mid_replay_removes_containers(tmp_path, docker_client, worker_im
         ("kill", "node low: container stopped outside the scenario's events (exited, exit code 137)"),
         ("restart", "node low: container restarted outside the scenario's events"),
         ("pause", "node low: container paused outside the scenario's events"),
+        ("pause-kill", "node low: container stopped outside the scenario's events (exited, exit code 137)"),
     ],
 )
 def test_stopped_worker_fails_over_quickly(tmp_path, docker_client, worker_image, run_id, action, warning):
     """A container killed or restarted outside the events is marked down once it falls silent, not after the stage timeout.
 
-    One paused for a few seconds is named, and serves again once resumed.
+    One paused for a few seconds is named, and serves again once resumed. One killed while
+    paused is found by the checks that go on while it stays silent.
     """
     require_torch()
     from amp4ec.real.replay import run_replay
@@ -296,6 +298,10 @@ def test_stopped_worker_fails_over_quickly(tmp_path, docker_client, worker_image
         container.kill()
     elif action == "restart":
         container.restart(timeout=1)
+    elif action == "pause-kill":
+        container.pause()
+        time.sleep(3.0)
+        container.kill()
     else:
         container.pause()
         # Three monitor periods (1.5 s) make it silent, and its stages in flight wait for the resume.

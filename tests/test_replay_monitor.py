@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
-from amp4ec.real.coordinator import NodeRuntime, NodeTable, StatsMonitor
+from amp4ec.real.coordinator import RECHECK_SILENT_S, NodeRuntime, NodeTable, StatsMonitor
 
 
 def monitor_with(period_s: float) -> StatsMonitor:
@@ -61,11 +61,18 @@ def test_second_silence_is_checked_again():
 
     make_stale(monitor, "b")
     monitor._sample()
-    # Still silent at the next sample: no second check for the same spell.
+    # Still silent at the next sample: no second check within RECHECK_SILENT_S.
     monitor._sample()
     assert checked == ["b", "b"]
     assert monitor.silences == {"b": 2}
     assert monitor.silent == {"b"}
+
+    # A second later its container is inspected again (a paused one may have been killed since),
+    # within the same spell.
+    monitor._checked_at["b"] -= RECHECK_SILENT_S
+    monitor._sample()
+    assert checked == ["b", "b", "b"]
+    assert monitor.silences == {"b": 2}
 
 
 def test_a_push_within_three_periods_keeps_the_node():
