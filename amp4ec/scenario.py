@@ -173,9 +173,9 @@ class NetworkSpec(_Strict):
 # the simulator's event queue (and the replay's links) with samples.
 MIN_MONITOR_PERIOD_S = 0.001
 # The simulator's monitor samples every node once per period for the whole run, and a bursty
-# workload draws a block of gaps for each on or off period. Both ran at about 1e5 per second
-# (samples of 2 nodes, periods) on a 2-core machine, so 1e8 of either take over 15 minutes.
-MAX_MONITOR_SAMPLES = 10**8
+# workload draws a block of gaps for each on or off period. On a 2-core machine a sample took
+# 3 to 5 us per node and a bursty period 10 us, so either limit means 5 minutes or more.
+MAX_NODE_SAMPLES = 10**8
 MAX_BURSTY_PERIODS = 10**8
 
 
@@ -395,42 +395,8 @@ class Scenario(_Strict):
         self._event_origins = translate_legacy(self)
         check_events(self)
         self._check_engines()
-        self._check_run_length()
+        check_run_length(self)
         return self
-
-    def _check_run_length(self) -> None:
-        """Reject a workload whose simulated run would need more monitor samples or bursty periods than a run can take."""
-        workload = self.workload
-        hop_s = min(n.latency_ms if n.latency_ms is not None else self.network.latency_ms or 0.0 for n in self.nodes) / 1e3
-        if workload.kind == "closed":
-            rounds = math.ceil(workload.requests / min(workload.clients, workload.requests))
-            duration_s = rounds * (workload.think_time_ms / 1e3 + hop_s)
-            cause = f"{rounds} rounds of workload.think_time_ms = {workload.think_time_ms:g}"
-        elif workload.kind in ("poisson", "diurnal", "bursty"):
-            rate_rps = workload.rate_rps
-            if workload.kind == "bursty":
-                per_cycle = workload.rate_rps * workload.on_s + workload.off_rate_rps * workload.off_s
-                periods = 2 * workload.requests / per_cycle
-                if periods > MAX_BURSTY_PERIODS:
-                    raise ValueError(
-                        f"the bursty workload's {workload.requests} requests need about {periods:.3g} on and off periods "
-                        f"(on_s = {workload.on_s:g}, off_s = {workload.off_s:g}), more than {MAX_BURSTY_PERIODS:.0e}; "
-                        "make on_s or off_s longer, or the rates higher"
-                    )
-                rate_rps = per_cycle / (workload.on_s + workload.off_s)
-            duration_s = workload.requests / rate_rps + hop_s
-            cause = f"{workload.requests} requests at a mean of {rate_rps:.3g} per second"
-        else:
-            return
-        if hop_s:
-            cause += f", with a hop of at least {hop_s * 1e3:g} ms"
-        samples = duration_s / self.monitor.period_s
-        if samples > MAX_MONITOR_SAMPLES:
-            raise ValueError(
-                f"the run lasts at least {duration_s:.3g} s of simulated time ({cause}), so the monitor would sample "
-                f"{samples:.3g} times at monitor.period_s = {self.monitor.period_s:g}, more than {MAX_MONITOR_SAMPLES:.0e}; "
-                f"raise monitor.period_s to at least {duration_s / MAX_MONITOR_SAMPLES:.3g}, or shorten the run"
-            )
 
     def event_origins(self) -> list[str]:
         """Return where each event was written, such as ``events[2]`` or ``dynamics[0]``."""
@@ -473,6 +439,54 @@ class Scenario(_Strict):
         """Return a copy whose workload has ``fields`` replaced, validated as a scenario's would be."""
         workload = WorkloadSpec.model_validate({**self.workload.model_dump(), **fields})
         return self.model_copy(update={"workload": workload})
+
+
+def check_run_length(scenario: Scenario, last_arrival_s: float | None = None) -> None:
+    """Raise ValueError for a workload whose simulated run needs more monitor samples or bursty periods than a run can take.
+
+    The length is a lower bound: the requests at the workload's highest rate, or the closed
+    loop's think times, each with the smallest hop. A trace's length is its last arrival,
+    ``last_arrival_s``, known once the trace is read; without it a trace is not checked.
+    """
+    workload = scenario.workload
+    latencies = [n.latency_ms if n.latency_ms is not None else scenario.network.latency_ms or 0.0 for n in scenario.nodes]
+    latencies += [e.latency_ms for e in scenario.events if e.latency_ms is not None]
+    hop_s = min(latencies) / 1e3
+    if workload.kind == "closed":
+        rounds = math.ceil(workload.requests / min(workload.clients, workload.requests))
+        duration_s = rounds * (workload.think_time_ms / 1e3 + hop_s)
+        cause = f"{rounds} rounds of workload.think_time_ms = {workload.think_time_ms:g}"
+    elif workload.kind == "trace":
+        if last_arrival_s is None:
+            return
+        duration_s = last_arrival_s + hop_s
+        cause = f"the trace's last arrival at {last_arrival_s:g} s"
+    else:
+        peak_rps = workload.rate_rps * (1.0 + workload.amplitude) if workload.kind == "diurnal" else workload.rate_rps
+        if workload.kind == "bursty":
+            per_cycle = workload.rate_rps * workload.on_s + workload.off_rate_rps * workload.off_s
+            periods = 2 * workload.requests / per_cycle if per_cycle > 0 else math.inf
+            if not math.isfinite(per_cycle) or not math.isfinite(workload.on_s + workload.off_s) or periods > MAX_BURSTY_PERIODS:
+                raise ValueError(
+                    f"the bursty workload's {workload.requests} requests need about {periods:.3g} on and off periods "
+                    f"(on_s = {workload.on_s:g}, off_s = {workload.off_s:g}), more than {MAX_BURSTY_PERIODS:.0e}, or "
+                    "periods too long to add up; make on_s or off_s longer, or the rates higher, and keep both finite"
+                )
+        duration_s = workload.requests / peak_rps + hop_s
+        cause = f"{workload.requests} requests at {peak_rps:.3g} per second at most"
+    if hop_s:
+        cause += f", with a hop of at least {hop_s * 1e3:g} ms"
+    samples = duration_s / scenario.monitor.period_s
+    node_samples = samples * len(scenario.nodes)
+    if not math.isfinite(duration_s):
+        raise ValueError(f"the run would never end in simulated time ({cause}); give finite rates and times")
+    if node_samples > MAX_NODE_SAMPLES:
+        raise ValueError(
+            f"the run lasts at least {duration_s:.3g} s of simulated time ({cause}), so the monitor would sample "
+            f"{len(scenario.nodes)} nodes {samples:.3g} times at monitor.period_s = {scenario.monitor.period_s:g}, "
+            f"more than {MAX_NODE_SAMPLES:.0e} node samples; raise monitor.period_s to at least "
+            f"{duration_s * len(scenario.nodes) / MAX_NODE_SAMPLES:.3g}, or shorten the run"
+        )
 
 
 def _format_location(loc: tuple) -> str:

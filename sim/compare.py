@@ -8,7 +8,7 @@ from typing import Any, Callable
 from amp4ec import policies
 from amp4ec.costs import CostModel
 from amp4ec.errors import UsageError
-from amp4ec.scenario import Scenario
+from amp4ec.scenario import Scenario, check_run_length
 from amp4ec.sim.engine import simulate
 
 # Partitioner settings the sweep compares, as (label, name, params). Every registered
@@ -75,6 +75,11 @@ def compare_policies(
     if scenario.policy.scheduler not in schedulers:
         schedulers.append(scenario.policy.scheduler)
     workload = {"requests": requests} if requests is not None else {}
+    # The copies with --requests are not validated again, so their length is checked once here.
+    try:
+        check_run_length(with_policy(scenario, *own, scenario.policy.scheduler, **workload))
+    except ValueError as error:
+        raise UsageError(str(error), field="--requests") from None
     total = len(variants) * len(schedulers)
     results = []
     for label, name, params in variants:

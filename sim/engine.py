@@ -38,7 +38,7 @@ from amp4ec.errors import UsageError
 from amp4ec.metrics import summarise_arrays
 from amp4ec.monitor import NodeState
 from amp4ec.partition import Plan
-from amp4ec.scenario import EventSpec, NodeSpec, Scenario
+from amp4ec.scenario import EventSpec, NodeSpec, Scenario, check_run_length
 from amp4ec.schedule import NoNodeAvailable, Scheduler, StageTask, check_choice, raise_scheduler_failure
 from amp4ec.sim.cfs import CfsCpu
 from amp4ec.sim.links import SharedLink, schedule_at
@@ -1002,6 +1002,12 @@ class Simulation:
         if self.scenario.policy.dispatch == "pull":
             self._idle.extend(node for node in self.nodes.values() if node.alive)
         arrivals_s = open_loop_arrivals_s(workload, self.scenario.seed)
+        # Checked again here: a trace's length is known only now, and a scenario copied with
+        # overrides (compare-policies --requests) was not validated again.
+        try:
+            check_run_length(self.scenario, float(arrivals_s[-1]) if arrivals_s is not None and len(arrivals_s) else None)
+        except ValueError as error:
+            raise UsageError(str(error), field="workload") from None
         if arrivals_s is None:
             # Clients beyond the request count would never send one, as in the replay.
             for c in range(min(workload.clients, workload.requests)):

@@ -70,3 +70,12 @@ def test_compare_policies_ranks_pairs(tmp_path):
     assert latencies == sorted(latencies)
     for name in ("optimal objective=bottleneck", "replicate", "hybrid", "ralos cost=time", "shortest_expected_completion", "cache_aware", "pinned"):
         assert name in result.output
+
+
+def test_compare_requests_checked_for_run_length(tmp_path):
+    """--requests copies the scenario without validating it again, so the run length is checked up front."""
+    path = tmp_path / "long.toml"
+    path.write_text('name = "x"\n[monitor]\nperiod_s = 0.001\n[workload]\nrequests = 1\nthink_time_ms = 1e8\n[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n')
+    result = run_cli("compare-policies", str(path), "--requests", "10", "--quiet")
+    assert result.exit_code == 2
+    assert "--requests: the run lasts at least 1e+06 s" in " ".join(result.output.split())

@@ -59,14 +59,28 @@ def simulate(tmp_path: Path, text: str):
             ["the run lasts at least 3e+298 s of simulated time", "raise monitor.period_s to at least 3e+290"],
         ),
         (
+            'name = "x"\n[workload]\nkind = "poisson"\nrequests = 30\nrate_rps = 5e-324\n[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n',
+            ["the run would never end in simulated time (30 requests at 4.94e-324 per second at most)"],
+        ),
+        (
+            'name = "x"\n[monitor]\nperiod_s = 0.01\n[workload]\nkind = "poisson"\nrequests = 100\nrate_rps = 0.01\n'
+            '[[node_groups]]\nprefix = "g"\ncount = 1000\nprofiles = [{ cpus = 1.0, memory_mb = 1024 }]\n',
+            ["would sample 1000 nodes 1e+06 times", "more than 1e+08 node samples", "at least 0.1,"],
+        ),
+        (
             'name = "x"\n[network]\nlatency_ms = 1e300\n[workload]\nkind = "poisson"\nrate_rps = 10.0\n'
             '[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n',
-            ["with a hop of at least 1e+300 ms", "more than 1e+08"],
+            ["with a hop of at least 1e+300 ms", "more than 1e+08 node samples"],
         ),
         (
             'name = "x"\n[workload]\nkind = "bursty"\nrequests = 30\nrate_rps = 10.0\non_s = 1e-9\noff_s = 1e-9\n'
             '[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n',
             ["30 requests need about 6e+09 on and off periods", "make on_s or off_s longer"],
+        ),
+        (
+            'name = "x"\n[workload]\nkind = "bursty"\nrequests = 10\nrate_rps = 1.0\non_s = 1e308\noff_s = 1e308\n'
+            '[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n',
+            ["periods too long to add up"],
         ),
     ],
     ids=[
@@ -75,8 +89,11 @@ def simulate(tmp_path: Path, text: str):
         "monitor period below a millisecond",
         "link below 1 kbit/s",
         "think time of ages",
+        "rate below the smallest float",
+        "monitor sampling a thousand nodes",
         "hop of ages",
         "bursty periods of nanoseconds",
+        "bursty periods beyond floats",
     ],
 )
 def test_scenario_rejected_before_run(tmp_path, text, messages):
@@ -179,3 +196,12 @@ def test_clients_beyond_requests_are_not_started(tmp_path):
     result, out = simulate(tmp_path, 'name = "x"\n[workload]\nrequests = 5\nclients = 1000000000\n[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n')
     assert result.exit_code == 0, result.output
     assert (out / "summary.json").exists()
+
+
+def test_trace_too_long_for_monitor(tmp_path):
+    """A trace's length is known once it is read, so the run is rejected then, before any request."""
+    (tmp_path / "far.csv").write_text("arrival_s\n0\n1e9\n")
+    result, out = simulate(tmp_path, 'name = "x"\n[workload]\nkind = "trace"\ntrace = "far.csv"\n[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n')
+    assert result.exit_code == 2
+    assert "the trace's last arrival at 1e+09 s" in " ".join(result.output.split())
+    assert not out.exists()
