@@ -175,7 +175,8 @@ def validate_table(calibration: Calibration, *, normalise: bool = False) -> tupl
     summary["no_quota_exponent"] = single["none"]
     reasons = {
         "pooled": "takes the quota exponent fitted over all thread counts",
-        "none": "takes CPU work as the same at every quota, since the other profiles all share one quota and give no exponent",
+        "none": "takes CPU work as the same at every quota, since the other profiles give no quota exponent (they share "
+        "one quota, or their quota changes only with their thread count)",
     }
     for kind, names in single.items():
         if names:
@@ -192,7 +193,8 @@ def single_quota_profiles(calibration: Calibration) -> dict[str, list[str]]:
 
     Held out, such a profile leaves the other profiles with its thread count at one quota, not its
     own. ``"pooled"`` lists those predicted with the exponent fitted over all thread counts, and
-    ``"none"`` those whose remaining profiles all share one quota, so that no exponent is fitted.
+    ``"none"`` those whose remaining profiles give no exponent: they share one quota, or their
+    quota changes only with their thread count.
     """
     single: dict[str, list[str]] = {"pooled": [], "none": []}
     for held_out in calibration.profiles:
