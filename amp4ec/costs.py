@@ -376,9 +376,7 @@ class WorkFit:
         threads = np.asarray(threads)
         log_threads = np.log(threads.astype(float))
         terms = {"beta": log_cpus, "gamma": log_threads}
-        varying = [name for name, values in terms.items() if np.ptp(values) > 1e-12]
-        if len(varying) == 2 and np.linalg.matrix_rank(np.column_stack([np.ones(len(log_cpus)), log_cpus, log_threads])) < 3:
-            varying = ["gamma"]
+        varying = self.pooled_terms(cpus, threads)
         self.terms = varying
         self.log_columns: dict[str, np.ndarray] = {}
         self.slopes: dict[str, dict[str, float]] = {}
@@ -399,6 +397,17 @@ class WorkFit:
                 else:
                     beta = self.slopes[regime]["beta"]
                     self.by_threads[regime][count] = ((log_means[rows] - beta * log_cpus[rows, None]).mean(axis=0), beta)
+
+    @staticmethod
+    def pooled_terms(cpus: Sequence[float], threads: Sequence[int]) -> list[str]:
+        """Return the terms of the pooled fit that profiles with these quotas and thread counts can separate."""
+        log_cpus = np.log(np.asarray(cpus, dtype=float))
+        log_threads = np.log(np.asarray(threads, dtype=float))
+        columns = {"beta": log_cpus, "gamma": log_threads}
+        varying = [name for name, values in columns.items() if np.ptp(values) > 1e-12]
+        if len(varying) == 2 and np.linalg.matrix_rank(np.column_stack([np.ones(len(log_cpus)), log_cpus, log_threads])) < 3:
+            varying = ["gamma"]
+        return varying
 
     @classmethod
     def from_profiles(cls, profiles: list[ProfileCalibration]) -> WorkFit:

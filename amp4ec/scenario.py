@@ -446,8 +446,10 @@ def check_run_length(scenario: Scenario, last_arrival_s: float | None = None) ->
 
     The length is a lower bound: the requests at the workload's highest rate, or the closed
     loop's think times, each with the smallest hop. A trace's length is its last arrival,
-    ``last_arrival_s``, known once the trace is read; without it a trace is not checked.
+    ``last_arrival_s``, known once the trace is read. Without it a trace is not checked.
     """
+    # NOTE: transfer times are left out, because they need the model's tensor sizes. A link near
+    # MIN_BANDWIDTH_MBPS with a short monitor period can still pass and run for hours.
     workload = scenario.workload
     latencies = [n.latency_ms if n.latency_ms is not None else scenario.network.latency_ms or 0.0 for n in scenario.nodes]
     latencies += [e.latency_ms for e in scenario.events if e.latency_ms is not None]

@@ -202,8 +202,8 @@ def single_quota_profiles(calibration: Calibration) -> dict[str, list[str]]:
         quotas = {p.cpus for p in others if p.threads == held_out.threads}
         if len(quotas) != 1 or held_out.cpus in quotas:
             continue
-        fitted = WorkFit.from_profiles(others)
-        single["pooled" if "beta" in fitted.terms else "none"].append(held_out.name)
+        terms = WorkFit.pooled_terms([p.cpus for p in others], [p.threads for p in others])
+        single["pooled" if "beta" in terms else "none"].append(held_out.name)
     return single
 
 

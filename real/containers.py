@@ -304,24 +304,28 @@ class WorkerCluster:
         return self
 
     def _warn_oversubscription(self) -> None:
+        """Warn when the containers of one Docker host ask for more CPUs, or a node for more threads, than it has cores."""
         messages = []
-        total_cpus = sum(node.cpus for node in self.nodes)
-        cores = host_cpu_count(self.client)
-        if total_cpus > OVERSUBSCRIPTION_SHARE * cores:
-            messages.append(
-                f"run {self.run_id}: the containers ask for {total_cpus:g} CPUs in total, more than "
-                f"{OVERSUBSCRIPTION_SHARE:g} x the {cores} cores of the Docker host, so workers will "
-                "wait for cores and measured latencies will include that wait. Use fewer or smaller "
-                "nodes, or the simulator for larger clusters."
-            )
+        by_engine: dict[str | None, list] = {}
         for node in self.nodes:
-            engine_cores = host_cpu_count(self.engines.get(node.engine))
-            if node.threads > engine_cores:
+            by_engine.setdefault(node.engine, []).append(node)
+        for engine, nodes in by_engine.items():
+            cores = host_cpu_count(self.engines.get(engine))
+            host = "the Docker host" if engine is None else f"Docker host {engine}"
+            total_cpus = sum(node.cpus for node in nodes)
+            if total_cpus > OVERSUBSCRIPTION_SHARE * cores:
                 messages.append(
-                    f"run {self.run_id}: node {node.name} runs {node.threads} torch threads on a Docker host with "
-                    f"{engine_cores} cores, so its threads take turns on the cores and its latency includes that "
-                    f"wait. Give it at most {engine_cores} threads."
+                    f"run {self.run_id}: the containers on {host} ask for {total_cpus:g} CPUs in total, more than "
+                    f"{OVERSUBSCRIPTION_SHARE:g} x its {cores} cores, so workers will wait for cores and measured "
+                    "latencies will include that wait. Use fewer or smaller nodes, or the simulator for larger clusters."
                 )
+            for node in nodes:
+                if node.threads > cores:
+                    messages.append(
+                        f"run {self.run_id}: node {node.name} runs {node.threads} torch threads on {host} with "
+                        f"{cores} cores, so its threads take turns on the cores and its latency includes that "
+                        f"wait. Give it at most {cores} threads."
+                    )
         for message in messages:
             warnings.warn(message, OversubscriptionWarning, stacklevel=3)
             log.warning(message)

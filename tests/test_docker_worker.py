@@ -487,17 +487,27 @@ def test_cluster_rejects_invalid_nodes(nodes, expected):
 
 
 def test_threads_beyond_cores_warn():
-    """A node with more torch threads than its engine's cores is named in the cluster's warnings, before any container starts."""
+    """A node with more torch threads than its engine's cores is warned about before any container starts.
+
+    Each engine's CPU limits are compared with its own cores.
+    """
 
     class TwoCoreEngine:
         def info(self):
             return {"NCPU": 2}
 
-    nodes = [NodeSpec("fits", cpus=0.5, memory_bytes=400 * MiB, threads=2), NodeSpec("crowded", cpus=0.5, memory_bytes=400 * MiB, threads=64)]
+    remote = "unix:///run/other-engine.sock"
+    nodes = [
+        NodeSpec("fits", cpus=0.5, memory_bytes=400 * MiB, threads=2),
+        NodeSpec("crowded", cpus=0.5, memory_bytes=400 * MiB, threads=64),
+        NodeSpec("elsewhere", cpus=1.5, memory_bytes=400 * MiB, threads=1, engine=remote),
+    ]
     cluster = WorkerCluster(TwoCoreEngine(), nodes, image="unused", run_id=new_test_run_id())
+    # Each engine's CPUs are compared with its own cores: 1.0 and 1.5 CPUs on two 2-core hosts do not warn.
+    cluster.engines._clients[remote] = TwoCoreEngine()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cluster._warn_oversubscription()
     assert len(cluster.host_warnings) == 1
-    assert "node crowded runs 64 torch threads on a Docker host with 2 cores" in cluster.host_warnings[0]
+    assert "node crowded runs 64 torch threads on the Docker host with 2 cores" in cluster.host_warnings[0]
     assert [str(warning.message) for warning in caught] == cluster.host_warnings
