@@ -41,7 +41,8 @@ KIND_EFFECTS: dict[str, tuple[str, str]] = {
     "restart": ("fail, then recover at once", "docker restart, deploy its segments"),
     "pause": (
         "the node freezes: stages in flight and sent to it wait for the resume, for at most 60 s",
-        "docker pause (SIGSTOP where the freezer fails); requests to it time out after 60 s",
+        "docker pause (SIGSTOP where the freezer fails); a stage sent to it times out after 60 s, "
+        "a forwarded route after 60 s per stage",
     ),
     "resume": ("a paused node carries on where it stopped", "docker unpause (SIGCONT after SIGSTOP)"),
     "cpu": ("the node's CFS quota becomes cpus, as the monitor then reports", "docker update --cpus (NanoCpus) on the running container"),
