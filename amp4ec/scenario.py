@@ -572,10 +572,12 @@ def parse_scenario(data: dict[str, Any], *, source: str = "scenario") -> Scenari
                 lines.append(f"{location}: {message}")
             else:
                 lines.append(f"{location}: {message} (got {value!r})")
-        raise UsageError(
-            "invalid scenario:\n  " + "\n  ".join(lines),
-            source=source,
-        ) from exc
+        # A single error stays on the first line, so that it reads as one line in logs and greps.
+        if len(lines) == 1:
+            report = f"invalid scenario: {lines[0]}"
+        else:
+            report = "invalid scenario:\n  " + "\n  ".join(lines)
+        raise UsageError(report, source=source) from exc
     from amp4ec import policies  # late import: the registry imports the policy modules
 
     policies.check_policy_names(scenario, source=source)

@@ -213,6 +213,25 @@ def test_scenario_without_nodes_names_the_fix(tmp_path):
 
 
 
+def test_one_scenario_error_on_one_line(tmp_path):
+    result, out = simulate(tmp_path, 'name = "x"\n[monitor]\nperiod_s = 1e-9\n[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n')
+    assert result.exit_code == 2
+    expected = "invalid scenario: monitor.period_s: Input should be greater than or equal to 0.001 (got 1e-09)"
+    assert result.output.strip() == f"error: {tmp_path / 'scenario.toml'}: {expected}"
+    assert not out.exists()
+
+
+def test_several_scenario_errors_one_per_line():
+    data = {"name": "x", "monitor": {"period_s": 1e-9}, "nodes": [{"name": "n", "cpus": 1.0, "memory_mb": -1}]}
+    with pytest.raises(UsageError) as caught:
+        parse_scenario(data, source="s.toml")
+    assert str(caught.value).splitlines() == [
+        "s.toml: invalid scenario:",
+        "  monitor.period_s: Input should be greater than or equal to 0.001 (got 1e-09)",
+        "  nodes[0].memory_mb: Input should be greater than 0 (got -1)",
+    ]
+
+
 def test_clients_beyond_requests_are_not_started(tmp_path):
     """A billion clients for five requests: only five ever send one, so the run ends at once."""
     result, out = simulate(tmp_path, 'name = "x"\n[workload]\nrequests = 5\nclients = 1000000000\n[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n')
