@@ -281,7 +281,10 @@ def test_link_times_of_two_stages():
         {"workload": {"clients": 8}},
         {"workload": {"kind": "poisson", "requests": 200, "rate_rps": 2000.0}},
         {"policy": {"cache": False, "dispatch": "pull"}},
-        {"policy": {"scheduler": "amp4ec"}, "nodes": [{"name": "a", "cpus": 1.0, "memory_mb": 1024, "bandwidth_mbps": 80.0}]},
+        {
+            "policy": {"scheduler": "amp4ec"},
+            "nodes": [{"name": "a", "cpus": 1.0, "memory_mb": 1024, "bandwidth_mbps": 80.0}, {"name": "b", "cpus": 0.5, "memory_mb": 1024}],
+        },
         {"events": [{"time_s": 0.05, "kind": "link_bandwidth", "node": "a", "bandwidth_mbps": 40.0, "latency_ms": 0.5}]},
         {
             "adaptation": {"enabled": True},
