@@ -1054,9 +1054,10 @@ class Simulation:
 
         A request fails at once, before any transfer, when no live node may run its stage, or
         when its scheduler raises NoNodeAvailable. Neither happens while every node is up from
-        start to end and a built-in scheduler (or pull dispatch) picks the nodes.
+        start to end and a built-in scheduler (or pull dispatch) picks the nodes. Adaptation
+        redeploys segments, and a node that is deploying takes no stages, so it is left out too.
         """
-        if not all(node.alive for node in self.nodes.values()):
+        if self.adapter is not None or not all(node.alive for node in self.nodes.values()):
             return None
         if any(event.kind in NODE_STOPPING_KINDS for event in self.scenario.events):
             return None
@@ -1064,16 +1065,9 @@ class Simulation:
             return None
         # Each stage sends its input over the node's uplink, and its output back over the
         # downlink once the segment has run, so a request's transfers follow one another.
-        if self.adapter is None:
-            in_bits = sum(in_bytes for _, _, in_bytes, _, _ in self._stages) * 8.0
-            out_bits = sum(out_bytes for _, _, _, out_bytes, _ in self._stages) * 8.0
-            hops = 2 * len(self._stages)
-        else:
-            # A new plan may split the model anywhere, but every plan takes the model's input
-            # and returns its output.
-            in_bits = self.graph.cut_bytes(0) * self._batch * 8.0
-            out_bits = self.graph.cut_bytes(self.graph.n_units) * self._batch * 8.0
-            hops = 2
+        in_bits = sum(in_bytes for _, _, in_bytes, _, _ in self._stages) * 8.0
+        out_bits = sum(out_bytes for _, _, _, out_bytes, _ in self._stages) * 8.0
+        hops = 2 * len(self._stages)
         # Each node link's highest bandwidth, and the smallest per-hop cost, over the whole run.
         peak_bps = {name: node.bandwidth_bps for name, node in self.nodes.items()}
         min_latency_ms = min(node.latency_ms for node in self.nodes.values())
