@@ -41,6 +41,9 @@ SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
     "shortest_expected_completion": ShortestExpectedCompletion,
     "cache_aware": CacheAware,
 }
+# Each of these raises NoNodeAvailable only when no live node may run the stage. A plug-in may
+# raise it for reasons of its own.
+BUILT_IN_SCHEDULERS = frozenset(SCHEDULERS.values())
 
 
 def check_policy_names(scenario: "Scenario", *, source: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -441,54 +442,97 @@ class Scenario(_Strict):
         return self.model_copy(update={"workload": workload})
 
 
-def check_run_length(scenario: Scenario, last_arrival_s: float | None = None) -> None:
+@dataclass(frozen=True)
+class LinkTimes:
+    """Lower bounds on the simulated time that requests spend on links, from the model's tensor sizes."""
+
+    request_s: float
+    """one request: each of its transfers alone on the fastest link, after the smallest per-hop cost"""
+    all_requests_s: float
+    """every request's bytes through all nodes' links at once, each link at its highest bandwidth"""
+    max_bandwidth_mbps: float
+    """the fastest link's highest bandwidth"""
+    total_bandwidth_mbps: float
+    """the sum over nodes of each link's highest bandwidth"""
+
+
+def check_run_length(scenario: Scenario, last_arrival_s: float | None = None, links: LinkTimes | None = None) -> None:
     """Raise ValueError for a workload whose simulated run needs more monitor samples or bursty periods than a run can take.
 
     The length is a lower bound: the requests at the workload's highest rate, or the closed
     loop's think times, each with the smallest hop. A trace's length is its last arrival,
     ``last_arrival_s``, known once the trace is read. Without it a trace is not checked.
+    The simulator passes ``links``, which adds the time each request spends on links and the
+    time the links need to carry every request's bytes.
     """
-    # NOTE: transfer times are left out, because they need the model's tensor sizes. A link near
-    # MIN_BANDWIDTH_MBPS with a short monitor period can still pass and run for hours.
-    workload = scenario.workload
     latencies = [n.latency_ms if n.latency_ms is not None else scenario.network.latency_ms or 0.0 for n in scenario.nodes]
     latencies += [e.latency_ms for e in scenario.events if e.latency_ms is not None]
     hop_s = min(latencies) / 1e3
-    if workload.kind == "closed":
-        rounds = math.ceil(workload.requests / min(workload.clients, workload.requests))
-        duration_s = rounds * (workload.think_time_ms / 1e3 + hop_s)
-        cause = f"{rounds} rounds of workload.think_time_ms = {workload.think_time_ms:g}"
-    elif workload.kind == "trace":
-        if last_arrival_s is None:
-            return
-        duration_s = last_arrival_s + hop_s
-        cause = f"the trace's last arrival at {last_arrival_s:g} s"
-    else:
-        peak_rps = workload.rate_rps * (1.0 + workload.amplitude) if workload.kind == "diurnal" else workload.rate_rps
-        if workload.kind == "bursty":
-            per_cycle = workload.rate_rps * workload.on_s + workload.off_rate_rps * workload.off_s
-            periods = 2 * workload.requests / per_cycle if per_cycle > 0 else math.inf
-            if not math.isfinite(per_cycle) or not math.isfinite(workload.on_s + workload.off_s) or periods > MAX_BURSTY_PERIODS:
-                raise ValueError(
-                    f"the bursty workload's {workload.requests} requests need about {periods:.3g} on and off periods "
-                    f"(on_s = {workload.on_s:g}, off_s = {workload.off_s:g}), more than {MAX_BURSTY_PERIODS:.0e}, or "
-                    "periods too long to add up; make on_s or off_s longer, or the rates higher, and keep both finite"
-                )
-        duration_s = workload.requests / peak_rps + hop_s
-        cause = f"{workload.requests} requests at {peak_rps:.3g} per second at most"
-    if hop_s:
-        cause += f", with a hop of at least {hop_s * 1e3:g} ms"
+    request_s = hop_s
+    per_request = f"a hop of at least {hop_s * 1e3:g} ms" if hop_s else ""
+    # Whether transfer times raised the bound, so that faster links would shorten it.
+    transfers_counted = False
+    if links is not None and links.request_s > hop_s:
+        request_s = links.request_s
+        transfers_counted = True
+        per_request = f"at least {request_s:.3g} s per request on links of {links.max_bandwidth_mbps:g} Mbps at most"
+    bound = _arrival_bound(scenario.workload, last_arrival_s, request_s)
+    if bound is None:
+        return
+    duration_s, cause = bound
+    if per_request:
+        cause += f", with {per_request}"
+    if links is not None and links.all_requests_s > duration_s:
+        duration_s = links.all_requests_s
+        transfers_counted = True
+        cause = f"the transfers of every request, through links of {links.total_bandwidth_mbps:.3g} Mbps in total"
     samples = duration_s / scenario.monitor.period_s
     node_samples = samples * len(scenario.nodes)
     if not math.isfinite(duration_s):
         raise ValueError(f"the run would never end in simulated time ({cause}); give finite rates and times")
     if node_samples > MAX_NODE_SAMPLES:
+        bandwidth = " raise the links' bandwidth_mbps," if transfers_counted else ""
         raise ValueError(
             f"the run lasts at least {duration_s:.3g} s of simulated time ({cause}), so the monitor would sample "
             f"{len(scenario.nodes)} nodes {samples:.3g} times at monitor.period_s = {scenario.monitor.period_s:g}, "
             f"more than {MAX_NODE_SAMPLES:.0e} node samples; raise monitor.period_s to at least "
-            f"{duration_s * len(scenario.nodes) / MAX_NODE_SAMPLES:.3g}, or shorten the run"
+            f"{_rounded_up(duration_s * len(scenario.nodes) / MAX_NODE_SAMPLES)},{bandwidth} or shorten the run"
         )
+
+
+def _rounded_up(value: float) -> str:
+    """Format a positive ``value`` to three significant digits, rounded up, so that the advised value is enough."""
+    text = f"{value:.3g}"
+    if float(text) >= value:
+        return text
+    step = 10.0 ** (math.floor(math.log10(value)) - 2)
+    return f"{float(text) + step:.3g}"
+
+
+def _arrival_bound(workload: WorkloadSpec, last_arrival_s: float | None, request_s: float) -> tuple[float, str] | None:
+    """Return a lower bound on the run's length in seconds from its arrivals, and the bound's cause.
+
+    ``request_s`` is the least time one request takes from its arrival to its reply. A trace
+    whose last arrival is not known yet has no bound, and None is returned.
+    """
+    if workload.kind == "closed":
+        rounds = math.ceil(workload.requests / min(workload.clients, workload.requests))
+        return rounds * (workload.think_time_ms / 1e3 + request_s), f"{rounds} rounds of workload.think_time_ms = {workload.think_time_ms:g}"
+    if workload.kind == "trace":
+        if last_arrival_s is None:
+            return None
+        return last_arrival_s + request_s, f"the trace's last arrival at {last_arrival_s:g} s"
+    peak_rps = workload.rate_rps * (1.0 + workload.amplitude) if workload.kind == "diurnal" else workload.rate_rps
+    if workload.kind == "bursty":
+        per_cycle = workload.rate_rps * workload.on_s + workload.off_rate_rps * workload.off_s
+        periods = 2 * workload.requests / per_cycle if per_cycle > 0 else math.inf
+        if not math.isfinite(per_cycle) or not math.isfinite(workload.on_s + workload.off_s) or periods > MAX_BURSTY_PERIODS:
+            raise ValueError(
+                f"the bursty workload's {workload.requests} requests need about {periods:.3g} on and off periods "
+                f"(on_s = {workload.on_s:g}, off_s = {workload.off_s:g}), more than {MAX_BURSTY_PERIODS:.0e}, or "
+                "periods too long to add up; make on_s or off_s longer, or the rates higher, and keep both finite"
+            )
+    return workload.requests / peak_rps + request_s, f"{workload.requests} requests at {peak_rps:.3g} per second at most"
 
 
 def _format_location(loc: tuple) -> str:
@@ -528,10 +572,12 @@ def parse_scenario(data: dict[str, Any], *, source: str = "scenario") -> Scenari
                 lines.append(f"{location}: {message}")
             else:
                 lines.append(f"{location}: {message} (got {value!r})")
-        raise UsageError(
-            "invalid scenario:\n  " + "\n  ".join(lines),
-            source=source,
-        ) from exc
+        # A single error stays on the first line, so that it reads as one line in logs and greps.
+        if len(lines) == 1:
+            report = f"invalid scenario: {lines[0]}"
+        else:
+            report = "invalid scenario:\n  " + "\n  ".join(lines)
+        raise UsageError(report, source=source) from exc
     from amp4ec import policies  # late import: the registry imports the policy modules
 
     policies.check_policy_names(scenario, source=source)

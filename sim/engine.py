@@ -38,7 +38,7 @@ from amp4ec.errors import UsageError
 from amp4ec.metrics import summarise_arrays
 from amp4ec.monitor import NodeState
 from amp4ec.partition import Plan
-from amp4ec.scenario import EventSpec, NodeSpec, Scenario, check_run_length
+from amp4ec.scenario import EventSpec, LinkTimes, NodeSpec, Scenario, check_run_length
 from amp4ec.schedule import NoNodeAvailable, Scheduler, StageTask, check_choice, raise_scheduler_failure
 from amp4ec.sim.cfs import CfsCpu
 from amp4ec.sim.links import SharedLink, schedule_at
@@ -55,6 +55,8 @@ NO_NODES: frozenset[str] = frozenset()
 # Epoch of a flow whose stage timed out on a paused node: no node has it, so the stage's
 # remaining link and timer callbacks are ignored.
 ABANDONED_EPOCH = -1
+# Event kinds after which a node may be down or paused, so a request may end without a transfer.
+NODE_STOPPING_KINDS = frozenset({"fail", "leave", "restart", "pause"})
 
 
 class NodeLost(Exception):
@@ -1004,8 +1006,9 @@ class Simulation:
         arrivals_s = open_loop_arrivals_s(workload, self.scenario.seed)
         # Checked again here: a trace's length is known only now, and a scenario copied with
         # overrides (compare-policies --requests) was not validated again.
+        last_arrival_s = float(arrivals_s[-1]) if arrivals_s is not None and len(arrivals_s) else None
         try:
-            check_run_length(self.scenario, float(arrivals_s[-1]) if arrivals_s is not None and len(arrivals_s) else None)
+            check_run_length(self.scenario, last_arrival_s, self.link_times())
         except ValueError as error:
             raise UsageError(str(error), field="workload") from None
         if arrivals_s is None:
@@ -1045,6 +1048,43 @@ class Simulation:
         for name, node in self.nodes.items():
             summary["nodes"][name]["throttled_stages"] = node.cpu.throttled_jobs
         return SimResult(self.records, summary, self.warnings)
+
+    def link_times(self) -> LinkTimes | None:
+        """Return lower bounds on the time requests spend on links, or None when a request may end without a transfer.
+
+        A request fails at once, before any transfer, when no live node may run its stage, or
+        when its scheduler raises NoNodeAvailable. Neither happens while every node is up from
+        start to end and a built-in scheduler (or pull dispatch) picks the nodes. Adaptation
+        redeploys segments, and a node that is deploying takes no stages, so it is left out too.
+        """
+        if self.adapter is not None or not all(node.alive for node in self.nodes.values()):
+            return None
+        if any(event.kind in NODE_STOPPING_KINDS for event in self.scenario.events):
+            return None
+        if not self._pull and type(self.scheduler) not in policies.BUILT_IN_SCHEDULERS:
+            return None
+        # Each stage sends its input over the node's uplink, and its output back over the
+        # downlink once the segment has run, so a request's transfers follow one another.
+        in_bits = sum(in_bytes for _, _, in_bytes, _, _ in self._stages) * 8.0
+        out_bits = sum(out_bytes for _, _, _, out_bytes, _ in self._stages) * 8.0
+        hops = 2 * len(self._stages)
+        # Each node link's highest bandwidth, and the smallest per-hop cost, over the whole run.
+        peak_bps = {name: node.bandwidth_bps for name, node in self.nodes.items()}
+        min_latency_ms = min(node.latency_ms for node in self.nodes.values())
+        for event in self.scenario.events:
+            if event.bandwidth_mbps is not None:
+                peak_bps[event.node] = max(peak_bps[event.node], event.bandwidth_mbps * 1e6)
+            if event.latency_ms is not None:
+                min_latency_ms = min(min_latency_ms, event.latency_ms)
+        fastest_bps = max(peak_bps.values())
+        total_bps = sum(peak_bps.values())
+        return LinkTimes(
+            request_s=(in_bits + out_bits) / fastest_bps + hops * min_latency_ms / 1e3,
+            # Inputs cross the uplinks while outputs cross the downlinks, so the busier direction bounds the time.
+            all_requests_s=self.total_requests * max(in_bits, out_bits) / total_bps,
+            max_bandwidth_mbps=fastest_bps / 1e6,
+            total_bandwidth_mbps=total_bps / 1e6,
+        )
 
     def _summarise(self) -> dict:
         records = self.records

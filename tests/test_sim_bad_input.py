@@ -7,9 +7,12 @@ from click.testing import CliRunner
 
 from amp4ec.cli import main
 from amp4ec.cluster import check_host
+from amp4ec.costs import CostModel
 from amp4ec.errors import UsageError
-from amp4ec.scenario import HostSpec, parse_scenario
+from amp4ec.scenario import HostSpec, LinkTimes, MonitorSpec, check_run_length, parse_scenario
 from amp4ec.sim import engine
+
+from synthetic import make_calibration
 
 GROUP_SCENARIO = """
 name = "host"
@@ -73,6 +76,23 @@ def simulate(tmp_path: Path, text: str):
             ["with a hop of at least 1e+300 ms", "more than 1e+08 node samples"],
         ),
         (
+            'name = "x"\n[network]\nbandwidth_mbps = 0.001\n[monitor]\nperiod_s = 0.001\n'
+            '[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n',
+            [
+                "100 rounds of workload.think_time_ms = 0, with at least 4.85e+03 s per request on links of 0.001 Mbps at most",
+                "raise monitor.period_s to at least 0.00485, raise the links' bandwidth_mbps, or shorten the run",
+            ],
+        ),
+        (
+            'name = "x"\n[network]\nbandwidth_mbps = 0.001\n[monitor]\nperiod_s = 0.001\n'
+            '[workload]\nkind = "poisson"\nrequests = 100\nrate_rps = 100.0\n'
+            '[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n',
+            [
+                "at least 4.82e+05 s of simulated time (the transfers of every request, through links of 0.001 Mbps in total)",
+                "raise monitor.period_s to at least 0.00482,",
+            ],
+        ),
+        (
             'name = "x"\n[workload]\nkind = "bursty"\nrequests = 30\nrate_rps = 10.0\non_s = 1e-9\noff_s = 1e-9\n'
             '[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n',
             ["30 requests need about 6e+09 on and off periods", "make on_s or off_s longer"],
@@ -92,6 +112,8 @@ def simulate(tmp_path: Path, text: str):
         "rate below the smallest float",
         "monitor sampling a thousand nodes",
         "hop of ages",
+        "closed loop on a 1 kbit/s link",
+        "open loop on a 1 kbit/s link",
         "bursty periods of nanoseconds",
         "bursty periods beyond floats",
     ],
@@ -191,6 +213,25 @@ def test_scenario_without_nodes_names_the_fix(tmp_path):
 
 
 
+def test_one_scenario_error_on_one_line(tmp_path):
+    result, out = simulate(tmp_path, 'name = "x"\n[monitor]\nperiod_s = 1e-9\n[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n')
+    assert result.exit_code == 2
+    expected = "invalid scenario: monitor.period_s: Input should be greater than or equal to 0.001 (got 1e-09)"
+    assert result.output.strip() == f"error: {tmp_path / 'scenario.toml'}: {expected}"
+    assert not out.exists()
+
+
+def test_several_scenario_errors_one_per_line():
+    data = {"name": "x", "monitor": {"period_s": 1e-9}, "nodes": [{"name": "n", "cpus": 1.0, "memory_mb": -1}]}
+    with pytest.raises(UsageError) as caught:
+        parse_scenario(data, source="s.toml")
+    assert str(caught.value).splitlines() == [
+        "s.toml: invalid scenario:",
+        "  monitor.period_s: Input should be greater than or equal to 0.001 (got 1e-09)",
+        "  nodes[0].memory_mb: Input should be greater than 0 (got -1)",
+    ]
+
+
 def test_clients_beyond_requests_are_not_started(tmp_path):
     """A billion clients for five requests: only five ever send one, so the run ends at once."""
     result, out = simulate(tmp_path, 'name = "x"\n[workload]\nrequests = 5\nclients = 1000000000\n[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n')
@@ -205,3 +246,96 @@ def test_trace_too_long_for_monitor(tmp_path):
     assert result.exit_code == 2
     assert "the trace's last arrival at 1e+09 s" in " ".join(result.output.split())
     assert not out.exists()
+
+
+def link_scenario(**changes):
+    """Two nodes on 8 Mbit/s links with a 1 ms hop, where each 4000-byte cut takes 4 ms to cross."""
+    data = {
+        "name": "links",
+        "model": {"name": "synthetic"},
+        "policy": {"partitioner": "ralos", "scheduler": "round_robin"},
+        "workload": {"kind": "closed", "requests": 40},
+        "network": {"latency_ms": 1.0, "bandwidth_mbps": 8.0},
+        "monitor": {"period_s": 0.01},
+        "nodes": [{"name": "a", "cpus": 1.0, "memory_mb": 1024}, {"name": "b", "cpus": 0.5, "memory_mb": 1024}],
+    }
+    for key, value in changes.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return parse_scenario(data)
+
+
+def test_link_times_of_two_stages():
+    # Two stages, each with a 4000-byte input and output: 4 transfers of 4 ms and 4 hops of 1 ms.
+    sim = engine.Simulation(link_scenario(), CostModel(make_calibration([2.0, 2.0])))
+    links = sim.link_times()
+    assert links.request_s == pytest.approx(0.020)
+    assert links.all_requests_s == pytest.approx(40 * 8000 * 8 / 16e6)
+    assert links.max_bandwidth_mbps == 8.0
+    assert links.total_bandwidth_mbps == 16.0
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"workload": {"clients": 8}},
+        {"workload": {"kind": "poisson", "requests": 200, "rate_rps": 2000.0}},
+        {"policy": {"cache": False, "dispatch": "pull"}},
+        {
+            "policy": {"scheduler": "amp4ec"},
+            "nodes": [{"name": "a", "cpus": 1.0, "memory_mb": 1024, "bandwidth_mbps": 80.0}, {"name": "b", "cpus": 0.5, "memory_mb": 1024}],
+        },
+        {"events": [{"time_s": 0.05, "kind": "link_bandwidth", "node": "a", "bandwidth_mbps": 40.0, "latency_ms": 0.5}]},
+    ],
+    ids=["closed loop", "eight clients", "poisson burst", "no cache, pull", "amp4ec, one fast link", "faster link later"],
+)
+def test_link_times_never_exceed_run(changes):
+    """Both bounds must hold in every run, or the run-length check would reject valid scenarios."""
+    sim = engine.Simulation(link_scenario(**changes), CostModel(make_calibration([2.0, 2.0, 1.0])))
+    links = sim.link_times()
+    result = sim.run()
+    arrival_s = result.records.float_column("arrival_s")
+    end_s = result.records.float_column("end_s")
+    assert result.summary["requests"]["completed"] == len(arrival_s)
+    assert min(end_s - arrival_s) >= links.request_s
+    assert max(end_s) >= links.all_requests_s
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"events": [{"time_s": 1.0, "kind": "fail", "node": "a"}]},
+        {"events": [{"time_s": 1.0, "kind": "pause", "node": "b"}]},
+        {"nodes": [{"name": "a", "cpus": 1.0, "memory_mb": 1024}, {"name": "b", "cpus": 1.0, "memory_mb": 1024, "present": False}]},
+        {"policy": {"scheduler": "amp4ec_test_plugin:Fussy"}},
+        {"adaptation": {"enabled": True}, "events": [{"time_s": 0.05, "kind": "cpu", "node": "b", "cpus": 0.2}]},
+    ],
+    ids=["node fails", "node pauses", "node absent", "plug-in scheduler", "adaptation redeploys"],
+)
+def test_link_times_absent_when_requests_can_fail(changes, tmp_path, monkeypatch):
+    # A plug-in, a cluster with a node down, or a node deploying segments can fail a request before it crosses a link.
+    (tmp_path / "amp4ec_test_plugin.py").write_text(
+        "from amp4ec.schedule import NoNodeAvailable\n"
+        "class Fussy:\n"
+        "    def __init__(self, rng):\n"
+        "        pass\n"
+        "    def select(self, task, states):\n"
+        "        raise NoNodeAvailable(task)\n"
+        "    def observe(self, node, exec_ms):\n"
+        "        pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sim = engine.Simulation(link_scenario(**changes), CostModel(make_calibration([2.0, 2.0])))
+    assert sim.link_times() is None
+
+
+def test_period_suggested_for_links_fits():
+    scenario = link_scenario(monitor={"period_s": 0.001}, workload={"requests": 10**7})
+    links = LinkTimes(request_s=0.02422, all_requests_s=1.0, max_bandwidth_mbps=8.0, total_bandwidth_mbps=16.0)
+    with pytest.raises(ValueError) as caught:
+        check_run_length(scenario, links=links)
+    message = str(caught.value)
+    assert "at least 0.0242 s per request on links of 8 Mbps at most" in message
+    # 2.422e5 s x 2 nodes / 1e8 is 0.004844: the advice rounds up, never to a period that still fails.
+    assert "raise monitor.period_s to at least 0.00485, raise the links' bandwidth_mbps" in message
+    check_run_length(scenario.model_copy(update={"monitor": MonitorSpec(period_s=0.00485)}), links=links)
