@@ -36,6 +36,7 @@ def probe(client, image: str, run_id: str, profile, memory_bytes: int, name: str
         run_id=run_id,
         startup_timeout_s=PROBE_STARTUP_TIMEOUT_S,
         request_timeout_s=PROBE_REQUEST_TIMEOUT_S,
+        check_cores=False,
     )
     try:
         try:

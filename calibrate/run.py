@@ -9,7 +9,6 @@ workers, are fitted from echo round trips over the same transport real mode uses
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import shlex
@@ -17,7 +16,6 @@ import sys
 import threading
 import time
 import uuid
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -357,19 +355,14 @@ def _measure_interleaved(
     ``export_model`` runs in a thread while the containers start, because tracing and
     exporting take about as long as the workers' torch import under small CPU quotas.
     """
-    from amp4ec.real import containers as containers_module
     from amp4ec.real.containers import NodeSpec as ContainerSpec
-    from amp4ec.real.containers import OversubscriptionWarning, WorkerCluster
+    from amp4ec.real.containers import WorkerCluster
 
     specs = [ContainerSpec(p.name, p.cpus, p.memory_bytes, p.torch_threads) for p in profiles]
     reference_profile = max(profiles, key=lambda p: p.cpus)
-    cluster = WorkerCluster(client, specs, image=image, run_id=run_id)
     # The containers take turns, one request at a time, so their quotas never add up on the
-    # host's cores, and the cluster's oversubscription warning (a Python warning and a log
-    # record) does not apply here.
-    containers_log = logging.getLogger(containers_module.__name__)
-    level = containers_log.level
-    containers_log.setLevel(logging.ERROR)
+    # host's cores.
+    cluster = WorkerCluster(client, specs, image=image, run_id=run_id, check_cores=False)
     export_result: list[ExportedModel] = []
     export_error: list[BaseException] = []
 
@@ -382,12 +375,7 @@ def _measure_interleaved(
     # A daemon thread, so that an interrupted or failed start does not wait for the export.
     exporter = threading.Thread(target=run_export, name="amp4ec-export", daemon=True)
     exporter.start()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", OversubscriptionWarning)
-            cluster.start()
-    finally:
-        containers_log.setLevel(level)
+    cluster.start()
     phase_s = {"start": time.perf_counter() - started}
     # Loading is not timed, so all workers load a program at the same time, one thread per worker.
     loader = ThreadPoolExecutor(max_workers=len(profiles), thread_name_prefix="amp4ec-load")

@@ -206,9 +206,12 @@ class WorkerCluster:
         labels: dict[str, str] | None = None,
         handle_signals: bool = True,
         shapes: Mapping[str, object] | None = None,
+        check_cores: bool = True,
     ):
         """``shapes`` maps node names to shaping.LinkShape; the nodes named there are shaped
-        after they start."""
+        after they start. ``check_cores`` warns on start when the nodes ask for more CPUs or
+        threads than their engine has cores. Calibration turns it off, because its containers
+        take turns and its memory probes time nothing."""
         from amp4ec.real.engines import EngineClients
 
         check_node_specs(nodes)
@@ -230,6 +233,7 @@ class WorkerCluster:
         self.request_timeout_s = request_timeout_s
         self.labels = {**(labels or {}), PROJECT_LABEL: PROJECT_LABEL_VALUE, RUN_LABEL: self.run_id, OWNER_LABEL: owner_id()}
         self.handle_signals = handle_signals
+        self.check_cores = check_cores
         self.network_name = f"amp4ec-{self.run_id}"
         self.network = None
         self.other_networks: dict[str, object] = {}
@@ -280,7 +284,8 @@ class WorkerCluster:
         if self._started:
             raise UsageError(f"worker cluster {self.run_id} was already started; create a new one")
         self._started = True
-        self._warn_oversubscription()
+        if self.check_cores:
+            self._warn_oversubscription()
         self._install_signal_handlers()
         atexit.register(self.close)
         try:

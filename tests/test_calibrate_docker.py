@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,8 @@ def test_memory_search_finds_a_limit_and_reports_oom(docker_client, worker_image
     import numpy as np
 
     from amp4ec.calibrate.memory import MIB, search_min_memory
+    from amp4ec.errors import OversubscriptionWarning
+    from amp4ec.real.containers import host_cpu_count
     from amp4ec.scenario import NodeSpec
 
     # 24 M float32 parameters (96 MiB) cannot fit next to the runtime in 200 MiB, and fit in 640 MiB.
@@ -122,11 +125,17 @@ def test_memory_search_finds_a_limit_and_reports_oom(docker_client, worker_image
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     messages = []
-    result = search_min_memory(
-        docker_client, worker_image, run_id, NodeSpec(name="p", cpus=1.0, memory_mb=640), "big", buffer.getvalue(),
-        [np.zeros((1, 4096), dtype=np.float32)], low_bytes=200 * MIB, high_bytes=640 * MIB, resolution_bytes=128 * MIB,
-        log=messages.append,
-    )  # fmt: skip
+    # A probe asking for every core would be oversubscribed in a replay. A probe times nothing,
+    # so it must not warn.
+    profile = NodeSpec(name="p", cpus=float(host_cpu_count(docker_client)), memory_mb=640)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = search_min_memory(
+            docker_client, worker_image, run_id, profile, "big", buffer.getvalue(),
+            [np.zeros((1, 4096), dtype=np.float32)], low_bytes=200 * MIB, high_bytes=640 * MIB, resolution_bytes=128 * MIB,
+            log=messages.append,
+        )  # fmt: skip
+    assert not [w for w in caught if issubclass(w.category, OversubscriptionWarning)]
     assert result.min_memory_bytes is not None
     assert 200 * MIB < result.min_memory_bytes <= 640 * MIB
     assert result.probes[0].ran
