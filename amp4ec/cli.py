@@ -235,10 +235,10 @@ def calibrate(
 ) -> None:
     """Measure each unit of a model inside CPU- and memory-limited containers and write a calibration file.
 
-    Subcommands: `validate FILE`, `show FILE`, `plot FILE`.
+    Subcommands: `validate FILE`, `show FILE`, `plot FILE`, `memory FILE`.
     """
     if ctx.invoked_subcommand is not None:
-        # validate, show and plot read a calibration file; they need neither torch nor Docker.
+        # Each subcommand checks its own needs: validate, show and plot read a file without torch or Docker.
         return
     require_extras("calibrate")
     from amp4ec.calibrate.measure import BACK_TO_BACK_PARTS, MAX_TURNS
@@ -731,6 +731,28 @@ def calibrate_plot(file: Path, out: Path | None, force: bool) -> None:
         raise UsageError("exists; choose another --out, or pass --force to replace it", source=str(out), field="--out")
     plot_calibration(load_calibration(file), out)
     stdout.print(f"wrote {out}")
+
+
+@calibrate.command("memory")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="calibration file to write; FILE itself needs --force")
+@click.option("--force", is_flag=True, help="replace --out if the file exists")
+@click.option("--base-image", default=None, help="base image for the worker image, e.g. python:3.11-slim; default: a debootstrap rootfs")
+@click.option("--quiet", is_flag=True, help="no progress output")
+def calibrate_memory(file: Path, out: Path, force: bool, base_image: str | None, quiet: bool) -> None:
+    """Add a memory search to calibration FILE: the smallest memory limit each unit and the whole model run at, per thread count.
+
+    The timings in FILE are kept. This runs one container per probe (several minutes for MobileNetV2).
+    """
+    require_extras("calibrate")
+    from amp4ec.calibrate.run import add_memory_search
+
+    if out.is_file() and not force:
+        raise UsageError("exists; choose another --out, or pass --force to replace it once the search is complete", source=str(out), field="--out")
+    add_memory_search(
+        file=file, out=out, base_image=base_image,
+        log=(lambda message: None) if quiet else (lambda message: console.print(message, highlight=False)),
+    )  # fmt: skip
 
 
 @bench.command("calibrate")

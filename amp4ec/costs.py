@@ -25,12 +25,12 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from amp4ec.errors import FileFormatError, UsageError, validation_problems
 from amp4ec.graph import ModelGraph, read_json, write_text_atomic
 
-CALIBRATION_SCHEMA = "amp4ec.calibration/5"
+CALIBRATION_SCHEMA = "amp4ec.calibration/6"
 # Version 2 only adds optional fields (raw samples, throttling counters, drift, memory search,
 # a container-to-container link), version 3 adds the drift series of an interleaved run and
-# version 4 the turns of a back-to-back window and version 5 the whole model after short pauses,
-# so older files still load.
-READABLE_CALIBRATION_SCHEMAS = tuple(f"amp4ec.calibration/{version}" for version in range(1, 5)) + (CALIBRATION_SCHEMA,)
+# version 4 the turns of a back-to-back window, version 5 the whole model after short pauses and
+# version 6 the provenance of a memory search run apart from the timings, so older files still load.
+READABLE_CALIBRATION_SCHEMAS = tuple(f"amp4ec.calibration/{version}" for version in range(1, 6)) + (CALIBRATION_SCHEMA,)
 DEFAULT_CALIBRATION = "calibration-mobilenet_v2.json"
 DEFAULT_HOP_LATENCY_MS = 0.2
 # A CPU time sample above this many times its series' median is a stall of the host, not the
@@ -210,6 +210,16 @@ class Provenance(BaseModel):
     repeats: int
 
 
+class MemoryProvenance(BaseModel):
+    """Origin of a memory search that `amp4ec calibrate memory` added to a calibration measured earlier: date, host and image."""
+
+    date: str
+    amp4ec_version: str
+    host_cpu: str
+    image: str
+    command: str
+
+
 class Calibration(BaseModel):
     schema_: str = Field(alias="schema")
     graph: ModelGraph
@@ -220,6 +230,9 @@ class Calibration(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     drift_profile: str | None = Field(default=None, description="the profile whose container the drift samples come from (schema 3)")
     drift: list[DriftSample] = Field(default_factory=list, description="the same fixed work measured at intervals, to show machine drift (schema 3)")
+    memory_provenance: MemoryProvenance | None = Field(
+        default=None, description="the memory search's own run, when it was added to the file later (schema 6)"
+    )
 
     @model_validator(mode="after")
     def _unique_profile_names(self) -> "Calibration":
@@ -291,6 +304,12 @@ def load_calibration(path: str | Path) -> Calibration:
         problems = validation_problems(exc, locate=lambda loc: _calibration_location(data, loc))
         raise FileFormatError(f"invalid calibration file: {problems}; recalibrate or restore the file", source=str(path)) from exc
     version = _schema_version(schema)
+    if version < 6 and calibration.memory_provenance is not None:
+        raise FileFormatError(
+            f"invalid calibration file: it has memory_provenance, which {schema} files do not have; "
+            f"set schema to {CALIBRATION_SCHEMA!r} or remove it",
+            source=str(path),
+        )
     for profile in calibration.profiles:
         newer = []
         if version < 4:

@@ -44,6 +44,7 @@ from amp4ec.costs import (
     DriftSample,
     LinkCalibration,
     Measurement,
+    MemorySearch,
     ProfileCalibration,
     Provenance,
     UnitTiming,
@@ -221,7 +222,7 @@ def run_calibration(
     profile takes more turns until it meets the target or has taken ``max_turns``. Nothing is
     written unless every profile was measured.
     """
-    from amp4ec.torchgraph import example_inputs, load_model, trace_model
+    from amp4ec.torchgraph import load_model
     from amp4ec.real.containers import TORCH_RUNTIME_BYTES, docker_client
     from amp4ec.real.image import ensure_worker_image
 
@@ -251,17 +252,7 @@ def run_calibration(
     log(f"run id {run_id}; `amp4ec clean --run {run_id}` removes containers an interrupted run may leave")
 
     def export_model() -> ExportedModel:
-        log(f"tracing {model} at {granularity} granularity")
-        trace_options = {} if input_shape is None else {"input_shape": list(input_shape)}
-        traced = trace_model(module, model, granularity=granularity, **trace_options)
-        graph = traced.graph
-        n_units = graph.n_units
-        blobs = [traced.export_segment(i, i + 1) for i in range(n_units)]
-        model_blob = traced.export_segment(0, n_units)
-        inputs = [[t.numpy() for t in example_inputs(graph, i, seed=0)] for i in range(n_units + 1)]
-        log(f"exported {n_units} units in {time.perf_counter() - started:.1f} s")
-        segments = [(graph.units[i].name, blobs[i], inputs[i]) for i in range(n_units)] + [("model", model_blob, inputs[0])]
-        return ExportedModel(graph=graph, segments=segments, echo_blob=export_echo())
+        return export_units(module, model, granularity, input_shape, log)
 
     exported, session = _measure_interleaved(
         client, image, run_id, profiles, export_model,
@@ -297,6 +288,95 @@ def run_calibration(
     calibration.save(out)
     log(f"wrote {out} in {time.perf_counter() - started:.0f} s")
     return calibration
+
+
+def export_units(module, model: str, granularity: str, input_shape: Sequence[int] | None, log: Callable[[str], None]) -> ExportedModel:
+    """Trace ``module`` and export each unit and the whole model with example inputs drawn from seed 0."""
+    from amp4ec.torchgraph import example_inputs, trace_model
+
+    started = time.perf_counter()
+    log(f"tracing {model} at {granularity} granularity")
+    trace_options = {} if input_shape is None else {"input_shape": list(input_shape)}
+    traced = trace_model(module, model, granularity=granularity, **trace_options)
+    graph = traced.graph
+    n_units = graph.n_units
+    blobs = [traced.export_segment(i, i + 1) for i in range(n_units)]
+    model_blob = traced.export_segment(0, n_units)
+    inputs = [[t.numpy() for t in example_inputs(graph, i, seed=0)] for i in range(n_units + 1)]
+    log(f"exported {n_units} units in {time.perf_counter() - started:.1f} s")
+    segments = [(graph.units[i].name, blobs[i], inputs[i]) for i in range(n_units)] + [("model", model_blob, inputs[0])]
+    return ExportedModel(graph=graph, segments=segments, echo_blob=export_echo())
+
+
+def add_memory_search(*, file: Path, out: Path, base_image: str | None, log: Callable[[str], None]) -> Calibration:
+    """Bisect the memory limits of the model in calibration ``file`` and write the file with them to ``out`` atomically.
+
+    The timings stay as measured. The search replaces any earlier one, with its warnings, and
+    ``memory_provenance`` records this run. The model is traced again from the file's graph
+    (model, granularity and input shape), and the new graph must have the file's units.
+    """
+    from amp4ec.costs import MemoryProvenance, load_calibration
+    from amp4ec.real.containers import docker_client
+    from amp4ec.real.image import ensure_worker_image
+    from amp4ec.torchgraph import load_model
+
+    check_output_file(out, field="--out")
+    calibration = load_calibration(file)
+    graph = calibration.graph
+    started = time.perf_counter()
+    # Traced before Docker is reached, so that a file the model no longer matches fails without containers.
+    exported = export_units(load_model(graph.model), graph.model, graph.granularity, graph.input_shape, log)
+    traced_units = [unit.name for unit in exported.graph.units]
+    if traced_units != [unit.name for unit in graph.units]:
+        raise UsageError(
+            f"tracing {graph.model} at {graph.granularity} granularity gives the units {', '.join(traced_units)}, "
+            f"not the file's {', '.join(unit.name for unit in graph.units)}; the model code has changed since "
+            "the calibration, so calibrate again with --memory-search",
+            source=str(file),
+        )
+    client = docker_client()
+    image = ensure_worker_image(client, base_image=base_image, log=log)
+    if image != calibration.provenance.image:
+        message = (
+            f"memory search: worker image {image} is not {calibration.provenance.image}, the image the timings were "
+            "measured with, so the memory limits may not be those of the timed workers"
+        )
+        log(f"warning: {message}")
+        calibration.warnings.append(message)
+    profiles = [_profile_spec(profile) for profile in calibration.profiles]
+    earlier = {_memory_warning(spec, search) for spec, profile in zip(profiles, calibration.profiles) for search in profile.memory_search}
+    calibration.warnings = [message for message in calibration.warnings if message not in earlier]
+    for profile in calibration.profiles:
+        profile.warnings = [message for message in profile.warnings if message not in earlier]
+    run_id = f"calibrate-{uuid.uuid4().hex[:8]}"
+    log(f"run id {run_id}; `amp4ec clean --run {run_id}` removes containers an interrupted run may leave")
+    calibration.warnings.extend(_memory_search(client, image, run_id, profiles, calibration.profiles, exported.segments, graph, log))
+    calibration.schema_ = CALIBRATION_SCHEMA
+    calibration.memory_provenance = MemoryProvenance(
+        date=datetime.now(timezone.utc).isoformat(),
+        amp4ec_version=__version__,
+        host_cpu=host_cpu_model(),
+        image=image,
+        command=shlex.join(["amp4ec", *sys.argv[1:]]),
+    )
+    calibration.save(out)
+    log(f"wrote {out} in {time.perf_counter() - started:.0f} s")
+    return calibration
+
+
+def _profile_spec(profile: ProfileCalibration) -> NodeSpec:
+    """Return the container profile a calibrated profile was measured in."""
+    return NodeSpec(name=profile.name, cpus=profile.cpus, memory_mb=profile.memory_bytes / 2**20, threads=profile.threads)
+
+
+def _memory_warning(profile: NodeSpec, search: MemorySearch) -> str | None:
+    """Return the warning for a segment whose smallest memory limit is above ``profile``'s, else None."""
+    if search.min_memory_bytes is None or search.min_memory_bytes <= profile.memory_bytes:
+        return None
+    return (
+        f"profile {profile.name}: segment {search.segment} needs at least "
+        f"{search.min_memory_bytes / 2**20:.0f} MiB, above the profile's limit of {profile.memory_mb:g} MiB"
+    )
 
 
 @dataclass
@@ -634,11 +714,8 @@ def _memory_search(
         for profile, result in group:
             result.memory_search = searches
             for search in searches:
-                if search.min_memory_bytes is not None and search.min_memory_bytes > profile.memory_bytes:
-                    message = (
-                        f"profile {profile.name}: segment {search.segment} needs at least "
-                        f"{search.min_memory_bytes / MIB:.0f} MiB, above the profile's limit of {profile.memory_mb:g} MiB"
-                    )
+                message = _memory_warning(profile, search)
+                if message is not None:
                     log(f"warning: {message}")
                     result.warnings.append(message)
                     messages.append(message)

@@ -52,7 +52,11 @@ def show_tables(calibration: Calibration) -> list[Table]:
             ]
         units.add_row(*row)
 
-    profiles = Table(title=f"profiles ({calibration.schema_}, measured {calibration.provenance.date[:19]} on {calibration.provenance.host_cpu})")
+    title = f"profiles ({calibration.schema_}, measured {calibration.provenance.date[:19]} on {calibration.provenance.host_cpu}"
+    searched = calibration.memory_provenance
+    if searched is not None:
+        title += f"; memory searched {searched.date[:19]} on {searched.host_cpu}"
+    profiles = Table(title=title + ")")
     for column in ("profile", "CPUs", "memory MiB", "threads", "runtime MiB", "throttled periods (back to back)", "reference CPU ms", "smallest memory MiB", "OOM kills"):
         profiles.add_column(column, justify="right")
     for profile in calibration.profiles:

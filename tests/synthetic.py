@@ -33,8 +33,11 @@ def make_calibration(
     profiles: tuple[tuple[str, float, int], ...] = (("high", 1.0, 1), ("low", 0.4, 1)),
     runtime_rss_bytes: int = 200 * 2**20,
     model: str = "synthetic",
+    graph: ModelGraph | None = None,
+    memory_bytes: int = 2**30,
 ) -> Calibration:
-    graph = make_graph([max(1, int(ms * 1000)) for ms in cpu_ms], model=model)
+    """Return a calibration whose units take ``cpu_ms`` in every profile, on ``graph`` or a synthetic one."""
+    graph = graph or make_graph([max(1, int(ms * 1000)) for ms in cpu_ms], model=model)
 
     def timing(name: str, ms: float) -> UnitTiming:
         stats = TimingStats(mean_ms=ms, p50_ms=ms, p95_ms=ms, samples=10)
@@ -47,7 +50,7 @@ def make_calibration(
             ProfileCalibration(
                 name=name,
                 cpus=cpus,
-                memory_bytes=2**30,
+                memory_bytes=memory_bytes,
                 threads=threads,
                 gap_ms=100.0,
                 runtime_rss_bytes=runtime_rss_bytes,

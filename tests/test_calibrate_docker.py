@@ -147,6 +147,76 @@ def test_memory_search_finds_a_limit_and_reports_oom(docker_client, worker_image
     assert labelled_containers(docker_client, run_id) == set()
 
 
+def write_tiny_calibration(path: Path, *, rename_first_unit: bool = False) -> None:
+    """Write a calibration of the tiny model with made-up timings and no memory search."""
+    from synthetic import make_calibration
+    from tiny_models import make
+
+    from amp4ec.torchgraph import trace_model
+
+    graph = trace_model(make(), TINY, input_shape=[1, 3, 16, 16], granularity="block").graph
+    if rename_first_unit:
+        graph.units[0].name = "renamed"
+    calibration = make_calibration(
+        [0.1] * graph.n_units, graph=graph, profiles=(("a", 1.0, 1), ("b", 0.5, 1)), memory_bytes=512 * 2**20
+    )
+    calibration.save(path)
+
+
+@pytest.mark.docker
+@pytest.mark.torch
+def test_memory_added_to_earlier_calibration(tmp_path, docker_client, worker_image):
+    require_torch()
+    earlier = tmp_path / "earlier.json"
+    write_tiny_calibration(earlier)
+    earlier_text = earlier.read_text()
+    out = tmp_path / "with-memory.json"
+    result = subprocess.run(
+        amp4ec_command("calibrate", "memory", str(earlier), "--out", str(out)), env=cli_env(), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert earlier.read_text() == earlier_text
+    before = load_calibration(earlier)
+    after = load_calibration(out)
+    assert after.schema_ == CALIBRATION_SCHEMA
+    assert after.memory_provenance is not None
+    assert "calibrate memory" in after.memory_provenance.command
+    # One search per thread count, shared by both profiles: every unit and the whole model.
+    for profile, earlier_profile in zip(after.profiles, before.profiles):
+        assert [search.segment for search in profile.memory_search] == [u.name for u in after.graph.units] + ["model"]
+        for search in profile.memory_search:
+            assert search.min_memory_bytes is not None
+            assert search.min_memory_bytes <= 512 * 2**20
+        assert profile.units == earlier_profile.units
+    assert after.profiles[0].memory_search == after.profiles[1].memory_search
+    assert labelled_containers(docker_client, logged_run_id(result.stderr + result.stdout)) == set()
+
+
+def test_memory_search_keeps_existing_out(tmp_path):
+    require_torch()
+    earlier = tmp_path / "earlier.json"
+    write_tiny_calibration(earlier)
+    out = tmp_path / "out.json"
+    out.write_text("earlier")
+    result = subprocess.run(amp4ec_command("calibrate", "memory", str(earlier), "--out", str(out)), env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "pass --force" in result.stderr
+    assert out.read_text() == "earlier"
+
+
+def test_memory_search_rejects_changed_model(tmp_path):
+    require_torch()
+    earlier = tmp_path / "earlier.json"
+    write_tiny_calibration(earlier, rename_first_unit=True)
+    out = tmp_path / "out.json"
+    # No Docker engine is needed to find the mismatch: this one does not exist.
+    env = cli_env(DOCKER_HOST="unix:///nonexistent/docker.sock")
+    result = subprocess.run(amp4ec_command("calibrate", "memory", str(earlier), "--out", str(out)), env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "the model code has changed" in " ".join(result.stderr.split())
+    assert not out.exists()
+
+
 def test_unknown_model_is_a_usage_error(tmp_path):
     require_torch()
     out = tmp_path / "c.json"

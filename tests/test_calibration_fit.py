@@ -463,6 +463,19 @@ def test_schema_versions_load_or_fail(tmp_path, calibration_file):
     assert result.exit_code == 2
     assert "profile 'high' has idle_gaps, which amp4ec.calibration/4 files do not have" in " ".join(result.output.split())
 
+    # A memory search's own provenance came with schema 6; show prints it.
+    data = json.loads(calibration_file.read_text())
+    data["memory_provenance"] = {"date": "2026-01-02T03:04:05", "amp4ec_version": "0", "host_cpu": "Other CPU", "image": "i", "command": "c"}
+    edited.write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["calibrate", "show", str(edited)])
+    assert result.exit_code == 0, result.output
+    assert "memory searched 2026-01-02T03:04:05 on Other CPU" in " ".join(result.output.split())
+    data["schema"] = "amp4ec.calibration/5"
+    edited.write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["calibrate", "show", str(edited)])
+    assert result.exit_code == 2
+    assert "it has memory_provenance, which amp4ec.calibration/5 files do not have" in " ".join(result.output.split())
+
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text(calibration_file.read_text()[:100])
     result = CliRunner().invoke(main, ["calibrate", "plot", str(corrupt)])
