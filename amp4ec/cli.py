@@ -498,10 +498,12 @@ def partition(scenario: Path, calibration: Path | None) -> None:
         assigned = f"nodes chosen by the partitioner; predicted latency of one request {sum(first_choice):.2f} ms"
     else:
         assigned = "no node assignment: any node may run a segment"
+    searched = any(profile.memory_search for profile in prepared.costs.calibration.profiles)
+    memory = "the larger of weights + peak activations and the memory search's need" if searched else "weights + peak activations"
     table.caption = (
         f"{assigned}. Predicted ms = CPU time / min(CPU quota, parallelism) plus input and output transfer "
         f"at {network.bandwidth_mbps:g} Mbit/s and {prepared.costs.hop_latency_ms(network.latency_ms):.3g} ms per hop; "
-        "MB = 10^6 bytes; memory = weights + peak activations, without the runtime"
+        f"MB = 10^6 bytes; memory = {memory}, without the runtime"
     )
     wide_stdout().print(table)
 

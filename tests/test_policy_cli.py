@@ -44,6 +44,8 @@ def test_partition_prints_plan(tmp_path):
     # The input cut of the first segment is the 1x3x224x224 float32 image.
     assert "602112" in result.output
     assert "predicted latency of one request" in " ".join(result.output.split())
+    # The shipped calibration has a memory search, which raises the estimate where a worker needed more.
+    assert "memory = the larger of weights + peak activations and the memory search's need" in " ".join(result.output.split())
 
 
 def test_partition_unknown_partitioner(tmp_path):
