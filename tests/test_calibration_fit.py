@@ -293,6 +293,9 @@ def test_validate_show_plot_commands(calibration_file, tmp_path, monkeypatch):
     assert summary["all"]["predictions"] == len(summary["comparisons"]) > 0
     assert summary["extrapolated"] == []
     assert summary["pooled_quota_exponent"] == summary["no_quota_exponent"] == []
+    assert summary["aim"]["within_5pct"] == 0.90
+    assert summary["aim"]["within_10pct"] == 0.99
+    assert summary["aim"]["met"] == (summary["all"]["within_5pct"] >= 0.90 and summary["all"]["within_10pct"] >= 0.99)
 
     data = json.loads(calibration_file.read_text())
     data["profiles"][2]["threads"] = 2
@@ -701,3 +704,24 @@ def test_single_quota_profiles_skip_same_quota():
     high.cpus = medium.cpus
     # Held out, high or medium is predicted from a profile at its own quota; low leaves both at one other quota.
     assert single_quota_profiles(calibration) == {"pooled": [], "none": ["low"]}
+
+
+@pytest.mark.parametrize(
+    ("overall", "met", "phrases", "absent"),
+    [
+        ({"within_5pct": 0.95, "within_10pct": 0.995, "measured_within_5pct": 0.5}, True, ["90 % within 5 %, met"], ["not met", "no cost model"]),
+        ({"within_5pct": 0.95, "within_10pct": 0.98, "measured_within_5pct": 0.97}, False, ["not met: 98.0 % within 10 % and 95.0 % within 5 %"], ["no cost model"]),
+        ({"within_5pct": 0.80, "within_10pct": 0.95, "measured_within_5pct": 0.874}, False, ["not met", "Only 87.4 % of the measured statistics", "no cost model could show the 5 % aim"], []),
+        ({"within_5pct": 0.80, "within_10pct": 0.95}, False, ["not met"], ["no cost model"]),
+    ],
+    ids=["met", "short at 10 %", "measurements too coarse", "precision unknown"],
+)
+def test_aim_verdict(overall, met, phrases, absent):
+    from amp4ec.calibrate.views import aim_verdict
+
+    verdict, sentence = aim_verdict(overall)
+    assert verdict["met"] is met
+    for phrase in phrases:
+        assert phrase in sentence
+    for phrase in absent:
+        assert phrase not in sentence
