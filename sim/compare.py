@@ -65,7 +65,7 @@ def compare_policies(
 
     The scenario's own partitioner (a plug-in included) joins the sweep with its parameters.
     A pair whose plan cannot be built (for example one that does not fit memory) is kept
-    with its error, last in the list.
+    with its error, last in the list. When no pair can run, the first pair's error is raised.
     """
     variants = list(PARTITIONER_VARIANTS)
     own = (scenario.policy.partitioner, scenario.policy.partitioner_params)
@@ -98,6 +98,9 @@ def compare_policies(
             results.append(pair)
             if progress:
                 progress(len(results), total)
+    if all(pair.error is not None for pair in results):
+        # Nothing to compare: the scenario itself is at fault, as for simulate.
+        raise UsageError(f"no partitioner and scheduler pair could run; the first, {results[0].partitioner} with {results[0].scheduler}: {results[0].error}")
     results.sort(key=_rank)
     return results
 

@@ -81,3 +81,17 @@ def test_compare_requests_checked_for_run_length(tmp_path):
     result = run_cli("compare-policies", str(path), "--requests", "10", "--quiet")
     assert result.exit_code == 2
     assert "--requests: the run lasts at least 1e+06 s" in " ".join(result.output.split())
+
+
+def test_compare_without_runnable_pair_is_usage_error(tmp_path):
+    # A 1 kbit/s link makes every pair's transfers too long for a 1 ms monitor period.
+    path = tmp_path / "slow.toml"
+    path.write_text(
+        'name = "x"\n[monitor]\nperiod_s = 0.001\n[network]\nbandwidth_mbps = 0.001\n[workload]\nrequests = 100\n'
+        '[[nodes]]\nname = "n"\ncpus = 1.0\nmemory_mb = 1024\n'
+    )
+    result = run_cli("compare-policies", str(path), "--quiet")
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2
+    assert "no partitioner and scheduler pair could run" in output
+    assert "raise the links' bandwidth_mbps" in output
