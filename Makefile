@@ -25,11 +25,13 @@ $(DEV_VENV)/.installed: pyproject.toml
 test: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python -m pytest -ra
 
-# Regenerates the calibration shipped in amp4ec/data (needs Docker; the log ends with its duration).
+# Regenerates the calibration shipped in amp4ec/data, timings then memory search (needs Docker; each log
+# ends with its duration).
 calibration: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/amp4ec calibrate --model mobilenet_v2 --granularity block \
 		--profile high:1.0:1024 --profile medium:0.6:512 --profile low:0.4:512 --profile double:2.0:2048:2 --profile pair:1.0:1024:2 \
 		--repeats 10 --max-repeats 250 --max-turns 24 --warmup 5 --gap-ms 100 --force --out amp4ec/data/calibration-mobilenet_v2.json
+	$(DEV_VENV)/bin/amp4ec calibrate memory amp4ec/data/calibration-mobilenet_v2.json --out amp4ec/data/calibration-mobilenet_v2.json --force
 
 clean-containers: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/amp4ec clean

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -693,6 +694,18 @@ def test_shipped_calibration_shows_pauses(tmp_path):
     result = runner.invoke(main, ["calibrate", "plot", "default", "--out", str(tmp_path / "c.png")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_make_calibration_reruns_shipped_commands():
+    """`make calibration` must rerun the commands the shipped file records, or it regenerates another calibration."""
+    import shlex
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text().replace("\\\n", " ")
+    recipe = makefile.split("\ncalibration:", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    made = [[word for word in shlex.split(line.replace("$(DEV_VENV)/bin/", "")) if word != "--force"] for line in recipe]
+    shipped = load_calibration("default")
+    recorded = [shipped.provenance.command, shipped.memory_provenance.command]
+    assert made == [[word for word in shlex.split(command) if word != "--force"] for command in recorded]
 
 
 def test_single_quota_profiles_skip_same_quota():
