@@ -702,10 +702,10 @@ def test_make_calibration_reruns_shipped_commands():
 
     makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text().replace("\\\n", " ")
     recipe = makefile.split("\ncalibration:", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
-    made = [[word for word in shlex.split(line.replace("$(DEV_VENV)/bin/", "")) if word != "--force"] for line in recipe]
+    make_commands = [[word for word in shlex.split(line.replace("$(DEV_VENV)/bin/", "")) if word != "--force"] for line in recipe]
     shipped = load_calibration("default")
     recorded = [shipped.provenance.command, shipped.memory_provenance.command]
-    assert made == [[word for word in shlex.split(command) if word != "--force"] for command in recorded]
+    assert make_commands == [[word for word in shlex.split(command) if word != "--force"] for command in recorded]
 
 
 def test_single_quota_profiles_skip_same_quota():
