@@ -394,7 +394,10 @@ def sweep(scenario: Path, grid: tuple[str, ...], seeds: int, out: Path, workers:
             for column in columns:
                 value = row[column]
                 half_width = row.get(f"{column}_ci95")
-                if isinstance(value, float) and half_width is not None and half_width == half_width:
+                if column in keys:
+                    # A grid value prints as given, so that close values such as 0.011 and 0.014 stay apart.
+                    cells.append(repr(value) if isinstance(value, float) else str(value))
+                elif isinstance(value, float) and half_width is not None and half_width == half_width:
                     cells.append(f"{value:.2f} ± {half_width:.2f}")
                 elif isinstance(value, float):
                     cells.append(f"{value:.2f}")

@@ -82,13 +82,16 @@ def test_sweep_command_writes_tables(tmp_path):
     out = tmp_path / "sweep"
     result = CliRunner().invoke(
         main,
-        ["sweep", str(small_scenario(tmp_path)), "--grid", "nodes[1].cpus=0.3,0.6", "--seeds", "2", "--out", str(out), "--workers", "2"],
+        ["sweep", str(small_scenario(tmp_path)), "--grid", "nodes[1].cpus=0.333,0.334", "--seeds", "2", "--out", str(out), "--workers", "2"],
     )
     assert result.exit_code == 0, result.output
     assert len(pd.read_parquet(out / "runs.parquet")) == 4
     assert len(pd.read_parquet(out / "points.parquet")) == 2
     # The seed count is an integer and prints as one.
     assert "│     2 │" in result.output, result.output
+    # Grid values print as given, not rounded to two decimals, which would show both as 0.33.
+    assert "0.333" in result.output
+    assert "0.334" in result.output
 
 
 @pytest.mark.parametrize(
