@@ -178,6 +178,9 @@ MIN_MONITOR_PERIOD_S = 0.001
 # 3 to 5 us per node and a bursty period 10 us, so either limit means 5 minutes or more.
 MAX_NODE_SAMPLES = 10**8
 MAX_BURSTY_PERIODS = 10**8
+# Simulated time is a float64 number of seconds. Up to 1e9 s (about 32 years) its spacing is at
+# most 1.2e-7 s. Far beyond it, short steps round to nothing and a CPU's time slices stop advancing.
+MAX_SIMULATED_S = 1e9
 
 
 class MonitorSpec(_Strict):
@@ -454,44 +457,58 @@ class LinkTimes:
     """the fastest link's highest bandwidth"""
     total_bandwidth_mbps: float
     """the sum over nodes of each link's highest bandwidth"""
+    valid_until_s: float = math.inf
+    """the first event that may stop a node; until then no request can fail before a transfer"""
 
 
 def check_run_length(scenario: Scenario, last_arrival_s: float | None = None, links: LinkTimes | None = None) -> None:
     """Raise ValueError for a workload whose simulated run needs more monitor samples or bursty periods than a run can take.
 
     The length is a lower bound: the requests at the workload's highest rate, or the closed
-    loop's think times, each with the smallest hop. A trace's length is its last arrival,
-    ``last_arrival_s``, known once the trace is read. Without it a trace is not checked.
+    loop's think times, each with the smallest hop. An open loop's length is its last arrival,
+    ``last_arrival_s``, known once its arrivals are drawn or its trace is read. Without it
+    only a closed loop and a bursty workload's periods are checked.
     The simulator passes ``links``, which adds the time each request spends on links and the
-    time the links need to carry every request's bytes.
+    time the links need to carry every request's bytes, up to ``links.valid_until_s``: the run
+    is the same as one without node stops until the first of them.
     """
     latencies = [n.latency_ms if n.latency_ms is not None else scenario.network.latency_ms or 0.0 for n in scenario.nodes]
     latencies += [e.latency_ms for e in scenario.events if e.latency_ms is not None]
     hop_s = min(latencies) / 1e3
-    request_s = hop_s
-    per_request = f"a hop of at least {hop_s * 1e3:g} ms" if hop_s else ""
-    # Whether transfer times raised the bound, so that faster links would shorten it.
-    transfers_counted = False
-    if links is not None and links.request_s > hop_s:
-        request_s = links.request_s
-        transfers_counted = True
-        per_request = f"at least {request_s:.3g} s per request on links of {links.max_bandwidth_mbps:g} Mbps at most"
-    bound = _arrival_bound(scenario.workload, last_arrival_s, request_s)
+    bound = _arrival_bound(scenario.workload, last_arrival_s, hop_s)
     if bound is None:
         return
     duration_s, cause = bound
-    if per_request:
-        cause += f", with {per_request}"
-    if links is not None and links.all_requests_s > duration_s:
-        duration_s = links.all_requests_s
-        transfers_counted = True
-        cause = f"the transfers of every request, through links of {links.total_bandwidth_mbps:.3g} Mbps in total"
+    if hop_s:
+        cause += f", with a hop of at least {hop_s * 1e3:g} ms"
+    hop_only_s = duration_s
+    if links is not None and math.isfinite(duration_s):
+        request_s = max(hop_s, links.request_s)
+        with_links_s, arrivals = _arrival_bound(scenario.workload, last_arrival_s, request_s)
+        per_request = f"{arrivals}, with at least {request_s:.3g} s per request on links of {links.max_bandwidth_mbps:g} Mbps at most"
+        if links.all_requests_s > with_links_s:
+            with_links_s = links.all_requests_s
+            per_request = f"the transfers of every request, through links of {links.total_bandwidth_mbps:.3g} Mbps in total"
+        if links.valid_until_s < with_links_s:
+            with_links_s = links.valid_until_s
+            per_request += f", until the first event that may stop a node at {links.valid_until_s:g} s"
+        if with_links_s > duration_s:
+            duration_s, cause = with_links_s, per_request
     samples = duration_s / scenario.monitor.period_s
     node_samples = samples * len(scenario.nodes)
     if not math.isfinite(duration_s):
         raise ValueError(f"the run would never end in simulated time ({cause}); give finite rates and times")
+    if duration_s > MAX_SIMULATED_S:
+        raise ValueError(
+            f"the run lasts at least {duration_s:.3g} s of simulated time ({cause}), more than {MAX_SIMULATED_S:.0e} s, "
+            "where the simulator's clock (a float64 in seconds) still resolves 0.12 us; shorten the run, or check "
+            "that the times are in seconds"
+        )
     if node_samples > MAX_NODE_SAMPLES:
-        bandwidth = " raise the links' bandwidth_mbps," if transfers_counted else ""
+        # Faster links help only when the transfers, not the arrivals, make the run too long.
+        bandwidth = ""
+        if hop_only_s * len(scenario.nodes) / scenario.monitor.period_s <= MAX_NODE_SAMPLES:
+            bandwidth = " raise the links' bandwidth_mbps,"
         raise ValueError(
             f"the run lasts at least {duration_s:.3g} s of simulated time ({cause}), so the monitor would sample "
             f"{len(scenario.nodes)} nodes {samples:.3g} times at monitor.period_s = {scenario.monitor.period_s:g}, "
@@ -512,17 +529,14 @@ def _rounded_up(value: float) -> str:
 def _arrival_bound(workload: WorkloadSpec, last_arrival_s: float | None, request_s: float) -> tuple[float, str] | None:
     """Return a lower bound on the run's length in seconds from its arrivals, and the bound's cause.
 
-    ``request_s`` is the least time one request takes from its arrival to its reply. A trace
-    whose last arrival is not known yet has no bound, and None is returned.
+    ``request_s`` is the least time one request takes from its arrival to its reply. An open
+    loop whose last arrival is not known yet has no bound, and None is returned.
     """
     if workload.kind == "closed":
+        # The first round starts at once, and a client thinks only between its rounds.
         rounds = math.ceil(workload.requests / min(workload.clients, workload.requests))
-        return rounds * (workload.think_time_ms / 1e3 + request_s), f"{rounds} rounds of workload.think_time_ms = {workload.think_time_ms:g}"
-    if workload.kind == "trace":
-        if last_arrival_s is None:
-            return None
-        return last_arrival_s + request_s, f"the trace's last arrival at {last_arrival_s:g} s"
-    peak_rps = workload.rate_rps * (1.0 + workload.amplitude) if workload.kind == "diurnal" else workload.rate_rps
+        duration_s = rounds * request_s + (rounds - 1) * workload.think_time_ms / 1e3
+        return duration_s, f"{rounds} rounds of workload.think_time_ms = {workload.think_time_ms:g}"
     if workload.kind == "bursty":
         per_cycle = workload.rate_rps * workload.on_s + workload.off_rate_rps * workload.off_s
         periods = 2 * workload.requests / per_cycle if per_cycle > 0 else math.inf
@@ -532,7 +546,11 @@ def _arrival_bound(workload: WorkloadSpec, last_arrival_s: float | None, request
                 f"(on_s = {workload.on_s:g}, off_s = {workload.off_s:g}), more than {MAX_BURSTY_PERIODS:.0e}, or "
                 "periods too long to add up; make on_s or off_s longer, or the rates higher, and keep both finite"
             )
-    return workload.requests / peak_rps + request_s, f"{workload.requests} requests at {peak_rps:.3g} per second at most"
+    if last_arrival_s is None:
+        return None
+    # Random arrivals can come sooner than requests / rate, so only the drawn last arrival bounds the run.
+    source = "the trace's last arrival" if workload.kind == "trace" else "the last drawn arrival"
+    return last_arrival_s + request_s, f"{source} at {last_arrival_s:g} s"
 
 
 def _format_location(loc: tuple) -> str:

@@ -1053,13 +1053,12 @@ class Simulation:
         """Return lower bounds on the time requests spend on links, or None when a request may end without a transfer.
 
         A request fails at once, before any transfer, when no live node may run its stage, or
-        when its scheduler raises NoNodeAvailable. Neither happens while every node is up from
-        start to end and a built-in scheduler (or pull dispatch) picks the nodes. Adaptation
-        redeploys segments, and a node that is deploying takes no stages, so it is left out too.
+        when its scheduler raises NoNodeAvailable. Neither happens while every node is up and a
+        built-in scheduler (or pull dispatch) picks the nodes, so the bounds hold until the first
+        event that may stop a node (``valid_until_s``). Adaptation redeploys segments, and a node
+        that is deploying takes no stages, so it is left out too.
         """
         if self.adapter is not None or not all(node.alive for node in self.nodes.values()):
-            return None
-        if any(event.kind in NODE_STOPPING_KINDS for event in self.scenario.events):
             return None
         if not self._pull and type(self.scheduler) not in policies.BUILT_IN_SCHEDULERS:
             return None
@@ -1084,6 +1083,7 @@ class Simulation:
             all_requests_s=self.total_requests * max(in_bits, out_bits) / total_bps,
             max_bandwidth_mbps=fastest_bps / 1e6,
             total_bandwidth_mbps=total_bps / 1e6,
+            valid_until_s=min((e.time_s for e in self.scenario.events if e.kind in NODE_STOPPING_KINDS), default=math.inf),
         )
 
     def _summarise(self) -> dict:
