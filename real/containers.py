@@ -249,6 +249,8 @@ class WorkerCluster:
         self._creating = False
         self._deferred_signal: int | None = None
         self._closing = False
+        # Whether a signal started the close, so that another one during it is ignored, not deferred.
+        self._signalled = False
         self._closed = False
         self._started = False
         self._lock = threading.Lock()
@@ -535,11 +537,18 @@ class WorkerCluster:
             log.warning("run %s: %s received while creating a container or network; stopping once that call returns", self.run_id, signal.Signals(signum).name)
             self._deferred_signal = signum
             return
-        if self._closing:
+        if self._closing and self._signalled:
             # A second Ctrl-C while the first one's cleanup runs would otherwise interrupt it
             # and leave the network (or a container) behind.
             log.warning("run %s: %s ignored; still removing worker containers", self.run_id, signal.Signals(signum).name)
             return
+        if self._closing:
+            # A routine close, such as a memory probe's end, is removing the containers: the
+            # signal is delivered again once they are gone, so that the command still stops.
+            log.warning("run %s: %s received while removing worker containers; stopping once they are removed", self.run_id, signal.Signals(signum).name)
+            self._deferred_signal = signum
+            return
+        self._signalled = True
         log.warning("run %s: received %s, removing worker containers", self.run_id, signal.Signals(signum).name)
         for stop_user in self.on_signal:
             stop_user()
@@ -576,6 +585,10 @@ class WorkerCluster:
             self._restore_signal_handlers()
             atexit.unregister(self.close)
             log.info("run %s: removed %d containers and network %s", self.run_id, len(self.containers), self.network_name)
+            signum, self._deferred_signal = self._deferred_signal, None
+            if signum is not None:
+                # The handler restored above (the command's own, or Python's) now acts on it.
+                signal.raise_signal(signum)
 
     # Inspection
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import time
 import warnings
 
@@ -454,6 +456,26 @@ def test_low_memory_node_fails_clearly(docker_client, worker_image):
     assert "node tiny" in message
     assert "memory limit 67108864 bytes = 64 MiB" in message
     assert "OOM-killed" in message
+    assert labelled_resources(docker_client, run_id_prefix=run_id) == {"containers": [], "networks": []}
+
+
+@pytest.mark.docker
+def test_ctrl_c_during_routine_close_stops_after_it(docker_client, worker_image, monkeypatch):
+    """A Ctrl-C that lands while a cluster closes as planned (a memory probe's end) must still stop the command."""
+    from amp4ec.real import containers as containers_module
+
+    run_id = new_test_run_id()
+    cluster = WorkerCluster(docker_client, [NodeSpec("only", cpus=0.5, memory_bytes=400 * MiB)], image=worker_image, run_id=run_id)
+    cluster.start()
+    remove = containers_module.remove_container
+
+    def remove_after_ctrl_c(container, name):
+        os.kill(os.getpid(), signal.SIGINT)
+        remove(container, name)
+
+    monkeypatch.setattr(containers_module, "remove_container", remove_after_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        cluster.close()
     assert labelled_resources(docker_client, run_id_prefix=run_id) == {"containers": [], "networks": []}
 
 
