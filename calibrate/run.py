@@ -316,12 +316,20 @@ def add_memory_search(*, file: Path, out: Path, base_image: str | None, log: Cal
     (model, granularity and input shape), and the new graph must have the file's units.
     """
     from amp4ec.costs import MemoryProvenance, load_calibration
-    from amp4ec.real.containers import docker_client
+    from amp4ec.real.containers import TORCH_RUNTIME_BYTES, docker_client
     from amp4ec.real.image import ensure_worker_image
     from amp4ec.torchgraph import load_model
 
     check_output_file(out, field="--out")
     calibration = load_calibration(file)
+    for profile in calibration.profiles:
+        if profile.memory_bytes < TORCH_RUNTIME_BYTES:
+            raise UsageError(
+                f"profile {profile.name} has a memory limit of {profile.memory_bytes / 2**20:g} MiB, below the "
+                f"{TORCH_RUNTIME_BYTES / 2**20:.0f} MiB the worker's torch runtime needs, so no probe could start; "
+                "restore the limit the profile was measured with",
+                source=str(file),
+            )
     graph = calibration.graph
     started = time.perf_counter()
     # Traced before Docker is reached, so that a file the model no longer matches fails without containers.

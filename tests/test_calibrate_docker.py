@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -202,6 +203,21 @@ def test_memory_search_keeps_existing_out(tmp_path):
     assert result.returncode == 2
     assert "pass --force" in result.stderr
     assert out.read_text() == "earlier"
+
+
+def test_memory_search_rejects_limit_below_runtime(tmp_path):
+    require_torch()
+    earlier = tmp_path / "earlier.json"
+    write_tiny_calibration(earlier)
+    data = json.loads(earlier.read_text())
+    data["profiles"][1]["memory_bytes"] = 10 * 2**20
+    earlier.write_text(json.dumps(data))
+    out = tmp_path / "out.json"
+    env = cli_env(DOCKER_HOST="unix:///nonexistent/docker.sock")
+    result = subprocess.run(amp4ec_command("calibrate", "memory", str(earlier), "--out", str(out)), env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "profile b has a memory limit of 10 MiB, below the" in " ".join(result.stderr.split())
+    assert not out.exists()
 
 
 def test_memory_search_rejects_changed_model(tmp_path):
