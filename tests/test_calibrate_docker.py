@@ -148,7 +148,7 @@ def test_memory_search_finds_a_limit_and_reports_oom(docker_client, worker_image
     assert labelled_containers(docker_client, run_id) == set()
 
 
-def write_tiny_calibration(path: Path, *, rename_first_unit: bool = False) -> None:
+def write_tiny_calibration(path: Path) -> None:
     """Write a calibration of the tiny model with made-up timings and no memory search."""
     from synthetic import make_calibration
     from tiny_models import make
@@ -156,8 +156,6 @@ def write_tiny_calibration(path: Path, *, rename_first_unit: bool = False) -> No
     from amp4ec.torchgraph import trace_model
 
     graph = trace_model(make(), TINY, input_shape=[1, 3, 16, 16], granularity="block").graph
-    if rename_first_unit:
-        graph.units[0].name = "renamed"
     calibration = make_calibration(
         [0.1] * graph.n_units, graph=graph, profiles=(("a", 1.0, 1), ("b", 0.5, 1)), memory_bytes=512 * 2**20
     )
@@ -205,31 +203,35 @@ def test_memory_search_keeps_existing_out(tmp_path):
     assert out.read_text() == "earlier"
 
 
-def test_memory_search_rejects_limit_below_runtime(tmp_path):
+def shrink_second_profile(data: dict) -> None:
+    data["profiles"][1]["memory_bytes"] = 10 * 2**20
+
+
+def rename_first_unit(data: dict) -> None:
+    # The graph and each profile's timings must agree, so both are renamed.
+    data["graph"]["units"][0]["name"] = "renamed"
+    for profile in data["profiles"]:
+        profile["units"][0]["name"] = "renamed"
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [(shrink_second_profile, "profile b has a memory limit of 10 MiB, below the"), (rename_first_unit, "the model code has changed")],
+    ids=["limit below runtime", "changed model"],
+)
+def test_memory_search_rejects_unusable_file(tmp_path, edit, expected):
     require_torch()
     earlier = tmp_path / "earlier.json"
     write_tiny_calibration(earlier)
     data = json.loads(earlier.read_text())
-    data["profiles"][1]["memory_bytes"] = 10 * 2**20
+    edit(data)
     earlier.write_text(json.dumps(data))
     out = tmp_path / "out.json"
+    # No Docker engine is needed to find either problem: this one does not exist.
     env = cli_env(DOCKER_HOST="unix:///nonexistent/docker.sock")
     result = subprocess.run(amp4ec_command("calibrate", "memory", str(earlier), "--out", str(out)), env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "profile b has a memory limit of 10 MiB, below the" in " ".join(result.stderr.split())
-    assert not out.exists()
-
-
-def test_memory_search_rejects_changed_model(tmp_path):
-    require_torch()
-    earlier = tmp_path / "earlier.json"
-    write_tiny_calibration(earlier, rename_first_unit=True)
-    out = tmp_path / "out.json"
-    # No Docker engine is needed to find the mismatch: this one does not exist.
-    env = cli_env(DOCKER_HOST="unix:///nonexistent/docker.sock")
-    result = subprocess.run(amp4ec_command("calibrate", "memory", str(earlier), "--out", str(out)), env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "the model code has changed" in " ".join(result.stderr.split())
+    assert expected in " ".join(result.stderr.split())
     assert not out.exists()
 
 
