@@ -223,19 +223,14 @@ def run_calibration(
     written unless every profile was measured.
     """
     from amp4ec.torchgraph import load_model
-    from amp4ec.real.containers import TORCH_RUNTIME_BYTES, docker_client
+    from amp4ec.real.containers import docker_client
     from amp4ec.real.image import ensure_worker_image
 
     import torch
 
     check_output_file(out, field="--out")
     for profile in profiles:
-        if profile.memory_bytes < TORCH_RUNTIME_BYTES:
-            raise UsageError(
-                f"profile {profile.name} has a memory limit of {profile.memory_mb:g} MiB, below the "
-                f"{TORCH_RUNTIME_BYTES / 2**20:.0f} MiB the worker's torch runtime needs; raise it",
-                field="--profile",
-            )
+        _check_above_runtime(profile.name, profile.memory_bytes, fix="raise it", field="--profile")
     policy = RepeatPolicy(
         min_repeats=max(2, repeats),
         max_repeats=max(max(2, repeats), max_repeats or DEFAULT_MAX_REPEATS),
@@ -248,8 +243,7 @@ def run_calibration(
     # Reach the engine before the slow tracing, so a stopped Docker fails within seconds.
     client = docker_client()
     image = ensure_worker_image(client, base_image=base_image, log=log)
-    run_id = run_id or f"calibrate-{uuid.uuid4().hex[:8]}"
-    log(f"run id {run_id}; `amp4ec clean --run {run_id}` removes containers an interrupted run may leave")
+    run_id = _announce_run_id(run_id, log)
 
     def export_model() -> ExportedModel:
         return export_units(module, model, granularity, input_shape, log)
@@ -316,20 +310,14 @@ def add_memory_search(*, file: Path, out: Path, base_image: str | None, log: Cal
     (model, granularity and input shape), and the new graph must have the file's units.
     """
     from amp4ec.costs import MemoryProvenance, load_calibration
-    from amp4ec.real.containers import TORCH_RUNTIME_BYTES, docker_client
+    from amp4ec.real.containers import docker_client
     from amp4ec.real.image import ensure_worker_image
     from amp4ec.torchgraph import load_model
 
     check_output_file(out, field="--out")
     calibration = load_calibration(file)
     for profile in calibration.profiles:
-        if profile.memory_bytes < TORCH_RUNTIME_BYTES:
-            raise UsageError(
-                f"profile {profile.name} has a memory limit of {profile.memory_bytes / 2**20:g} MiB, below the "
-                f"{TORCH_RUNTIME_BYTES / 2**20:.0f} MiB the worker's torch runtime needs, so no probe could start; "
-                "restore the limit the profile was measured with",
-                source=str(file),
-            )
+        _check_above_runtime(profile.name, profile.memory_bytes, fix="no probe could start, so restore the limit it was measured with", source=str(file))
     graph = calibration.graph
     started = time.perf_counter()
     # Traced before Docker is reached, so that a file the model no longer matches fails without containers.
@@ -356,8 +344,7 @@ def add_memory_search(*, file: Path, out: Path, base_image: str | None, log: Cal
     calibration.warnings = [message for message in calibration.warnings if message not in earlier]
     for profile in calibration.profiles:
         profile.warnings = [message for message in profile.warnings if message not in earlier]
-    run_id = f"calibrate-{uuid.uuid4().hex[:8]}"
-    log(f"run id {run_id}; `amp4ec clean --run {run_id}` removes containers an interrupted run may leave")
+    run_id = _announce_run_id(None, log)
     calibration.warnings.extend(_memory_search(client, image, run_id, profiles, calibration.profiles, exported.segments, graph, log))
     calibration.schema_ = CALIBRATION_SCHEMA
     calibration.memory_provenance = MemoryProvenance(
@@ -370,6 +357,26 @@ def add_memory_search(*, file: Path, out: Path, base_image: str | None, log: Cal
     calibration.save(out)
     log(f"wrote {out} in {time.perf_counter() - started:.0f} s")
     return calibration
+
+
+def _check_above_runtime(name: str, memory_bytes: int, *, fix: str, field: str | None = None, source: str | None = None) -> None:
+    """Raise UsageError when profile ``name``'s memory limit is below what the worker's torch runtime needs."""
+    from amp4ec.real.containers import TORCH_RUNTIME_BYTES
+
+    if memory_bytes < TORCH_RUNTIME_BYTES:
+        raise UsageError(
+            f"profile {name} has a memory limit of {memory_bytes / 2**20:g} MiB, below the "
+            f"{TORCH_RUNTIME_BYTES / 2**20:.0f} MiB the worker's torch runtime needs; {fix}",
+            field=field,
+            source=source,
+        )
+
+
+def _announce_run_id(run_id: str | None, log: Callable[[str], None]) -> str:
+    """Return ``run_id``, or a new calibration run id, after logging how to remove what an interrupted run leaves."""
+    run_id = run_id or f"calibrate-{uuid.uuid4().hex[:8]}"
+    log(f"run id {run_id}; `amp4ec clean --run {run_id}` removes containers an interrupted run may leave")
+    return run_id
 
 
 def _profile_spec(profile: ProfileCalibration) -> NodeSpec:
